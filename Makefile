@@ -1,0 +1,28 @@
+# Quickstart: `make run` (the main job) and `make test` (the whole suite).
+# Both are idempotent: the venv is built once and refreshed when pyproject.toml changes.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: run test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]" $(TORCH)
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/qlora quantize-report --output runs/quantize-report
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

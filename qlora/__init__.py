@@ -1,0 +1,15 @@
+"""qlora: fine-tune large language models with a frozen 4-bit base and LoRA adapters.
+
+The data flow, one folder a step:
+    quant/   numbers -> 4 bits (NF4/FP4/INT4, double quantization, native kernels)
+    nn/      4 bits -> a trainable layer (Linear4bit, LoraLinear)
+    model/   a transformers model -> a QLoRA model (prepare, adapters)
+    optim/   the update (AdamW 32/8-bit, paged state, schedules)
+"""
+from .quant.codebooks import FP4, INT4, NF4, derive_nf4, dynamic_map
+from .quant.tensor import QuantizedTensor, quantize
+
+# --- layers and models (issue 3) ---
+# --- end layers ---
+
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""Fast paths for 4-bit decode and quantize, with the pure-PyTorch reference as fallback.
+
+    kernels.decode_4bit(qt, out)          -> True if a native kernel wrote `out`
+    kernels.quantize_4bit(x, code, bs)    -> (packed uint8, float32 absmax)
+
+CPU tensors use the C kernels in qlora_cpu.c (AVX2 decode where the CPU has AVX2 and F16C,
+a portable scalar path elsewhere). Anything else, or a machine where the
+kernels cannot be built, uses blockwise.py, after a one-time warning.
+QLORA_KERNELS selects the path: "native" (default), "scalar" (native, no SIMD) or
+"reference" (pure PyTorch); tests compare all three.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import blockwise
+from . import cpu
+
+if TYPE_CHECKING:
+    from ..tensor import QuantizedTensor
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_warned = False
+
+
+def _mode() -> str:
+    mode = os.environ.get("QLORA_KERNELS", "native")
+    if mode not in ("native", "scalar", "reference"):
+        raise ValueError(f"QLORA_KERNELS={mode!r}: expected native, scalar or reference")
+    return mode
+
+
+def _native() -> "cpu.ctypes.CDLL | None":
+    global _warned
+    if _mode() == "reference":
+        return None
+    lib = cpu.load()
+    if lib is None and not _warned:
+        _warned = True
+        warnings.warn(f"qlora: native CPU kernels unavailable ({cpu.error()}); using the slower PyTorch reference")
+    return lib
+
+
+def has_simd() -> bool:
+    """True when the native decode runs its AVX2 path."""
+    lib = _native()
+    return bool(lib and _mode() == "native" and lib.qlora_has_simd())
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+STREAM_BYTES = 4 << 20
+"""Outputs at least this big are written with non-temporal stores (they would not stay in cache)."""
+
+
+def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> bool:
+    """Decode `qt` into the contiguous `out` natively; False when the reference must do it."""
+    lib = _native()
+    tensors = [qt.data, qt.absmax, qt.code, out] + ([qt.nested_absmax, qt.nested_code] if qt.double_quant else [])
+    if lib is None or not _usable(*tensors) or out.dtype not in _DTYPE_CODES or qt.code.dtype != torch.float32:
+        return False
+    if qt.double_quant:
+        scale, qscale, nested, nested_code = None, qt.absmax.data_ptr(), qt.nested_absmax.data_ptr(), qt.nested_code.data_ptr()
+        offset = float(qt.nested_offset)
+    else:
+        scale, qscale, nested, nested_code, offset = qt.absmax.data_ptr(), None, None, None, 0.0
+    nbytes = out.numel() * out.element_size()
+    stream = nbytes >= STREAM_BYTES and out.data_ptr() % 32 == 0
+    lib.qlora_decode_4bit(
+        qt.data.data_ptr(), scale, qscale, nested, nested_code, offset, qt.code.data_ptr(), out.data_ptr(),
+        qt.numel(), qt.blocksize, _DTYPE_CODES[out.dtype], torch.get_num_threads(), int(has_simd()),
+        int(stream),
+    )
+    return True
+
+
+def quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes [(n+1)//2] uint8 and float32 absmax of contiguous `x`."""
+    lib = _native()
+    if lib is None or not _usable(x):
+        return blockwise.quantize_4bit_ref(x, code, blocksize)
+    n = x.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    order = blockwise.sort_order(code).to(torch.uint8).contiguous()
+    thresholds = blockwise.thresholds(code).float().contiguous()
+    lib.qlora_quantize_4bit(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, thresholds.data_ptr(), order.data_ptr(),
+        packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
+    )
+    return packed, absmax

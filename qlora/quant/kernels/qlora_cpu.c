@@ -1,0 +1,302 @@
+// Native CPU kernels for 4-bit block-wise quantization (built on first use by cpu.py).
+//
+// decode: out[i] = code[nibble_i] * scale[i / blocksize], float32 product rounded once to
+//         the output type (round to nearest even), exactly as blockwise.py's reference.
+//         AVX2 path: the 16-entry code book sits in two registers, looked up with two
+//         permutes and a blend; 16 codes (8 bytes) a step; bf16 rounding in integer ops
+//         (exact, denormals kept); fp16 via F16C. Other CPUs: a portable scalar loop.
+// quantize: per block absmax, x * (1/absmax) (the partial last block divides), clamp,
+//         nearest code by counting thresholds below the value (ties go low), pack.
+// Threads: the block range is split over `threads` pthreads.
+// Build flags keep IEEE semantics: no -ffast-math, -ffp-contract=off.
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { OUT_F32 = 0, OUT_F16 = 1, OUT_BF16 = 2 };
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    _Float16 h = (_Float16)f;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, 2);
+    return (float)x;
+}
+
+static inline void store1(void* out, int64_t i, float v, int dtype) {
+    if (dtype == OUT_F32) ((float*)out)[i] = v;
+    else if (dtype == OUT_BF16) ((uint16_t*)out)[i] = f32_to_bf16(v);
+    else ((uint16_t*)out)[i] = f32_to_f16(v);
+}
+
+// ------------------------------------------------------------------------------------
+// decode
+typedef struct {
+    const uint8_t* packed;
+    const float* scale;          // float32 scales, or NULL with double quantization:
+    const uint8_t* qscale;       //   8-bit codes of (scale - offset),
+    const float* nested_absmax;  //   one float32 per 256 blocks,
+    const float* nested_code;    //   the 256-entry signed dynamic map,
+    float offset;                //   and the mean that was removed.
+    const float* code;
+    void* out;
+    int64_t n, blocksize, b0, b1;
+    int dtype, simd, stream;
+} decode_args;
+
+// scale[b] = nested_code[q[b]] * nested_absmax[b / 256] + offset, two float32 roundings.
+static inline float block_scale(const decode_args* a, int64_t b) {
+    if (a->scale) return a->scale[b];
+    float t = a->nested_code[a->qscale[b]] * a->nested_absmax[b >> 8];
+    return t + a->offset;
+}
+
+static void decode_scalar(const decode_args* a, int64_t start, int64_t end, float s) {
+    for (int64_t i = start; i < end; i++) {
+        uint8_t byte = a->packed[i >> 1];
+        uint8_t nib = (i & 1) ? (byte & 0xF) : (byte >> 4);
+        store1(a->out, i, a->code[nib] * s, a->dtype);
+    }
+}
+
+#if defined(__x86_64__)
+// 8 codes -> 8 float32 values * scale. idx holds one nibble per 32-bit lane.
+__attribute__((target("avx2,f16c"))) static inline __m256 lookup8(__m256i idx, __m256 lo, __m256 hi, __m256 vs) {
+    __m256 a = _mm256_permutevar8x32_ps(lo, idx);  // uses bits 0-2
+    __m256 b = _mm256_permutevar8x32_ps(hi, idx);
+    __m256 v = _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 picks the half
+    return _mm256_mul_ps(v, vs);
+}
+
+// float32 -> bf16, round to nearest even (inputs are finite), 8 lanes in 32-bit slots.
+__attribute__((target("avx2,f16c"))) static inline __m256i bf16_rne(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    return _mm256_srli_epi32(u, 16);
+}
+
+// The 16 possible outputs of a block, code[k] * scale rounded to 16 bits, as two byte
+// planes (low bytes, high bytes) broadcast to both 128-bit lanes for pshufb look-ups.
+__attribute__((target("avx2,f16c"))) static inline void block_tables(__m256 lo, __m256 hi, float s, int dtype,
+                                                                    __m256i* tlo, __m256i* thi) {
+    const __m256 vs = _mm256_set1_ps(s);
+    __m256 p0 = _mm256_mul_ps(lo, vs), p1 = _mm256_mul_ps(hi, vs);
+    __m256i entries;  // 16 x 16-bit, in code order
+    if (dtype == OUT_BF16) {
+        entries = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_rne(p0), bf16_rne(p1)), 0xD8);
+    } else {
+        entries = _mm256_set_m128i(_mm256_cvtps_ph(p1, _MM_FROUND_TO_NEAREST_INT), _mm256_cvtps_ph(p0, _MM_FROUND_TO_NEAREST_INT));
+    }
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    __m256i planes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(entries, split), 0xD8);  // [low bytes | high bytes]
+    *tlo = _mm256_permute2x128_si256(planes, planes, 0x00);
+    *thi = _mm256_permute2x128_si256(planes, planes, 0x11);
+}
+
+// 16-bit outputs: per block, look the 16 precomputed outputs up with pshufb, 32 codes a step.
+__attribute__((target("avx2,f16c"))) static void decode_avx2_16bit(const decode_args* a) {
+    const __m256 lo = _mm256_loadu_ps(a->code), hi = _mm256_loadu_ps(a->code + 8);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    uint16_t* out = (uint16_t*)a->out;
+    for (int64_t b = a->b0; b < a->b1; b++) {
+        int64_t start = b * a->blocksize;
+        int64_t end = start + a->blocksize < a->n ? start + a->blocksize : a->n;
+        const float s = block_scale(a, b);
+        __m256i tlo, thi;
+        block_tables(lo, hi, s, a->dtype, &tlo, &thi);
+        int64_t i = start;
+        for (; i + 32 <= end; i += 32) {
+            __m128i x = _mm_loadu_si128((const __m128i*)(a->packed + (i >> 1)));
+            __m128i nhi = _mm_and_si128(_mm_srli_epi16(x, 4), low4), nlo = _mm_and_si128(x, low4);
+            __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(nhi, nlo), _mm_unpacklo_epi8(nhi, nlo));  // element order
+            __m256i vl = _mm256_shuffle_epi8(tlo, idx), vh = _mm256_shuffle_epi8(thi, idx);
+            __m256i o0 = _mm256_unpacklo_epi8(vl, vh), o1 = _mm256_unpackhi_epi8(vl, vh);
+            __m256i r0 = _mm256_permute2x128_si256(o0, o1, 0x20), r1 = _mm256_permute2x128_si256(o0, o1, 0x31);
+            if (a->stream) {
+                _mm256_stream_si256((__m256i*)(out + i), r0);
+                _mm256_stream_si256((__m256i*)(out + i + 16), r1);
+            } else {
+                _mm256_storeu_si256((__m256i*)(out + i), r0);
+                _mm256_storeu_si256((__m256i*)(out + i + 16), r1);
+            }
+        }
+        decode_scalar(a, i, end, s);
+    }
+    if (a->stream) _mm_sfence();
+}
+
+__attribute__((target("avx2,f16c"))) static void decode_avx2_f32(const decode_args* a) {
+    const __m256 lo = _mm256_loadu_ps(a->code), hi = _mm256_loadu_ps(a->code + 8);
+    const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m256i shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    for (int64_t b = a->b0; b < a->b1; b++) {
+        int64_t start = b * a->blocksize;
+        int64_t end = start + a->blocksize < a->n ? start + a->blocksize : a->n;
+        const float s = block_scale(a, b);
+        const __m256 vs = _mm256_set1_ps(s);
+        int64_t i = start;
+        for (; i + 16 <= end; i += 16) {
+            __m128i bytes = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i*)(a->packed + (i >> 1))), dup);
+            __m256i i0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(bytes), shifts), mask);
+            __m256i i1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)), shifts), mask);
+            __m256 v0 = lookup8(i0, lo, hi, vs), v1 = lookup8(i1, lo, hi, vs);
+            _mm256_storeu_ps((float*)a->out + i, v0);
+            _mm256_storeu_ps((float*)a->out + i + 8, v1);
+        }
+        decode_scalar(a, i, end, s);
+    }
+}
+#endif
+
+static void* decode_range(void* arg) {
+    const decode_args* a = (const decode_args*)arg;
+#if defined(__x86_64__)
+    if (a->simd) {
+        if (a->dtype == OUT_F32) decode_avx2_f32(a);
+        else decode_avx2_16bit(a);
+        return NULL;
+    }
+#endif
+    for (int64_t b = a->b0; b < a->b1; b++) {
+        int64_t start = b * a->blocksize;
+        int64_t end = start + a->blocksize < a->n ? start + a->blocksize : a->n;
+        decode_scalar(a, start, end, block_scale(a, b));
+    }
+    return NULL;
+}
+
+int qlora_has_simd(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+#define MAX_THREADS 64
+
+static void run_threads(void* (*fn)(void*), void* args, size_t size, int threads) {
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&tid[t], NULL, fn, (char*)args + t * size) == 0;
+    fn(args);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else fn((char*)args + t * size);  // could not start a thread: do its share here
+    }
+}
+
+// Decode n codes into out. Pass float32 `scale`, or scale = NULL and the double-quantized
+// (qscale, nested_absmax, nested_code, offset). `stream`: non-temporal stores for
+// outputs too big to stay in cache (needs 32-byte aligned out).
+void qlora_decode_4bit(const uint8_t* packed, const float* scale, const uint8_t* qscale, const float* nested_absmax,
+                       const float* nested_code, float offset, const float* code, void* out, int64_t n,
+                       int64_t blocksize, int dtype, int threads, int simd, int stream) {
+    int64_t nblocks = (n + blocksize - 1) / blocksize;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((int64_t)threads > nblocks) threads = (int)nblocks;
+    decode_args args[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        decode_args a = {packed, scale, qscale, nested_absmax, nested_code, offset, code, out, n, blocksize,
+                         nblocks * t / threads, nblocks * (t + 1) / threads, dtype, simd, stream};
+        args[t] = a;
+    }
+    run_threads(decode_range, args, sizeof(decode_args), threads);
+}
+
+// ------------------------------------------------------------------------------------
+// quantize
+typedef struct {
+    const void* x;
+    const float* thresholds;  // 15 ascending midpoints
+    const uint8_t* order;     // sorted position -> code index
+    uint8_t* packed;
+    float* absmax;
+    int64_t n, blocksize, b0, b1;
+    int dtype;
+} quantize_args;
+
+static inline float load1(const void* x, int64_t i, int dtype) {
+    if (dtype == OUT_F32) return ((const float*)x)[i];
+    if (dtype == OUT_BF16) return bf16_to_f32(((const uint16_t*)x)[i]);
+    return f16_to_f32(((const uint16_t*)x)[i]);
+}
+
+static inline uint8_t nearest_code(float v, const float* th, const uint8_t* order) {
+    int k = 0;
+    for (int j = 0; j < 15; j++) k += th[j] < v;
+    return order[k];
+}
+
+static void* quantize_range(void* arg) {
+    const quantize_args* a = (const quantize_args*)arg;
+    float buf[4096];
+    for (int64_t b = a->b0; b < a->b1; b++) {
+        int64_t start = b * a->blocksize;
+        int64_t len = start + a->blocksize < a->n ? a->blocksize : a->n - start;
+        float m = 0.0f;
+        for (int64_t i = 0; i < len; i++) {
+            buf[i] = load1(a->x, start + i, a->dtype);
+            float v = fabsf(buf[i]);
+            m = v > m ? v : m;
+        }
+        const int partial = len < a->blocksize;
+        // bitsandbytes clamps the divisor to 1e-38; a partial last block stores it clamped.
+        float d = m < 1e-38f ? 1e-38f : m;
+        a->absmax[b] = partial ? d : m;
+        float inv = 1.0f / d;
+        for (int64_t i = 0; i < len; i++) {
+            float s = partial ? buf[i] / d : buf[i] * inv;
+            buf[i] = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
+        }
+        if (len & 1) buf[len] = 0.0f;  // the padding nibble is the code of 0
+        for (int64_t i = 0; i < len; i += 2) {
+            uint8_t hi = nearest_code(buf[i], a->thresholds, a->order);
+            uint8_t lo = nearest_code(buf[i + 1], a->thresholds, a->order);
+            a->packed[(start + i) >> 1] = (uint8_t)(hi << 4 | lo);
+        }
+    }
+    return NULL;
+}
+
+void qlora_quantize_4bit(const void* x, int dtype, int64_t n, int64_t blocksize, const float* thresholds,
+                         const uint8_t* order, uint8_t* packed, float* absmax, int threads) {
+    int64_t nblocks = (n + blocksize - 1) / blocksize;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((int64_t)threads > nblocks) threads = (int)nblocks;
+    quantize_args args[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        quantize_args a = {x, thresholds, order, packed, absmax, n, blocksize, nblocks * t / threads,
+                           nblocks * (t + 1) / threads, dtype};
+        args[t] = a;
+    }
+    run_threads(quantize_range, args, sizeof(quantize_args), threads);
+}
