@@ -232,17 +232,16 @@ def quantize(
     _check_blocksize(blocksize)
     if tensor.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(tensor.shape)})")
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()[0].tolist()
-        count = int((~finite).sum())
-        raise ValueError(
-            f"tensor of shape {tuple(tensor.shape)} holds {count} NaN/Inf value(s), first at index {bad}; "
-            "quantization needs finite weights"
-        )
     tensor = tensor.detach().contiguous()
     code = codebook(quant_type).to(tensor.device)
-    data, absmax = kernels.quantize_4bit(tensor, code, blocksize)
+    result = kernels.quantize_4bit(tensor, code, blocksize)
+    if result is None:
+        bad = ~torch.isfinite(tensor)
+        raise ValueError(
+            f"tensor of shape {tuple(tensor.shape)} holds {int(bad.sum())} NaN/Inf value(s), first at index "
+            f"{bad.nonzero()[0].tolist()}; quantization needs finite weights"
+        )
+    data, absmax = result
     qt = QuantizedTensor(data.view(-1, 1), absmax, tensor.shape, tensor.dtype, quant_type, blocksize, code.clone())
     if double_quant:
         offset = absmax.mean()

@@ -78,3 +78,12 @@ def test_missing_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
         warnings.simplefilter("error")
         z = qlora.quantize(x).dequantize()  # no second warning
     assert torch.equal(y, z)
+
+
+@pytest.mark.parametrize("mode_name", ["native", "scalar", "reference"])
+def test_nonfinite_rejected_on_every_path(monkeypatch, mode_name):
+    monkeypatch.setenv("QLORA_KERNELS", mode_name)
+    x = torch.randn(5, 64)
+    x[3, 7] = float("-inf")
+    with pytest.raises(ValueError, match=r"1 NaN/Inf value\(s\), first at index \[3, 7\]"):
+        qlora.quantize(x)

@@ -80,18 +80,20 @@ def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> bool:
     return True
 
 
-def quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed codes [(n+1)//2] uint8 and float32 absmax of contiguous `x`."""
+def quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Packed codes [(n+1)//2] uint8 and float32 absmax of contiguous `x`; None if x has NaN/Inf."""
     lib = _native()
     if lib is None or not _usable(x):
+        if not bool(torch.isfinite(x).all()):
+            return None
         return blockwise.quantize_4bit_ref(x, code, blocksize)
     n = x.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     order = blockwise.sort_order(code).to(torch.uint8).contiguous()
     thresholds = blockwise.thresholds(code).float().contiguous()
-    lib.qlora_quantize_4bit(
+    nonfinite = lib.qlora_quantize_4bit(
         x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, thresholds.data_ptr(), order.data_ptr(),
         packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
     )
-    return packed, absmax
+    return None if nonfinite else (packed, absmax)

@@ -56,6 +56,7 @@ def load() -> ctypes.CDLL | None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.qlora_decode_4bit.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, i64, i64, i32, i32, i32, i32]
     lib.qlora_quantize_4bit.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.qlora_quantize_4bit.restype = i64
     lib.qlora_has_simd.restype = i32
     _lib = lib
     return lib

@@ -241,6 +241,7 @@ typedef struct {
     float* absmax;
     int64_t n, blocksize, b0, b1;
     int dtype;
+    int64_t nonfinite;  // out: NaN/Inf values seen
 } quantize_args;
 
 static inline float load1(const void* x, int64_t i, int dtype) {
@@ -256,7 +257,7 @@ static inline uint8_t nearest_code(float v, const float* th, const uint8_t* orde
 }
 
 static void* quantize_range(void* arg) {
-    const quantize_args* a = (const quantize_args*)arg;
+    quantize_args* a = (quantize_args*)arg;
     float buf[4096];
     for (int64_t b = a->b0; b < a->b1; b++) {
         int64_t start = b * a->blocksize;
@@ -265,6 +266,7 @@ static void* quantize_range(void* arg) {
         for (int64_t i = 0; i < len; i++) {
             buf[i] = load1(a->x, start + i, a->dtype);
             float v = fabsf(buf[i]);
+            a->nonfinite += !(v <= 3.40282347e38f);
             m = v > m ? v : m;
         }
         const int partial = len < a->blocksize;
@@ -286,7 +288,8 @@ static void* quantize_range(void* arg) {
     return NULL;
 }
 
-void qlora_quantize_4bit(const void* x, int dtype, int64_t n, int64_t blocksize, const float* thresholds,
+// Returns the number of NaN/Inf inputs (the caller rejects the result when it is not 0).
+int64_t qlora_quantize_4bit(const void* x, int dtype, int64_t n, int64_t blocksize, const float* thresholds,
                          const uint8_t* order, uint8_t* packed, float* absmax, int threads) {
     int64_t nblocks = (n + blocksize - 1) / blocksize;
     if (threads < 1) threads = 1;
@@ -295,8 +298,11 @@ void qlora_quantize_4bit(const void* x, int dtype, int64_t n, int64_t blocksize,
     quantize_args args[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         quantize_args a = {x, thresholds, order, packed, absmax, n, blocksize, nblocks * t / threads,
-                           nblocks * (t + 1) / threads, dtype};
+                           nblocks * (t + 1) / threads, dtype, 0};
         args[t] = a;
     }
     run_threads(quantize_range, args, sizeof(quantize_args), threads);
+    int64_t nonfinite = 0;
+    for (int t = 0; t < threads; t++) nonfinite += args[t].nonfinite;
+    return nonfinite;
 }
