@@ -1,0 +1,111 @@
+"""32-bit AdamW against torch.optim.AdamW (the oracle), and the optimizer's contract."""
+import pytest
+import torch
+
+from qlora.optim import AdamW, lr_schedule
+from qlora.optim import adamw as adamw_mod
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(64, 48, generator=g)),
+        torch.nn.Parameter(torch.randn(3000, generator=g)),  # several chunks once MATH_CHUNK is small
+        torch.nn.Parameter(torch.randn(7, generator=g)),
+        torch.nn.Parameter(torch.randn(40, 30, generator=g).t()),  # non-contiguous
+    ]
+
+
+def _clone(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def _set_grads(step: int, *param_lists) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    grads = [torch.randn(p.shape, generator=g) * (1 + i) for i, p in enumerate(param_lists[0])]
+    for params in param_lists:
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_matches_torch_adamw_over_100_steps(monkeypatch, paged):
+    monkeypatch.setattr(adamw_mod, "MATH_CHUNK", 1024)  # exercise chunked updates
+    ours, ref = _params(), None
+    ref = _clone(ours)
+    groups = lambda ps: [  # noqa: E731
+        {"params": ps[:2], "lr": 3e-3, "weight_decay": 0.1},
+        {"params": ps[2:], "lr": 1e-2, "weight_decay": 0.0, "betas": (0.8, 0.99)},
+    ]
+    opt = AdamW(groups(ours), eps=1e-6, paged=paged)
+    oracle = torch.optim.AdamW(groups(ref), eps=1e-6)
+    for step in range(100):
+        _set_grads(step, ours, ref)
+        opt.step()
+        oracle.step()
+    for p, q in zip(ours, ref):
+        assert _rel(p, q) <= 1e-6
+        assert torch.equal(p, q)  # in fact the same arithmetic, bit for bit
+    for p, q in zip(ours, ref):
+        assert torch.equal(opt.state[p]["exp_avg"], oracle.state[q]["exp_avg"].reshape(-1))
+        assert torch.equal(opt.state[p]["exp_avg_sq"], oracle.state[q]["exp_avg_sq"].reshape(-1))
+
+
+def test_lambda_lr_scheduler_and_closure():
+    ours = _params()
+    ref = _clone(ours)
+    opt, oracle = AdamW(ours, lr=1e-2), torch.optim.AdamW(ref, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule("cosine", 5, 30))
+    osched = torch.optim.lr_scheduler.LambdaLR(oracle, lr_schedule("cosine", 5, 30))
+    for step in range(30):
+        _set_grads(step, ours, ref)
+        loss = opt.step(lambda: torch.tensor(float(step)))
+        assert loss.item() == step
+        oracle.step()
+        sched.step()
+        osched.step()
+    assert opt.param_groups[0]["lr"] == oracle.param_groups[0]["lr"]
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+
+
+def test_bf16_parameter_gets_float32_state_and_one_rounding():
+    p = torch.nn.Parameter(torch.randn(100).bfloat16())
+    p32 = torch.nn.Parameter(p.detach().float())
+    opt, oracle = AdamW([p], lr=1e-2), torch.optim.AdamW([p32], lr=1e-2)
+    grad = torch.randn(100)
+    p.grad, p32.grad = grad.bfloat16(), grad.bfloat16().float()
+    opt.step()
+    oracle.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+    assert torch.equal(p.detach(), p32.detach().bfloat16())
+
+
+def test_params_without_grad_are_skipped():
+    a, b = torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(10))
+    opt = AdamW([a, b], lr=0.1)
+    a.grad = torch.ones(10)
+    opt.step()
+    assert b not in opt.state and torch.equal(b.detach(), torch.ones(10))
+    assert int(opt.state[a]["step"]) == 1
+    assert opt.state_bytes() == 2 * 10 * 4
+
+
+def test_errors_name_the_problem():
+    p = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match="state_bits must be 32 or 8"):
+        AdamW([p], state_bits=4)
+    with pytest.raises(ValueError, match="state_bits must be 32 or 8"):
+        AdamW([{"params": [p], "state_bits": 16}])
+    with pytest.raises(ValueError, match="betas"):
+        AdamW([p], betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="budget"):
+        AdamW([p], paged=True, budget=100)
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"sparse gradient for parameter of shape \(10, 3\)"):
+        AdamW(emb.parameters()).step()
