@@ -3,13 +3,21 @@
 The data flow, one folder a step:
     quant/   numbers -> 4 bits (NF4/FP4/INT4, double quantization, native kernels)
     nn/      4 bits -> a trainable layer (Linear4bit, LoraLinear)
-    model/   a transformers model -> a QLoRA model (prepare, adapters)
+    model/   a transformers model -> a QLoRA model (prepare, adapters, load, save, merge)
     optim/   the update (AdamW 32/8-bit, paged state, schedules)
 """
 from .quant.codebooks import FP4, INT4, NF4, derive_nf4, dynamic_map
 from .quant.tensor import QuantizedTensor, quantize
 
 # --- layers and models (issue 3) ---
+from .model.adapter import load_adapter, save_adapter
+from .model.prepare import memory_report, prepare_model
+from .nn.linear4bit import Linear4bit
+from .nn.lora import LoraConfig, LoraLinear
 # --- end layers ---
+from .model.checkpoint_files import CheckpointError
+from .model.load import load_model
+from .model.save import merge_adapter, save_quantized
+from . import optim
 
 __version__ = "0.1.0"

@@ -1,6 +1,8 @@
 """The `qlora` command: a thin argparse layer over the public API.
 
     qlora quantize-report [--model PATH] [--output DIR] [--blocksize 64]
+    qlora quantize --model PATH|HUB_ID --output DIR [--quant-type nf4] [--no-double-quant]
+    qlora merge --model BASE --adapter DIR --output OUT [--requantize]
 """
 from __future__ import annotations
 
@@ -14,6 +16,30 @@ def _quantize_report(args: argparse.Namespace) -> None:
     run(args.model, args.output, args.blocksize)
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from .model.load import load_model
+    from .model.save import save_quantized
+
+    model = load_model(args.model, args.quant_type, args.double_quant, trust_remote_code=args.trust_remote_code,
+                       allow_pickle=args.allow_pickle)
+    print(f"wrote {save_quantized(model, args.output)}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from .model.save import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.output, args.requantize, args.quant_type, args.double_quant,
+                        trust_remote_code=args.trust_remote_code)
+    print(f"wrote {out}")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4"], help="4-bit code book (default nf4)")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the block scales too (default on)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora", description="QLoRA: 4-bit base weights, LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -22,6 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quantize-report", help="where report.json and report.png go")
     p.add_argument("--blocksize", type=int, default=64, help="elements per scale (power of two, 32..4096)")
     p.set_defaults(func=_quantize_report)
+
+    p = sub.add_parser("quantize", help="write a bitsandbytes 4-bit checkpoint that transformers loads")
+    p.add_argument("--model", required=True, help="model directory or Hub id (16-bit safetensors)")
+    p.add_argument("--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (torch.load weights_only=True)")
+    _model_flags(p)
+    p.set_defaults(func=_quantize)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a 16-bit transformers checkpoint")
+    p.add_argument("--model", required=True, help="the base model the adapter was trained on (directory or Hub id)")
+    p.add_argument("--adapter", required=True, help="PEFT-format adapter directory")
+    p.add_argument("--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--requantize", action="store_true", help="write 4-bit instead (adds error; a warning says how much)")
+    _model_flags(p)
+    p.set_defaults(func=_merge)
+
     return parser
 
 
@@ -29,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
         print(f"qlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -201,6 +201,12 @@ int qlora_has_simd(void) {
 
 #define MAX_THREADS 64
 
+static int clamp_threads(int threads, int64_t nblocks) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((int64_t)threads > nblocks) threads = (int)nblocks;
+    return threads < 1 ? 1 : threads;
+}
+
 static void run_threads(void* (*fn)(void*), void* args, size_t size, int threads) {
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS] = {0};
@@ -219,9 +225,7 @@ void qlora_decode_4bit(const uint8_t* packed, const float* scale, const uint8_t*
                        const float* nested_code, float offset, const float* code, void* out, int64_t n,
                        int64_t blocksize, int dtype, int threads, int simd, int stream) {
     int64_t nblocks = (n + blocksize - 1) / blocksize;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if ((int64_t)threads > nblocks) threads = (int)nblocks;
+    threads = clamp_threads(threads, nblocks);
     decode_args args[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         decode_args a = {packed, scale, qscale, nested_absmax, nested_code, offset, code, out, n, blocksize,
@@ -292,9 +296,7 @@ static void* quantize_range(void* arg) {
 int64_t qlora_quantize_4bit(const void* x, int dtype, int64_t n, int64_t blocksize, const float* thresholds,
                          const uint8_t* order, uint8_t* packed, float* absmax, int threads) {
     int64_t nblocks = (n + blocksize - 1) / blocksize;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if ((int64_t)threads > nblocks) threads = (int)nblocks;
+    threads = clamp_threads(threads, nblocks);
     quantize_args args[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         quantize_args a = {x, thresholds, order, packed, absmax, n, blocksize, nblocks * t / threads,

@@ -1,0 +1,225 @@
+"""LoRA adapters on disk in PEFT's format, both ways.
+
+    qlora.save_adapter(model, "out/adapter")    # adapter_config.json + adapter_model.safetensors
+    qlora.load_adapter(model, "out/adapter")    # also reads adapters that PEFT saved
+
+The files (formats.md section 6): tensors `base_model.model.<module path>.lora_A.weight`
+([r, in]) and `.lora_B.weight` ([out, r]), no adapter name in the key, safetensors
+metadata {"format": "pt"}; a JSON config with PEFT's LoRA keys. `peft.PeftModel.from_pretrained`
+loads what `save_adapter` writes onto the same (dequantized) base and computes the same
+logits; tests/model/test_adapter.py checks both directions.
+
+`load_adapter` validates everything before it changes the model: every tensor must name
+a linear layer of this model with matching shapes, and every adapter already in the model
+must be in the file; errors name the tensor at fault. Layers without an adapter get one;
+an existing adapter of another rank is rebuilt at the file's rank (make the optimizer after
+loading).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..nn.linear4bit import Linear4bit
+from ..nn.lora import LoraLinear
+from .targets import is_linear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_UNSUPPORTED = {  # config flags of PEFT features this format reader does not implement
+    "use_dora": lambda v: bool(v), "bias": lambda v: v not in (None, "none"), "modules_to_save": lambda v: bool(v),
+    "lora_bias": lambda v: bool(v), "layer_replication": lambda v: bool(v), "use_qalora": lambda v: bool(v),
+}
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def _dropout(m: LoraLinear) -> float:
+    return float(m.lora_dropout.p) if isinstance(m.lora_dropout, nn.Dropout) else 0.0
+
+
+def _base(m: LoraLinear) -> nn.Module:
+    return m._base4bit() or m.base_layer
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """The adapter_config.json content for the LoRA layers of `model`."""
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to save; call qlora.prepare_model first")
+    ranks = Counter(m.r for m in layers.values())
+    alphas = Counter(m.alpha for m in layers.values())
+    r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    rslora = {m.use_rslora for m in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("save_adapter: the LoRA layers mix rsLoRA and plain scaling; PEFT's format has one flag")
+    leaves = sorted({name.rpartition(".")[2] for name in layers})
+    # Leaf names are what PEFT writes; they are exact only if no other linear layer shares one.
+    others = [n for n, m in model.named_modules()
+              if (is_linear(m) or isinstance(m, Linear4bit)) and n not in layers and n.rpartition(".")[2] in leaves]
+    targets = leaves if not others else sorted(layers)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    conv1d = any(getattr(_base(m), "fan_in_fan_out", False) or type(_base(m)).__name__ == "Conv1D"
+                 for m in layers.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": _dropout(next(iter(layers.values()))),
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": conv1d,
+        "modules_to_save": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "use_rslora": rslora.pop(),
+        "init_lora_weights": True,
+        "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
+        "alpha_pattern": {n: m.alpha for n, m in layers.items() if m.alpha != alpha},
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the LoRA weights of `model` (a prepared transformers causal LM) in PEFT's format."""
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = {}
+    for name, m in _lora_layers(model).items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a full name or a dotted suffix (regex)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(config, {module path: {"A": tensor, "B": tensor}}) of a PEFT LoRA adapter directory."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not weights_path.exists():
+        hint = " (adapter_model.bin is a pickle: re-save it with safetensors)" if (directory / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{weights_path} not found{hint}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; qlora reads LORA adapters only")
+    for key, bad in _UNSUPPORTED.items():
+        if bad(config.get(key)):
+            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported by qlora (plain LoRA only)")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ValueError(f"{config_path}: missing {key!r}")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(weights_path), framework="pt") as f:
+        for key in f.keys():
+            match = _KEY.match(key)
+            if match is None:
+                raise ValueError(f"{weights_path}: tensor {key!r} is not a LoRA weight "
+                                 f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'; qlora reads plain LoRA only")
+            got = modules.setdefault(match["module"], {})
+            if match["ab"] in got:
+                raise ValueError(f"{weights_path}: two tensors for {match['module']}.lora_{match['ab']} (several adapters?)")
+            got[match["ab"]] = f.get_tensor(key)
+    if not modules:
+        raise ValueError(f"{weights_path}: holds no LoRA tensors")
+    return config, modules
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = True) -> nn.Module:
+    """Load a PEFT-format LoRA adapter (saved by qlora or by PEFT) into `model`, in place."""
+    config, modules = read_adapter(directory)
+    weights_path = Path(directory) / WEIGHTS_NAME
+    existing = _lora_layers(model)
+    plan = []
+    for path, ab in sorted(modules.items()):
+        key_a, key_b = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        for key, part in ((key_a, "A"), (key_b, "B")):
+            if part not in ab:
+                raise ValueError(f"{weights_path}: tensor {key!r} is missing (its partner is there)")
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{weights_path}: tensor {key_a!r} names module {path!r}, which "
+                             f"{type(model).__name__} does not have; the adapter belongs to another base model") from None
+        if isinstance(module, LoraLinear):
+            if module.merged:
+                raise ValueError(f"{path}: its LoRA layer is merged into the base weight; unmerge() it before "
+                                 "loading an adapter")
+            in_f, out_f = module.in_features, module.out_features
+        elif is_linear(module) or isinstance(module, Linear4bit):
+            in_f, out_f = _features_of(module)
+        else:
+            raise TypeError(f"{weights_path}: tensor {key_a!r} names {path!r}, a {type(module).__name__}, not a linear layer")
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or a.shape[1] != in_f:
+            raise ValueError(f"{weights_path}: tensor {key_a!r} has shape {tuple(a.shape)}; module {path!r} "
+                             f"needs [r, {in_f}]: the adapter belongs to another base model")
+        if tuple(b.shape) != (out_f, r):
+            raise ValueError(f"{weights_path}: tensor {key_b!r} has shape {tuple(b.shape)}; with "
+                             f"{key_a!r} of shape {tuple(a.shape)}, module {path!r} needs ({out_f}, {r})")
+        if r != _pattern_value(config.get("rank_pattern"), path, config["r"]):
+            raise ValueError(f"{weights_path}: tensor {key_a!r} has rank {r}, adapter_config.json says "
+                             f"{_pattern_value(config.get('rank_pattern'), path, config['r'])}")
+        alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
+        plan.append((path, module, a, b, r, alpha))
+    missing = sorted(set(existing) - set(modules))
+    if missing:
+        raise ValueError(f"{weights_path}: lacks tensor {PREFIX}{missing[0]}.lora_A.weight for the model's LoRA layer "
+                         f"{missing[0]!r} ({len(missing)} layer(s) without weights in the file)")
+
+    dropout = float(config.get("lora_dropout") or 0.0)
+    rslora = bool(config.get("use_rslora", False))
+    for path, module, a, b, r, alpha in plan:
+        if isinstance(module, LoraLinear) and module.r != r:
+            module = _swap(model, path, LoraLinear(module.base_layer, r, alpha, _dropout(module), rslora,
+                                                   module.lora_A.weight.dtype))
+        elif not isinstance(module, LoraLinear):
+            module = _swap(model, path, LoraLinear(module, r, alpha, dropout, rslora))
+        module.alpha, module.use_rslora = alpha, rslora
+        module.scaling = alpha / r ** 0.5 if rslora else alpha / r
+        with torch.no_grad():
+            module.lora_A.weight.copy_(a)
+            module.lora_B.weight.copy_(b)
+        module.lora_A.weight.requires_grad_(trainable)
+        module.lora_B.weight.requires_grad_(trainable)
+    return model
+
+
+def _features_of(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, (nn.Linear, Linear4bit)):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)  # Conv1D: [in, out]
+
+
+def _swap(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return new

@@ -1,0 +1,209 @@
+"""Load a Hugging Face causal LM straight into 4 bits, one tensor at a time.
+
+    model = qlora.load_model("path/or/owner-name", quant_type="nf4", double_quant=True)
+
+1. The model is built from its config with every parameter on the meta device (no
+   memory); buffers such as rotary frequencies are built for real.
+2. The safetensors files (single or sharded) are read tensor by tensor with plain reads.
+   Each targeted linear weight is quantized as it arrives and its 16-bit copy dropped;
+   other tensors (embeddings, lm_head, norms, biases) are kept in 16 bits (prepare_model
+   later moves norms to fp32 for training).
+3. A checkpoint that is already 4-bit (config.json carries a bitsandbytes
+   `quantization_config`) is read as is, bit-exact, with no re-quantization.
+Peak memory: about the quantized model plus the largest single tensor in 16-bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..nn.linear4bit import Linear4bit
+from ..quant.tensor import QuantizedTensor, quantize
+from .checkpoint_files import CheckpointError, resolve, stream_tensors, tensor_table
+from .prepare import select_modules
+
+_QUANT_PIECES = re.compile(r"^(?P<weight>.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$")
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Create every nn.Parameter on the meta device; buffers are created normally."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def bnb_quantization(config) -> dict | None:
+    """The bitsandbytes 4-bit quantization_config of a transformers config, if any."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+        raise CheckpointError(
+            f"quantization_config {qc.get('quant_method')!r} (load_in_4bit={qc.get('load_in_4bit')}) is not a "
+            "bitsandbytes 4-bit checkpoint; qlora reads 16-bit checkpoints and bitsandbytes 4-bit ones"
+        )
+    return qc
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, file: Path, dtype: torch.dtype) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    current = module._parameters.get(attr, None)
+    if current is None and attr in module._buffers:
+        current = module._buffers[attr]
+    if current is None:
+        raise KeyError(name)
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise CheckpointError(
+            f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(current.shape)}; "
+            "the weights do not belong to this config.json"
+        )
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def load_model(
+    path_or_hub_id: str | Path,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    target_modules: str | list[str] = "all-linear",
+    blocksize: int = 64,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """A transformers causal LM whose targeted linear layers are Linear4bit, loaded with a
+    bounded memory peak (see the module docstring). Other float weights are stored in the
+    checkpoint's 16-bit dtype (bf16 if it is fp32; fp32 if `compute_dtype` is), all frozen."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve(path_or_hub_id)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: no config.json; a model directory holds config.json and its weights")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    prequantized = bnb_quantization(config)
+    if prequantized is not None:
+        config.quantization_config = None
+        del config.quantization_config
+    device = torch.device(device or "cpu")
+    names = tensor_table(path, allow_pickle)
+    with meta_parameters(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.eval()
+    # unquantized weights: 16-bit as in the checkpoint, or fp32 when the compute is fp32 (so no
+    # matmul falls back to bf16 on CPUs where bf16 is emulated)
+    store_dtype = torch.float32 if compute_dtype == torch.float32 else _checkpoint_dtype(config)
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    prefix = getattr(model, "base_model_prefix", "")
+
+    def model_key(key: str) -> str | None:
+        if key in params:
+            return key
+        if prefix and f"{prefix}.{key}" in params:
+            return f"{prefix}.{key}"
+        return None
+
+    if prequantized is not None:
+        targets = {m[: -len(".weight")] for key in names if (m := _weight_of_piece(key))}
+        targets = {model_key(f"{t}.weight")[: -len(".weight")] for t in targets if model_key(f"{t}.weight")}
+    else:
+        targets = set(select_modules(model, target_modules))
+    pieces: dict[str, dict[str, torch.Tensor]] = {t: {} for t in targets}
+    unexpected: list[str] = []
+
+    def quantized_on_arrival(key: str) -> bool:  # read into the shared scratch buffer
+        name = model_key(key)
+        return prequantized is None and name is not None and name.endswith(".weight") and name[: -len(".weight")] in targets
+
+    for file, key, tensor in stream_tensors(path, allow_pickle, progress, scratch=quantized_on_arrival):
+        piece = _weight_of_piece(key)
+        name = model_key(piece or key)
+        module = name.rpartition(".")[0] if name else None
+        if name is not None and module in targets and (piece is not None or name.endswith(".weight")):
+            if prequantized is not None:
+                pieces[module][key.replace(piece or key, "weight", 1) if piece else "weight"] = tensor.to(device)
+            else:
+                layer = model.get_submodule(module)
+                if tuple(tensor.shape) != tuple(layer.weight.shape):
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config expects "
+                        f"{tuple(layer.weight.shape)}; the weights do not belong to this config.json"
+                    )
+                if _is_conv1d(layer):  # Conv1D keeps [in, out]; store [out, in] like nn.Linear
+                    tensor = tensor.t().contiguous()
+                pieces[module]["qt"] = quantize(tensor.to(device), quant_type, blocksize, double_quant)
+            continue
+        if name is None:
+            unexpected.append(key)
+            continue
+        _set_tensor(model, name, tensor.to(device), file, store_dtype)
+    for module, got in pieces.items():
+        layer = model.get_submodule(module)
+        if prequantized is not None:
+            try:
+                qt = QuantizedTensor.from_state_dict(got, prefix="weight")
+            except ValueError as e:
+                raise CheckpointError(f"{path}: quantized weight {module}.weight: {e}") from None
+        elif "qt" in got:
+            qt = got["qt"]
+        else:
+            continue  # reported as missing below
+        bias = layer.bias if getattr(layer, "bias", None) is not None and layer.bias.device.type != "meta" else None
+        new = Linear4bit.from_quantized(qt, bias=bias, compute_dtype=compute_dtype)
+        new.fan_in_fan_out = _is_conv1d(layer)
+        parent, _, child = module.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise CheckpointError(
+            f"{path}: the checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}; "
+            "it is incomplete or belongs to another config"
+        )
+    if unexpected:
+        warnings.warn(f"{path}: ignored {len(unexpected)} tensor(s) the model does not use, e.g. {unexpected[:3]}")
+    model.requires_grad_(False)
+    model.qlora_source = str(path)  # where save_quantized / merge_adapter copy the tokenizer from
+    return model.to(device)
+
+
+def _weight_of_piece(key: str) -> str | None:
+    m = _QUANT_PIECES.match(key)
+    return m.group("weight") if m else None
+
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Conv1D"

@@ -1,0 +1,249 @@
+"""prepare_model: turn a transformers causal LM into a QLoRA model, in place.
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05))
+    print(model.qlora_report)        # trainable parameters and the memory of each part
+
+What it does, in order (formats.md section 7, the QLoRA recipe):
+1. freezes every parameter;
+2. swaps each linear layer selected by `quant_modules` ("all-linear": every nn.Linear and
+   transformers Conv1D except the output head) for a Linear4bit, one layer at a time, so
+   the peak is the model plus one layer; the 16-bit weight is dropped as soon as it is
+   quantized. `quant_type=None` keeps the base in 16 bits (plain LoRA, the baseline);
+3. keeps norms in fp32: their parameters are stored in fp32 and they compute in fp32, but
+   return their input's dtype, so the residual stream stays in the model's dtype and the
+   model runs with or without autocast. Embeddings and lm_head stay as they are (frozen,
+   not upcast: PEFT's fp32 copies cost memory for nothing);
+4. wraps each layer selected by `lora.target_modules` in a LoraLinear (the only trainable
+   parameters);
+5. enables non-reentrant gradient checkpointing and input gradients, and turns off the
+   generation cache (which checkpointing cannot use).
+Works on any architecture built of nn.Linear / Conv1D layers; tested on tiny Llama,
+Qwen2, Mistral, Gemma, Phi-3 (fused qkv_proj / gate_up_proj) and GPT-2 (Conv1D) in
+tests/model/test_prepare.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..nn.linear4bit import Linear4bit
+from ..nn.lora import LoraConfig, LoraLinear
+from .targets import is_linear, is_norm, output_head
+
+DEFAULT_LORA = LoraConfig(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
+
+
+# ---- choosing layers ------------------------------------------------------------------------
+def _matches(name: str, selector: str | list[str] | tuple[str, ...]) -> bool:
+    if isinstance(selector, str):
+        return selector == "all-linear" or re.fullmatch(selector, name) is not None
+    return any(name == s or name.endswith("." + s) for s in selector)
+
+
+def select_modules(model: nn.Module, target_modules: str | list[str] | tuple[str, ...] = "all-linear",
+                   exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Full names of the linear layers (nn.Linear, Conv1D, Linear4bit) that `target_modules`
+    selects, never the output head; a list names modules by suffix, a string is
+    "all-linear" or a regex over full names. Raises if the selector matches nothing."""
+    if not isinstance(target_modules, (str, list, tuple)):
+        raise TypeError(f"target_modules must be 'all-linear', a list of names or a regex, got {target_modules!r}")
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules={target_modules!r} is neither 'all-linear', a list nor a valid regex: {e}") from None
+    head = output_head(model)
+    inside_lora = {id(m.base_layer) for m in model.modules() if isinstance(m, LoraLinear)}
+    linears = [name for name, m in model.named_modules()
+               if (is_linear(m) or isinstance(m, Linear4bit)) and m is not head and id(m) not in inside_lora]
+    if not isinstance(target_modules, str):
+        unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in linears)]
+        if unmatched:
+            raise ValueError(f"target_modules {unmatched} match no linear layer of {type(model).__name__}; "
+                             f"its linear layers are e.g. {linears[:6]}")
+    chosen = [n for n in linears if _matches(n, target_modules) and not (exclude and _matches(n, list(exclude)))]
+    if not chosen:
+        raise ValueError(f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
+                         f"its linear layers are e.g. {linears[:6]}")
+    return chosen
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+# ---- norms in fp32 ----------------------------------------------------------------------------
+def _norm_pre_hook(module: nn.Module, args: tuple):
+    x = args[0] if args else None
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.dtype == torch.float32:
+        return None
+    module.__dict__["_qlora_io_dtype"] = x.dtype
+    return (x.float(), *args[1:])
+
+
+def _norm_post_hook(module: nn.Module, args: tuple, output):
+    dtype = module.__dict__.pop("_qlora_io_dtype", None)
+    return output.to(dtype) if dtype is not None and torch.is_tensor(output) else None
+
+
+def keep_norms_fp32(model: nn.Module) -> int:
+    """Store and compute every norm in fp32, returning its input's dtype; returns the count."""
+    count = 0
+    for m in model.modules():
+        if not is_norm(m) or is_linear(m):
+            continue
+        for name, p in m.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                m._parameters[name] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+        if not getattr(m, "_qlora_fp32_hooks", False):
+            m.register_forward_pre_hook(_norm_pre_hook)
+            m.register_forward_hook(_norm_post_hook)
+            m._qlora_fp32_hooks = True
+        count += 1
+    return count
+
+
+# ---- the entry point --------------------------------------------------------------------------
+def prepare_model(
+    model: nn.Module,
+    lora: LoraConfig | None = DEFAULT_LORA,
+    quant_type: str | None = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    gradient_checkpointing: bool = True,
+    blocksize: int = 64,
+    quant_modules: str | list[str] = "all-linear",
+    verbose: bool = True,
+) -> nn.Module:
+    """Quantize, freeze, add LoRA, enable checkpointing; see the module docstring.
+
+    `lora=None` only quantizes and freezes (e.g. before `load_adapter`). Returns the same
+    model, with `model.qlora_report` (a ModelReport) set and, if `verbose`, printed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_model expects a torch nn.Module (a transformers causal LM), got {type(model).__name__}")
+    if lora is not None and not isinstance(lora, LoraConfig):
+        raise TypeError(f"lora must be a qlora.LoraConfig or None, got {type(lora).__name__}")
+    existing = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    if existing and lora is not None:
+        raise ValueError(f"the model already has LoRA adapters (e.g. {existing[0]!r}); prepare it only once")
+    if lora is not None:  # check the selector before changing anything
+        select_modules(model, lora.target_modules, lora.exclude_modules)
+
+    model.requires_grad_(False)
+    if quant_type is not None:
+        for name in select_modules(model, quant_modules):
+            layer = model.get_submodule(name)
+            if not isinstance(layer, Linear4bit):
+                _replace(model, name, Linear4bit.from_linear(layer, quant_type, blocksize, double_quant, compute_dtype))
+                del layer  # the 16-bit weight goes now, before the next layer is quantized
+    keep_norms_fp32(model)
+    if lora is not None:
+        for name in select_modules(model, lora.target_modules, lora.exclude_modules):
+            _replace(model, name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout,
+                                             lora.use_rslora, lora.dtype))
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    model.qlora_report = memory_report(model)
+    if verbose:
+        print(model.qlora_report)
+    return model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant gradient checkpointing + input gradients on a transformers model."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                         "pass gradient_checkpointing=False or use a transformers model")
+    if hasattr(model, "enable_input_require_grads") and not getattr(model, "_require_grads_hooks", None):
+        model.enable_input_require_grads()
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+
+
+# ---- the report -------------------------------------------------------------------------------
+PARTS = ("4-bit weights", "quant constants", "dense linear", "embeddings", "lm_head", "norms", "other", "LoRA")
+
+
+@dataclass
+class ModelReport:
+    """Parameter counts and resident bytes of each part of a (prepared) model."""
+
+    trainable: int
+    total: int
+    parts: dict[str, tuple[int, int]] = field(default_factory=dict)  # part -> (elements, bytes)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b for _, b in self.parts.values())
+
+    def __str__(self) -> str:
+        lines = [f"qlora: {self.trainable:,} trainable parameters of {self.total:,} "
+                 f"({100 * self.trainable / max(self.total, 1):.3f}%)",
+                 f"  {'part':<16} {'elements':>14} {'MiB':>10}"]
+        for part in PARTS:
+            if part in self.parts:
+                n, b = self.parts[part]
+                lines.append(f"  {part:<16} {n:>14,} {b / 2**20:>10.2f}")
+        lines.append(f"  {'total':<16} {'':>14} {self.total_bytes / 2**20:>10.2f}")
+        lines += [f"  ({note})" for note in self.notes]
+        return "\n".join(lines)
+
+
+def memory_report(model: nn.Module) -> ModelReport:
+    """Count every parameter and quantized buffer once (tied tensors once), by part."""
+    head = output_head(model)
+    lora_ids = {id(x) for m in model.modules() if isinstance(m, LoraLinear) for x in (m.lora_A, m.lora_B)}
+    parts: dict[str, list[int]] = {}
+    seen: set[tuple[int, int]] = set()
+    notes: list[str] = []
+    trainable = total = 0
+
+    def add(part: str, t: torch.Tensor | None, elements: int | None = None) -> bool:
+        if t is None:
+            return False
+        key = (t.data_ptr(), t.numel())
+        if key in seen and t.numel() > 0:
+            return False
+        seen.add(key)
+        row = parts.setdefault(part, [0, 0])
+        row[0] += t.numel() if elements is None else elements
+        row[1] += t.numel() * t.element_size()
+        return True
+
+    for name, m in model.named_modules():
+        if isinstance(m, Linear4bit):
+            add("4-bit weights", m._packed, m.in_features * m.out_features)
+            total += m.in_features * m.out_features
+            for b in ("_absmax", "_code", "_nested_absmax", "_nested_code"):
+                add("quant constants", getattr(m, b), 0)
+        for pname, p in m.named_parameters(recurse=False):
+            if id(m) in lora_ids:
+                part = "LoRA"
+            elif isinstance(m, nn.Embedding):
+                part = "embeddings"
+            elif m is head:
+                part = "lm_head"
+            elif is_norm(m) and not is_linear(m):
+                part = "norms"
+            elif is_linear(m) and pname == "weight":
+                part = "dense linear"
+            else:
+                part = "other"
+            if add(part, p):
+                total += p.numel()
+                trainable += p.numel() if p.requires_grad else 0
+            elif m is head:
+                notes.append(f"{name}.{pname} is tied to the input embeddings, counted there")
+    return ModelReport(trainable, total, {k: (v[0], v[1]) for k, v in parts.items()}, notes)

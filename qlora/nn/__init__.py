@@ -1,0 +1,9 @@
+"""Step 2, 4 bits -> a trainable layer.
+
+    linear4bit.py   Linear4bit: frozen 4-bit weight, decoded on the fly (autograd Function)
+    lora.py         LoraLinear + LoraConfig: the trainable low-rank update, merge / unmerge
+"""
+from .linear4bit import Linear4bit
+from .lora import LoraConfig, LoraLinear
+
+__all__ = ["Linear4bit", "LoraConfig", "LoraLinear"]

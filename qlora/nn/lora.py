@@ -1,0 +1,180 @@
+"""LoRA: a trainable low-rank update beside a frozen linear layer.
+
+    layer = qlora.LoraLinear(qlora.Linear4bit.from_linear(linear), r=16, alpha=32, dropout=0.05)
+    y = layer(x)       # base(x) + scaling * B(A(dropout(x))), scaling = alpha / r
+
+- A [r, in] starts kaiming-uniform (a = sqrt(5), bound 1/sqrt(in)), B [out, r] at zero, so
+  a fresh adapter changes nothing. `use_rslora` scales by alpha / sqrt(r) instead.
+- The adapters are stored in fp32 by default (`dtype=torch.bfloat16` halves them) and cast
+  to the base layer's compute dtype for the two small matmuls, as PEFT does under autocast;
+  gradients flow back through the cast to the fp32 parameters.
+- The base may be a Linear4bit (QLoRA) or a frozen nn.Linear / transformers Conv1D
+  (16-bit LoRA, the baseline the paper compares with). Submodule names match PEFT's
+  (`base_layer`, `lora_A`, `lora_B`), so state-dict keys read like a PEFT model's.
+- `merge()` folds the update into a 16-bit weight: into the dequantized weight for a
+  Linear4bit (the 4-bit weight is kept aside, untouched, so `unmerge()` is exact), in place
+  for a dense base (`unmerge()` subtracts again, exact up to the weight dtype's rounding).
+Tests: tests/nn/test_lora.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .linear4bit import Linear4bit, _is_conv1d
+
+ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Which layers get adapters and how big they are (defaults: the QLoRA paper's recipe).
+
+    `target_modules`: "all-linear" (every Linear/Conv1D but the output head), a list of
+    module names (a name matches a module whose full name equals it or ends with "." + it)
+    or a regular expression matched against full module names.
+    """
+
+    r: int = 64
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] | tuple[str, ...] = "all-linear"
+    use_rslora: bool = False
+    dtype: torch.dtype = torch.float32
+    exclude_modules: list[str] | tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        _check_hparams(self.r, self.alpha, self.dropout, self.dtype)
+
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+def _check_hparams(r, alpha, dropout, dtype) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if dtype not in ADAPTER_DTYPES:
+        raise TypeError(f"LoRA adapter dtype must be one of {ADAPTER_DTYPES}, got {dtype}")
+
+
+def _features(base: nn.Module) -> tuple[int, int]:
+    if isinstance(base, (Linear4bit, nn.Linear)):
+        return base.in_features, base.out_features
+    if _is_conv1d(base):
+        return tuple(base.weight.shape)  # Conv1D stores [in, out]
+    raise TypeError(f"LoraLinear wraps Linear4bit, nn.Linear or transformers Conv1D, got {type(base).__name__}")
+
+
+class LoraLinear(nn.Module):
+    """base(x) + scaling * B(A(dropout(x))) over a frozen base layer; see the module docstring."""
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        _check_hparams(r, alpha, dropout, dtype)
+        self.in_features, self.out_features = _features(base_layer)
+        self.base_layer = base_layer.requires_grad_(False)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = _device(base_layer)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the adapter matmuls: the base's compute dtype (Linear4bit) or weight dtype."""
+        base = self._base4bit() or self.base_layer
+        return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        dt = self.compute_dtype
+        h = self.lora_dropout(x.to(dt))
+        lora = F.linear(F.linear(h, self.lora_A.weight.to(dt)), self.lora_B.weight.to(dt))
+        return torch.add(out, lora.to(out.dtype), alpha=self.scaling)
+
+    # ---- merging ---------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in float32, shaped [out, in]."""
+        return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
+
+    def merged_layer(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A new dense nn.Linear holding base + scaling * B @ A (16-bit by default); self is unchanged.
+
+        For a Linear4bit base the update is added to the dequantized weight in float32 and
+        rounded once to `dtype` (default: the weight's original dtype, bf16 if that is fp32).
+        """
+        base = self._base4bit() or self.base_layer
+        if isinstance(base, Linear4bit):
+            dense = base.dequantize(torch.float32)
+            dtype = dtype or (base.weight.dtype if base.weight.dtype != torch.float32 else torch.bfloat16)
+        else:
+            w = base.weight.detach().float()
+            dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
+            dense.weight = nn.Parameter(w.t().contiguous() if _is_conv1d(base) else w.clone(), requires_grad=False)
+            if base.bias is not None:
+                dense.bias = nn.Parameter(base.bias.detach().float(), requires_grad=False)
+            dtype = dtype or base.weight.dtype
+        if isinstance(base, Linear4bit) or not self.merged:  # a merged dense base already holds it
+            dense.weight.add_(self.delta_weight())
+        return dense.to(dtype).requires_grad_(False)
+
+    def merge(self) -> None:
+        """Fold the update into a 16-bit weight; forward then skips the adapter path."""
+        if self.merged:
+            return
+        if isinstance(self.base_layer, Linear4bit):
+            four_bit = self.base_layer
+            self.base_layer = self.merged_layer(four_bit.compute_dtype if four_bit.compute_dtype != torch.float32
+                                                else None)
+            self.__dict__["_unmerged_base"] = four_bit  # kept aside, not a submodule: exact unmerge
+        else:
+            w = self.base_layer.weight
+            delta = self.delta_weight()
+            with torch.no_grad():
+                w.copy_((w.float() + (delta.t() if _is_conv1d(self.base_layer) else delta)).to(w.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge()`: exact for a Linear4bit base, up to the weight dtype's rounding otherwise."""
+        if not self.merged:
+            return
+        four_bit = self.__dict__.pop("_unmerged_base", None)
+        if four_bit is not None:
+            self.base_layer = four_bit
+        else:
+            w = self.base_layer.weight
+            delta = self.delta_weight()
+            with torch.no_grad():
+                w.copy_((w.float() - (delta.t() if _is_conv1d(self.base_layer) else delta)).to(w.dtype))
+        self.merged = False
+
+    def _base4bit(self) -> Linear4bit | None:
+        return self.__dict__.get("_unmerged_base")
+
+    def extra_repr(self) -> str:
+        rs = ", rslora" if self.use_rslora else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{rs}, merged={self.merged}"
+
+
+def _device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,152 @@
+"""prepare_model on tiny random Llama, Qwen2, Mistral, Gemma, Phi-3 (fused qkv / gate_up) and
+GPT-2 (Conv1D): what gets quantized, frozen, kept in fp32, adapted; the report; errors."""
+import pytest
+import torch
+from tiny_models import ARCHS, dequantized_twin, tiny_model
+from torch import nn
+
+import qlora
+from qlora import Linear4bit, LoraConfig, LoraLinear
+
+EXPECTED_TARGETS = {
+    "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "qwen2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "mistral": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "gemma": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+    "gpt2": {"c_attn", "c_proj", "c_fc"},
+}
+
+
+def linear_names(model):
+    return {n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prepare_every_architecture(arch):
+    model = tiny_model(arch)
+    dense_linears = linear_names(model)
+    emb_before = model.get_input_embeddings().weight
+    prepared = qlora.prepare_model(model, lora=LoraConfig(r=4, alpha=8, dropout=0.0), verbose=False)
+    assert prepared is model
+    adapted = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    assert set(adapted) == dense_linears, "all-linear = every Linear/Conv1D but the output head"
+    assert {n.rpartition(".")[2] for n in adapted} == EXPECTED_TARGETS[arch]
+    assert all(isinstance(m.base_layer, Linear4bit) for m in adapted.values())
+    assert all(m.base_layer.quant_type == "nf4" and m.base_layer.double_quant for m in adapted.values())
+    # embeddings and lm_head: untouched (same tensor, bf16), frozen
+    emb = model.get_input_embeddings().weight
+    assert emb is emb_before and emb.dtype == torch.bfloat16 and not emb.requires_grad
+    head = model.get_output_embeddings()
+    assert isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16 and not head.weight.requires_grad
+    # norms in fp32, everything but LoRA frozen
+    norms = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # gradient checkpointing on, non-reentrant; no generation cache
+    assert model.is_gradient_checkpointing and model.config.use_cache is False
+    # a training step: finite loss in the model's dtype, gradients reach every adapter
+    model.train()
+    ids = torch.randint(3, 256, (2, 12))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for n, m in adapted.items():
+        assert m.lora_B.weight.grad is not None and m.lora_B.weight.grad.abs().sum() > 0, n
+        assert m.lora_A.weight.grad is not None, n
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fresh_adapter_model_computes_the_dequantized_base(arch):
+    """B = 0: the prepared model is exactly its base with decoded weights (fp32 compute)."""
+    model = tiny_model(arch, torch.float32)
+    qlora.prepare_model(model, lora=LoraConfig(r=4, alpha=8, dropout=0.0), compute_dtype=torch.float32,
+                        verbose=False)
+    dense = dequantized_twin(model, arch, torch.float32)
+    model.eval()
+    ids = torch.randint(3, 256, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_report_counts_each_part():
+    model = tiny_model("llama")
+    n_embed = model.get_input_embeddings().weight.numel()
+    lin = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    qlora.prepare_model(model, lora=LoraConfig(r=8, alpha=16), verbose=False)
+    rep = model.qlora_report
+    lora_params = sum(8 * (o + i) for o, i in lin.values())
+    assert rep.trainable == lora_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    quantized = sum(o * i for o, i in lin.values())
+    assert rep.parts["4-bit weights"] == (quantized, quantized // 2)
+    assert rep.parts["embeddings"] == (n_embed, 2 * n_embed)
+    assert rep.parts["LoRA"] == (lora_params, 4 * lora_params)
+    assert rep.parts["norms"][1] == 4 * rep.parts["norms"][0]
+    assert "dense linear" not in rep.parts
+    text = str(rep)
+    assert "trainable parameters" in text and "4-bit weights" in text
+
+
+def test_report_is_printed(capsys):
+    qlora.prepare_model(tiny_model("qwen2"))
+    out = capsys.readouterr().out
+    assert "trainable parameters" in out and "LoRA" in out
+
+
+def test_target_lists_and_regex_choose_adapters_all_linears_still_quantized():
+    model = tiny_model("llama")
+    qlora.prepare_model(model, lora=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), verbose=False)
+    adapted = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    assert adapted == {"q_proj", "v_proj"}
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 14  # 7 per layer x 2 layers
+
+    model = tiny_model("llama")
+    qlora.prepare_model(model, lora=LoraConfig(r=4, target_modules=r".*\.0\.mlp\..*_proj"), verbose=False)
+    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLinear))
+    assert adapted == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+
+
+def test_16bit_lora_baseline_and_no_lora():
+    model = tiny_model("llama")
+    qlora.prepare_model(model, lora=LoraConfig(r=4), quant_type=None, verbose=False)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    bases = [m.base_layer for m in model.modules() if isinstance(m, LoraLinear)]
+    assert bases and all(isinstance(b, nn.Linear) and b.weight.dtype == torch.bfloat16 for b in bases)
+    assert model.qlora_report.parts["dense linear"][0] == sum(b.weight.numel() for b in bases)
+
+    model = tiny_model("llama")
+    qlora.prepare_model(model, lora=None, verbose=False)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 14
+
+
+def test_options_reach_the_layers():
+    model = tiny_model("gpt2")
+    qlora.prepare_model(model, lora=LoraConfig(r=2, alpha=4, dtype=torch.bfloat16, use_rslora=True),
+                        quant_type="fp4", double_quant=False, compute_dtype=torch.float16,
+                        gradient_checkpointing=False, verbose=False)
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.base_layer.quant_type == "fp4" and not layer.base_layer.double_quant
+    assert layer.base_layer.compute_dtype == torch.float16 and layer.lora_A.weight.dtype == torch.bfloat16
+    assert layer.scaling == pytest.approx(4 / 2**0.5)
+    assert not model.is_gradient_checkpointing
+
+
+def test_bad_arguments_name_what_is_wrong():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"\['nope'\] match no linear layer of LlamaForCausalLM"):
+        qlora.prepare_model(model, lora=LoraConfig(target_modules=["q_proj", "nope"]), verbose=False)
+    with pytest.raises(ValueError, match="selects no linear layer"):
+        qlora.prepare_model(model, lora=LoraConfig(target_modules=r"xyz.*"), verbose=False)
+    with pytest.raises(ValueError, match="valid regex"):
+        qlora.prepare_model(model, lora=LoraConfig(target_modules="(["), verbose=False)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules()), "a failed call changes nothing"
+    with pytest.raises(TypeError, match="LoraConfig"):
+        qlora.prepare_model(model, lora={"r": 8}, verbose=False)
+    with pytest.raises(TypeError, match="nn.Module"):
+        qlora.prepare_model("meta-llama/Llama-2-7b")
+    qlora.prepare_model(model, verbose=False)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        qlora.prepare_model(model, verbose=False)
