@@ -1,4 +1,4 @@
-# Quickstart: `make run` (the main job) and `make test` (the whole suite).
+# Quickstart: `make run` (the main job: `qlora train` on the embedded demo) and `make test` (the suite).
 # Both are idempotent: the venv is built once and refreshed when pyproject.toml changes.
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/qlora quantize-report --output runs/quantize-report
+	$(VENV)/bin/qlora train
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -52,7 +52,7 @@ def main() -> None:
     from qlora.model.random_checkpoint import write_random_checkpoint
 
     mib = 2**20
-    print(f"{'model':<8}{'params':>9}{'bf16 MiB':>10}{'tool':>24}{'peak growth MiB':>17}{'model MiB':>11}"
+    print(f"{'model':<8}{'params':>9}{'bf16 MiB':>10}{'tool':>27}{'peak growth MiB':>17}{'model MiB':>11}"
           f"{'load s':>8}{'bound MiB':>11}")
     for size in args.sizes.split(","):
         config = LlamaConfig(tie_word_embeddings=False, **CONFIGS[size])
@@ -73,7 +73,7 @@ def main() -> None:
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             bound = (r["model_bytes"] + largest) / mib + 100 if tool == "qlora" else float("nan")
-            print(f"{size:<8}{params / 1e6:>8.0f}M{params * 2 / mib:>10.0f}{label:>24}{r['grown'] / mib:>17.0f}"
+            print(f"{size:<8}{params / 1e6:>8.0f}M{params * 2 / mib:>10.0f}{label:>27}{r['grown'] / mib:>17.0f}"
                   f"{r['model_bytes'] / mib:>11.0f}{r['seconds']:>8.1f}{bound:>11.0f}")
 
 

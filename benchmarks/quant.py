@@ -1,6 +1,6 @@
 """Decode and quantize speed of a 4096 x 4096 NF4 + DQ weight: qlora vs bitsandbytes vs the copy floor.
 
-    .venv/bin/python benchmarks/quant.py [--size 4096] [--repeats 25]
+    .venv/bin/python benchmarks/quant.py [--size 4096] [--repeats 25] [--threads N]
 
 Decode writes bf16 into a preallocated buffer (what Linear4bit does); the floor is a bf16
 `copy_` of the same output size into a preallocated buffer. bitsandbytes'
@@ -24,7 +24,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import bitsandbytes.functional as bnbF
 
     torch.manual_seed(0)

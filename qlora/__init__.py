@@ -5,6 +5,7 @@ The data flow, one folder a step:
     nn/      4 bits -> a trainable layer (Linear4bit, LoraLinear)
     model/   a transformers model -> a QLoRA model (prepare, adapters, load, save, merge)
     optim/   the update (AdamW 32/8-bit, paged state, schedules)
+    train/   the loop (config, data, checkpoints, resume, reports, generate)
 """
 from .quant.codebooks import FP4, INT4, NF4, derive_nf4, dynamic_map
 from .quant.tensor import QuantizedTensor, quantize
@@ -19,5 +20,7 @@ from .model.checkpoint_files import CheckpointError
 from .model.load import load_model
 from .model.save import merge_adapter, save_quantized
 from . import optim
+from .train import TrainConfig, TrainingError
+from .train.loop import train as finetune  # `qlora.train` stays the subpackage
 
 __version__ = "0.1.0"

@@ -3,6 +3,8 @@
     qlora quantize-report [--model PATH] [--output DIR] [--blocksize 64]
     qlora quantize --model PATH|HUB_ID --output DIR [--quant-type nf4] [--no-double-quant]
     qlora merge --model BASE --adapter DIR --output OUT [--requantize]
+    qlora train [--model PATH] [--data FILE] [--output DIR] [--config recipe.yaml] [flags]
+    qlora generate --model PATH [--adapter DIR] --prompt TEXT
 """
 from __future__ import annotations
 
@@ -31,6 +33,21 @@ def _merge(args: argparse.Namespace) -> None:
     out = merge_adapter(args.model, args.adapter, args.output, args.requantize, args.quant_type, args.double_quant,
                         trust_remote_code=args.trust_remote_code)
     print(f"wrote {out}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train.config import from_args
+    from .train.loop import train
+
+    train(from_args(args))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .train.generate import generate
+
+    generate(args.model, args.prompt, args.adapter, args.max_new_tokens, args.temperature, args.top_p, args.raw,
+             args.seed, args.trust_remote_code)
+    print()
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -64,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     p.set_defaults(func=_merge)
 
+    from .train.config import add_arguments
+
+    p = sub.add_parser("train", help="fine-tune with QLoRA (no arguments: the embedded demo)")
+    add_arguments(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="stream a completion from a base model (+ adapter)")
+    p.add_argument("--model", required=True, help="base model directory or Hub id")
+    p.add_argument("--adapter", help="PEFT-format adapter directory")
+    p.add_argument("--prompt", required=True, help="the instruction or message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="no chat/Alpaca template around the prompt")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_generate)
     return parser
 
 

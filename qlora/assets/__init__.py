@@ -1,0 +1,33 @@
+"""Files that ship inside the package: the default model and data of `qlora train`.
+
+    from qlora.assets import asset_path
+    asset_path("tiny-llama")            # directory: AutoModelForCausalLM / AutoTokenizer.from_pretrained
+    asset_path("instructions.jsonl")    # 410 Alpaca rows "Write a function that ..." -> Python code
+    asset_path("demo_prompts.json")     # held-out instructions for the before/after generations
+
+tiny-llama/ is a 4.2M-parameter Llama (bf16 safetensors, byte-level BPE tokenizer of 4096
+tokens) pretrained on the Python standard library's source by scripts/pretrain.py, which
+also wrote its pretrain.log and pretrain.json (held-out perplexity, samples). The
+instruction files come from scripts/make_instructions.py. Both scripts are deterministic:
+rerun them to regenerate these files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+
+_MAKERS = {"tiny-llama": "scripts/pretrain.py", "instructions.jsonl": "scripts/make_instructions.py",
+           "demo_prompts.json": "scripts/make_instructions.py"}
+
+
+def asset_path(name: str) -> Path:
+    """Path of the shipped asset `name` (a file or directory under qlora/assets/); raises
+    FileNotFoundError naming the script that makes it when it is missing."""
+    path = ASSETS / name
+    if not path.exists():
+        known = sorted(p.name for p in ASSETS.iterdir() if not p.name.startswith(("_", ".")))
+        maker = _MAKERS.get(name)
+        hint = f"; regenerate it with `python {maker}`" if maker else ""
+        raise FileNotFoundError(f"{path}: no such packaged asset (have: {', '.join(known)}){hint}")
+    return path

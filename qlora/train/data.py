@@ -1,0 +1,258 @@
+"""Training data: rows from JSONL / JSON / CSV (or a Hub dataset) -> token ids and labels.
+
+    rows = read_rows("data.jsonl")                      # [(where, dict)], where = "file:line"
+    examples = tokenize_rows(rows, tokenizer, max_length=512)
+    batches = Batches(train, batch_size=4, seed=42, group_by_length=True)
+
+Row shapes (detected per row):
+    {"instruction", "input"?, "output"}   Alpaca: prompt rendered with ALPACA templates
+    {"input", "output"}, {"prompt", "completion"}
+    {"messages": [{"role", "content"}, ...]}  the tokenizer's chat template; loss on assistant turns
+    {"text"}                              plain language modelling
+Labels are -100 on prompts (unless train_on_prompt) and on padding. A malformed row raises
+DataError naming file:line and the reason, or is skipped and counted with skip_bad_rows.
+Padding uses the pad token, else eos, else 0: no new token, no embedding resize.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+ALPACA = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+class DataError(ValueError):
+    """A row or file that cannot be used; the message starts with file:line."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_rows(source: str | Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs from a .jsonl/.json/.csv file, or a Hub dataset (needs `datasets`)."""
+    path = Path(source)
+    if not path.exists():
+        if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+            return _hub_rows(str(source))
+        raise DataError(f"{source}: no such file (expected .jsonl, .json or .csv, or a Hub dataset id)")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{i}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                rows.append((f"{path}:{i}", DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})")))
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}:1: expected a JSON list of rows (or {{\"data\": [...]}})")
+        return [(f"{path}[{i}]", row) for i, row in enumerate(data)]
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return [(f"{path}:{i}", dict(row)) for i, row in enumerate(csv.DictReader(f), 2)]
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
+
+
+def _hub_rows(name: str) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name}: not a local file; Hub datasets need `pip install datasets`") from None
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # offline, unknown dataset
+        raise DataError(f"{name}: could not load the Hub dataset ({type(e).__name__}: {e}); pass a local file") from None
+    return [(f"{name}[{i}]", dict(row)) for i, row in enumerate(ds)]
+
+
+def _text(where: str, row: dict, key: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip() and required):
+        if required:
+            raise DataError(f"{where}: field {key!r} is missing or empty")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def render(where: str, row: dict, tokenizer) -> list[tuple[str, bool]]:
+    """The row as (text, trained) segments in order; trained=False segments are prompts."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        return _render_chat(where, row["messages"], tokenizer)
+    if "instruction" in row:
+        instruction, extra = _text(where, row, "instruction"), _text(where, row, "input", required=False)
+        prompt = (ALPACA_INPUT if extra else ALPACA).format(instruction=instruction, input=extra)
+        return [(prompt, False), (_text(where, row, "output"), True)]
+    if "prompt" in row or "completion" in row:
+        return [(_text(where, row, "prompt"), False), (_text(where, row, "completion"), True)]
+    if "input" in row or "output" in row:
+        return [(_text(where, row, "input"), False), (_text(where, row, "output"), True)]
+    if "text" in row:
+        return [(_text(where, row, "text"), True)]
+    raise DataError(
+        f"{where}: unknown row shape with keys {sorted(row)}; expected instruction/output, input/output, "
+        "prompt/completion, messages or text"
+    )
+
+
+def _render_chat(where: str, messages, tokenizer) -> list[tuple[str, bool]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: 'messages' rows need a tokenizer with a chat template")
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: 'messages' has no assistant turn to learn from")
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not before.startswith(done) or not after.startswith(before):
+                raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
+            segments += [(before[len(done):], False), (after[len(before):], True)]
+            done = after
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if len(full) > len(done) and full.startswith(done):
+        segments.append((full[len(done):], False))
+    return segments
+
+
+def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, max_length: int, train_on_prompt: bool = False,
+                  skip_bad_rows: bool = False) -> tuple[list[Example], int]:
+    """(examples, skipped rows). Each example starts with bos if the tokenizer adds one to
+    plain text, ends with eos, and is cut to max_length."""
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [bos]  # do what the tokenizer does for text
+    examples, skipped = [], 0
+    for where, row in rows:
+        try:
+            if isinstance(row, Exception):
+                raise row
+            ids: list[int] = []
+            labels: list[int] = []
+            if adds_bos:
+                ids.append(bos)
+                labels.append(IGNORE)
+            for text, trained in render(where, row, tokenizer):
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += piece
+                labels += piece if trained or train_on_prompt else [IGNORE] * len(piece)
+            if eos is not None:
+                ids.append(eos)
+                labels.append(eos)
+            ids, labels = ids[:max_length], labels[:max_length]
+            if all(label == IGNORE for label in labels[1:]):
+                raise DataError(f"{where}: nothing to learn once cut to --max-length {max_length} (the prompt fills it)")
+        except DataError:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+            continue
+        examples.append(Example(ids, labels))
+    if not examples:
+        raise DataError(f"no usable rows ({skipped} skipped as malformed)")
+    return examples, skipped
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate examples into sequences of exactly max_length tokens (the last may be shorter)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for e in examples:
+        ids += e.input_ids
+        labels += e.labels
+    return [Example(ids[i: i + max_length], labels[i: i + max_length]) for i in range(0, len(ids), max_length)]
+
+
+def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, eval): a seeded, fixed share held out for eval (at least one row when fraction > 0)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def collate(batch: list[Example], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class Batches:
+    """Micro-batches in a seeded order, epoch after epoch; `batch(k)` is the k-th overall.
+
+    The order depends only on (seed, epoch), so a resumed run finds micro-batch k again
+    without replaying the data. group_by_length sorts each shuffled window of 50 batches
+    by length (less padding, still random across windows).
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, group_by_length: bool, pad: int):
+        self.examples, self.batch_size, self.seed, self.group, self.pad = examples, batch_size, seed, group_by_length, pad
+        self.per_epoch = max(1, len(examples) // batch_size)
+        self._epoch, self._order = -1, []
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        idx = list(range(len(self.examples)))
+        rng.shuffle(idx)
+        if self.group:
+            window = self.batch_size * 50
+            for s in range(0, len(idx), window):
+                idx[s: s + window] = sorted(idx[s: s + window], key=lambda i: len(self.examples[i].input_ids))
+        batches = [idx[i: i + self.batch_size] for i in range(0, self.per_epoch * self.batch_size, self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self._epoch_order(epoch)
+        return collate([self.examples[j] for j in self._order[i]], self.pad)
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad: int) -> Iterator[dict[str, torch.Tensor]]:
+    for i in range(0, len(examples), batch_size):
+        yield collate(examples[i: i + batch_size], pad)

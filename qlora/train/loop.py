@@ -1,0 +1,220 @@
+"""The training loop: one plain function, top to bottom.
+
+    summary = qlora.finetune(qlora.TrainConfig(model="path", data="rows.jsonl", output="runs/x"))
+    qlora train --model path --data rows.jsonl --output runs/x      # the same, from the shell
+
+Per optimizer step: `grad_accum` micro-batches, the loss averaged over all their target
+tokens; clip; AdamW; schedule. A non-finite loss or gradient skips the step (counted) and
+stops the run after `max_bad_steps` in a row; the skipped update never reaches the
+optimizer state, so no checkpoint can hold it. Checkpoints (adapter in PEFT format,
+optimizer, schedule, RNG, step) are written atomically every `save_every` steps, at the
+end and on Ctrl-C; `--resume` continues from the newest one bit for bit (on CPU): the data
+order is a function of (seed, micro-batch index), the index is saved, and so is the RNG.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..model.adapter import load_adapter, save_adapter
+from ..model.checkpoint_files import resolve
+from ..model.load import load_model
+from ..model.prepare import prepare_model
+from ..model.save import atomic_directory
+from ..nn.lora import LoraConfig
+from ..optim import AdamW, clip_grad_norm, scheduler, state_dict_from_tensors, state_dict_to_tensors
+from . import data as D
+from .config import TrainConfig
+from .config import compute_dtype as resolve_compute_dtype
+from .report import Metrics, demo_generations, peak_memory_mb, write_summary
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says why and what to do."""
+
+
+def _default_paths(cfg: TrainConfig) -> tuple[str, str]:
+    if cfg.model and cfg.data:
+        return cfg.model, cfg.data
+    from ..assets import asset_path
+
+    return cfg.model or str(asset_path("tiny-llama")), cfg.data or str(asset_path("instructions.jsonl"))
+
+
+def _build_model(cfg: TrainConfig, model_path: str):
+    compute_dtype = resolve_compute_dtype(cfg)
+    targets = cfg.targets()
+    if cfg.quant_type == "none":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(resolve(model_path), dtype=compute_dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = load_model(model_path, cfg.quant_type, cfg.double_quant, compute_dtype, blocksize=cfg.blocksize,
+                           trust_remote_code=cfg.trust_remote_code, target_modules=targets, progress=False)
+    lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
+                      use_rslora=cfg.use_rslora)
+    return prepare_model(model, lora=lora, quant_type=None, compute_dtype=compute_dtype,
+                         gradient_checkpointing=cfg.gradient_checkpointing, verbose=False)
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints in `output`, oldest first."""
+    found = [p for p in (output / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_last: int) -> Path:
+    """Adapter, optimizer, schedule, RNG and trainer state for `state["step"]`, atomically."""
+    target = output / "checkpoints" / f"step-{state['step']:07d}"
+    with atomic_directory(target) as tmp:
+        save_adapter(model, tmp)
+        tensors, meta = state_dict_to_tensors(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        full = dict(state, scheduler=sched.state_dict())
+        (tmp / "trainer_state.json").write_text(json.dumps(full, indent=2))
+    for old in checkpoints(output)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer, sched) -> dict:
+    load_adapter(model, path, trainable=True)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(path / "optimizer.safetensors"), "pt") as f:
+        meta = f.metadata()
+    optimizer.load_state_dict(state_dict_from_tensors(tensors, meta))
+    state = json.loads((path / "trainer_state.json").read_text())
+    sched.load_state_dict(state.pop("scheduler"))
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    return state
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[D.Example], batch_size: int, pad: int) -> tuple[float, float]:
+    """(mean token loss, perplexity) over the eval rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in D.eval_batches(examples, batch_size, pad):
+        n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
+        total += float(model(**batch).loss) * n
+        count += n
+    model.train()
+    loss = total / max(count, 1)
+    return loss, math.exp(min(loss, 50))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Fine-tune with QLoRA as `cfg` says; returns the summary (also in <output>/summary.json)."""
+    from transformers import AutoTokenizer
+
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model_path, data_path = _default_paths(cfg)
+
+    # data
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model_path), trust_remote_code=cfg.trust_remote_code)
+    examples, skipped = D.tokenize_rows(D.read_rows(data_path), tokenizer, cfg.max_length, cfg.train_on_prompt,
+                                        cfg.skip_bad_rows)
+    if cfg.packing:
+        examples = D.pack(examples, cfg.max_length)
+    train_rows, eval_rows = D.split(examples, cfg.eval_split, cfg.seed)
+    pad = D.pad_id(tokenizer)
+    batches = D.Batches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length and not cfg.packing, pad)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
+
+    # model, optimizer, schedule
+    model = _build_model(cfg, model_path)
+    demo = demo_generations(model, tokenizer) if cfg.demo and cfg.data is None else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      state_bits=8 if cfg.optim.endswith("8bit") else 32, paged=cfg.optim.startswith("paged"))
+    warmup = round(cfg.warmup_ratio * total_steps) if cfg.schedule != "constant" else 0
+    sched = scheduler(optimizer, cfg.schedule, warmup_steps=warmup, total_steps=total_steps)
+    cfg.to_yaml(output / "config.yaml")
+
+    state = {"step": 0, "micro": 0, "bad_steps": 0, "skipped_steps": 0, "tokens": 0, "elapsed": 0.0, "best_eval": None}
+    if cfg.resume:
+        found = checkpoints(output)
+        if not found:
+            raise TrainingError(f"--resume: no checkpoint in {output / 'checkpoints'}; start without --resume")
+        state = load_checkpoint(found[-1], model, optimizer, sched)
+        print(f"resumed from {found[-1]} (step {state['step']})")
+    metrics = Metrics(output / "metrics.jsonl", truncate_after=state["step"])
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    start, eval_loss = time.perf_counter() - state["elapsed"], None
+    try:
+        while state["step"] < total_steps:
+            step = state["step"] + 1
+            micro = [batches.batch(state["micro"] + i) for i in range(cfg.grad_accum)]
+            state["micro"] += cfg.grad_accum  # the data position moves on even if the step is skipped
+            n_step = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in micro)
+            loss_sum = torch.zeros((), dtype=torch.float32)
+            for b in micro:
+                n = int((b["labels"][:, 1:] != D.IGNORE).sum())
+                loss = model(**b).loss.float() * (n / max(n_step, 1))
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
+                                       error_if_nonfinite=False)
+            if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                state["bad_steps"] += 1
+                state["skipped_steps"] += 1
+                if state["bad_steps"] >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"step {step}: loss {float(loss_sum):.4g}, gradient norm {float(grad_norm):.4g}: "
+                        f"{state['bad_steps']} non-finite steps in a row. Lower --lr, check the data, or use "
+                        "--compute-dtype float32; the last good checkpoint is untouched"
+                    )
+                continue  # the step number is retried on the next micro-batches
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.update(step=step, bad_steps=0, tokens=state["tokens"] + sum(int(b["attention_mask"].sum()) for b in micro))
+            state["elapsed"] = time.perf_counter() - start
+            row = {"step": step, "loss": float(loss_sum), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
+                   "elapsed_s": state["elapsed"], "peak_mem_mb": peak_memory_mb()}
+            metrics.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            peak=f"{row['peak_mem_mb']:.0f}MB")
+            bar.update(1)
+            if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last)
+    except KeyboardInterrupt:
+        bar.close()
+        where = save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last)
+        print(f"\ninterrupted at step {state['step']}: saved {where}; continue with the same command and --resume")
+        raise
+    bar.close()
+    if eval_rows:
+        eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
+    save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last)
+    with atomic_directory(output / "adapter") as tmp:
+        save_adapter(model, tmp, base_model_name_or_path=cfg.model)
+    after = demo_generations(model, tokenizer) if demo is not None else None
+    return write_summary(output, cfg, state, eval_loss, skipped, demo, after)
+
+
+def _eval(model, eval_rows, cfg: TrainConfig, pad: int, state: dict, metrics) -> float:
+    loss, ppl = evaluate(model, eval_rows, cfg.batch_size, pad)
+    state["best_eval"] = loss if state["best_eval"] is None else min(state["best_eval"], loss)
+    metrics.write({"step": state["step"], "eval_loss": loss, "eval_ppl": ppl})
+    return loss

@@ -1,0 +1,134 @@
+"""What the user sees of a run: metrics.jsonl, the summary, the loss plot, demo generations.
+
+    <output>/metrics.jsonl   one JSON object per optimizer step (step, loss, lr, grad_norm,
+                             tokens, tokens_per_s, elapsed_s, peak_mem_mb) and per eval
+                             (step, eval_loss, eval_ppl); TensorBoard too when installed
+    <output>/summary.json    final/best eval loss, tokens/s, peak memory, adapter path
+    <output>/loss.png        training and eval loss curves
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .data import ALPACA
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this run: CUDA's allocator peak, else the process high-water mark."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    from ..model.peak import peak_bytes
+
+    return peak_bytes() / 2**20
+
+
+class Metrics:
+    """Append-only metrics.jsonl (lines after `truncate_after` are dropped, for resume)."""
+
+    def __init__(self, path: Path, truncate_after: int = 0):
+        self.path = path
+        kept = []
+        if path.exists() and truncate_after > 0:
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= truncate_after]
+        path.write_text("".join(line + "\n" for line in kept))
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(path.parent / "tensorboard"))
+        except Exception:  # tensorboard not installed
+            self._tb = None
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def plot_loss(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="qlora train")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+@torch.no_grad()
+def demo_generations(model, tokenizer, max_new_tokens: int = 48) -> dict[str, str]:
+    """Greedy completions of the embedded demo prompts (Alpaca format)."""
+    from ..assets import asset_path
+
+    prompts = json.loads(asset_path("demo_prompts.json").read_text())
+    was_training = model.training
+    model.eval()
+    out = {}
+    for prompt in prompts:
+        ids = tokenizer(ALPACA.format(instruction=prompt), return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out[prompt] = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def write_summary(output: Path, cfg, state: dict, eval_loss: float | None, skipped_rows: int,
+                  before: dict | None, after: dict | None) -> dict:
+    rows = read_metrics(output / "metrics.jsonl")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    summary = {
+        "steps": state["step"],
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "final_eval_loss": eval_loss,
+        "final_eval_ppl": math.exp(eval_loss) if eval_loss is not None else None,
+        "best_eval_loss": state.get("best_eval"),
+        "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
+        "peak_mem_mb": peak_memory_mb(),
+        "skipped_rows": skipped_rows,
+        "skipped_steps": state["skipped_steps"],
+        "adapter": str(output / "adapter"),
+    }
+    if before is not None:
+        summary["demo"] = {p: {"before": before[p], "after": (after or {}).get(p)} for p in before}
+    tmp = output / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(output / "summary.json")
+    plotted = plot_loss(rows, output / "loss.png")
+    print("\nsummary")
+    for key in ("steps", "first_loss", "final_loss", "final_eval_loss", "final_eval_ppl", "best_eval_loss",
+                "tokens_per_s", "peak_mem_mb", "skipped_rows", "skipped_steps", "adapter"):
+        value = summary[key]
+        print(f"  {key:<16} {value:.4g}" if isinstance(value, float) else f"  {key:<16} {value}")
+    if plotted:
+        print(f"  {'loss plot':<16} {output / 'loss.png'}")
+    for prompt, pair in summary.get("demo", {}).items():
+        print(f"\n### {prompt}\n--- before ---\n{pair['before'].strip()}\n--- after ---\n{(pair['after'] or '').strip()}")
+    return summary

@@ -1,0 +1,56 @@
+"""TrainConfig: flags = YAML keys, precedence, validation."""
+import argparse
+
+import pytest
+import yaml
+
+from qlora.train.config import TrainConfig, add_arguments, from_args
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return from_args(p.parse_args(argv))
+
+
+def test_no_arguments_is_the_embedded_demo():
+    c = parse([])
+    assert c.model is None and c.data is None and c.compute_dtype == "auto" and c.output == "runs/train"
+
+
+def test_defaults_are_the_qlora_recipe():
+    c = TrainConfig()
+    assert (c.quant_type, c.double_quant, c.blocksize, c.compute_dtype) == ("nf4", True, 64, "bfloat16")
+    assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.target_modules) == (64, 16.0, 0.05, "all-linear")
+    assert (c.lr, c.schedule, c.warmup_ratio, c.optim, c.max_grad_norm) == (2e-4, "constant_with_warmup", 0.03,
+                                                                             "paged_adamw_32bit", 0.3)
+    assert c.gradient_checkpointing and not c.train_on_prompt
+
+
+def test_yaml_then_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"lora_r": 8, "lr": 1e-3, "packing": True, "max-steps": 5}))
+    c = parse(["--config", str(recipe), "--lr", "5e-4", "--no-packing"])
+    assert (c.lora_r, c.lr, c.packing, c.max_steps) == (8, 5e-4, False, 5)
+
+
+def test_every_field_is_a_flag_and_roundtrips_through_yaml(tmp_path):
+    c = TrainConfig(lora_r=4, optim="adamw_8bit", packing=True)
+    c.to_yaml(tmp_path / "c.yaml")
+    assert parse(["--config", str(tmp_path / "c.yaml")]) == c
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--optim", "sgd"], "--optim must be one of"),
+    (["--quant-type", "nf3"], "--quant-type"),
+    (["--lora-dropout", "1.5"], "--lora-dropout"),
+])
+def test_invalid_values(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse(argv)
+
+
+def test_unknown_yaml_key(tmp_path):
+    (tmp_path / "r.yaml").write_text("lora_rank: 8\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lora_rank'\]"):
+        parse(["--config", str(tmp_path / "r.yaml")])

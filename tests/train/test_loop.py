@@ -1,0 +1,131 @@
+"""The training loop end to end: metrics, checkpoints, exact resume after SIGKILL, bad steps."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import qlora.train.loop as loop
+from qlora.train import TrainConfig, TrainingError, train
+from qlora.train.report import read_metrics
+
+FAST = dict(batch_size=2, grad_accum=2, lora_r=8, lr=1e-3, max_length=64, demo=False)
+
+
+def test_end_to_end(model_dir, alpaca_file, tmp_path):
+    out = tmp_path / "run"
+    summary = train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(out), max_steps=8,
+                                save_every=3, keep_last=2, eval_every=4, **FAST))
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all({"loss", "lr", "tokens_per_s", "peak_mem_mb"} <= set(r) for r in steps)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert summary["steps"] == 8 and summary["final_eval_loss"] is not None
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000006", "step-0000008"]
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml", "summary.json",
+                 "loss.png", "checkpoints/step-0000006/optimizer.safetensors"):
+        assert (out / name).exists(), name
+
+
+def test_qlora_follows_16bit_lora(model_dir, alpaca_file, tmp_path):
+    curves = {}
+    for quant in ("nf4", "none"):
+        train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / quant), max_steps=12,
+                          quant_type=quant, lora_dropout=0.0, **FAST))
+        curves[quant] = [r["loss"] for r in read_metrics(tmp_path / quant / "metrics.jsonl") if "loss" in r]
+    gaps = [abs(a - b) / b for a, b in zip(curves["nf4"], curves["none"])]
+    assert max(gaps) < 0.05, gaps  # stated tolerance: within 5% at every step on this tiny model
+
+
+def _cli(model_dir, data, out, *extra):
+    return [sys.executable, "-m", "qlora", "train", "--model", str(model_dir), "--data", str(data), "--output", str(out),
+            "--max-steps", "10", "--save-every", "2", "--batch-size", "2", "--grad-accum", "2", "--lora-r", "8",
+            "--lr", "1e-3", "--max-length", "64", "--no-demo", *extra]
+
+
+def test_resume_after_sigkill_reproduces_the_loss_curve(model_dir, alpaca_file, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(_cli(model_dir, alpaca_file, tmp_path / "full"), check=True, env=env, capture_output=True)
+    full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+
+    kill_at = random.Random().randint(3, 8)  # a random step, checkpoints every 2
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(model_dir, alpaca_file, out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and any(
+                r.get("step", 0) >= kill_at for r in read_metrics(out / "metrics.jsonl") if "loss" in r):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run(_cli(model_dir, alpaca_file, out, "--resume"), check=True, env=env, capture_output=True)
+    resumed = [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert resumed == full  # step for step, bit for bit
+
+
+def test_resume_without_checkpoint(model_dir, alpaca_file, tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path), resume=True, **FAST))
+
+
+def test_a_transient_nonfinite_step_is_skipped(model_dir, alpaca_file, tmp_path, monkeypatch):
+    real, calls = loop.clip_grad_norm, {"n": 0}
+
+    def flaky(params, max_norm, **kw):
+        calls["n"] += 1
+        norm = real(params, max_norm, **kw)
+        return norm * float("nan") if calls["n"] == 3 else norm
+
+    monkeypatch.setattr(loop, "clip_grad_norm", flaky)
+    summary = train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path), max_steps=5, **FAST))
+    assert summary["steps"] == 5 and summary["skipped_steps"] == 1
+
+
+def test_persistent_nonfinite_stops_and_keeps_the_last_good_checkpoint(model_dir, alpaca_file, tmp_path, monkeypatch):
+    real = loop.clip_grad_norm
+    state = {"n": 0}
+
+    def broken_after_4(params, max_norm, **kw):
+        state["n"] += 1
+        norm = real(params, max_norm, **kw)
+        return norm if state["n"] <= 4 else norm * float("inf")
+
+    monkeypatch.setattr(loop, "clip_grad_norm", broken_after_4)
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+        train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path), max_steps=10,
+                          save_every=2, max_bad_steps=3, **FAST))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    state_json = json.loads((tmp_path / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    assert state_json["step"] == 4 and state_json["bad_steps"] == 0
+
+
+def test_cli_errors_are_clear(model_dir, tmp_path):
+    from qlora.cli import main
+
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n')
+    assert main(["train", "--model", str(model_dir), "--data", str(tmp_path / "bad.jsonl"), "--output",
+                 str(tmp_path / "o")]) == 2
+    assert main(["train", "--model", str(model_dir), "--data", str(tmp_path / "none.jsonl"), "--output",
+                 str(tmp_path / "o")]) == 2
+
+
+def test_generate_with_adapter(model_dir, alpaca_file, tmp_path, capsys):
+    from qlora.train.generate import generate
+
+    train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path), max_steps=2, **FAST))
+    text = generate(str(model_dir), "Write a function that adds 3.", adapter=str(tmp_path / "adapter"),
+                    max_new_tokens=8)
+    assert isinstance(text, str) and text == capsys.readouterr().out.strip("\n") or text.strip() in capsys.readouterr().out
+    sampled = generate(str(model_dir), "def", max_new_tokens=8, temperature=0.8, top_p=0.9, raw=True, stream=False)
+    assert isinstance(sampled, str)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(str(model_dir), "x", temperature=-1)
