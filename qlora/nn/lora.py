@@ -36,7 +36,8 @@ class LoraConfig:
 
     `target_modules`: "all-linear" (every Linear/Conv1D but the output head), a list of
     module names (a name matches a module whose full name equals it or ends with "." + it)
-    or a regular expression matched against full module names.
+    or a regular expression matched against full module names. `exclude_modules`: names
+    (matched the same way as a list) that never get an adapter. `dtype`: the adapters' dtype.
     """
 
     r: int = 64
