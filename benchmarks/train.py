@@ -1,6 +1,6 @@
 """Training-step speed and peak memory: qlora vs transformers + peft + bitsandbytes, side by side.
 
-    .venv/bin/python benchmarks/train.py [--steps 5] [--warmup 2] [--seq 512] [--batch 4]
+    .venv/bin/python benchmarks/train.py [--steps 5] [--warmup 2] [--seq 512] [--batch 4] [--dtype bfloat16|float32]
 
 Llama config hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 32000 (~58M
 parameters), bf16 random weights; LoRA r=64, alpha=16, dropout 0.05 on all linear
@@ -24,6 +24,7 @@ CHILD = textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     from qlora.model.peak import reset_peak, peak_bytes
     path, setup, steps, warmup, seq, batch = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+    dtype = getattr(torch, sys.argv[7])
     transformers.LlamaForCausalLM
     if setup != "qlora":
         import bitsandbytes, peft
@@ -32,25 +33,26 @@ CHILD = textwrap.dedent("""
     data = [torch.randint(0, 32000, (batch, seq), generator=g) for _ in range(steps + warmup)]
     start = reset_peak()
     if setup == "qlora":
-        model = qlora.load_model(path, progress=False)
-        model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), verbose=False)
+        model = qlora.load_model(path, compute_dtype=dtype, progress=False)
+        model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
+                                    verbose=False)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
         autocast = torch.autocast("cpu", enabled=False)
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         if setup == "peer-qlora":
             q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                bnb_4bit_compute_dtype=torch.bfloat16)
-            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map="cpu")
+                                                bnb_4bit_compute_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=dtype, device_map="cpu")
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
         opt = bitsandbytes.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     model.train()
     times = []
     for i, ids in enumerate(data):
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--workdir", default="/tmp/qlora-train-bench")
     ap.add_argument("--setups", default="qlora,peer-qlora,peer-lora16")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="compute dtype of every setup (float32 on CPUs that emulate bf16)")
     args = ap.parse_args()
     from transformers import LlamaConfig
 
@@ -91,12 +95,13 @@ def main() -> None:
     results = {}
     for setup in args.setups.split(","):
         out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps), str(args.warmup),
-                              str(args.seq), str(args.batch)], capture_output=True, text=True)
+                              str(args.seq), str(args.batch), args.dtype], capture_output=True, text=True)
         if out.returncode:
             print(f"{setup} failed:\n{out.stderr[-3000:]}")
             continue
         results[setup] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"\nbatch {args.batch} x {args.seq} tokens, median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"\nbatch {args.batch} x {args.seq} tokens, {args.dtype} compute, median of {args.steps} steps after "
+          f"{args.warmup} warm-up")
     print(f"{'setup':<34}{'tokens/s':>10}{'step s':>9}{'peak MiB':>10}{'tok/s vs peer QLoRA':>22}{'peak vs peer':>14}")
     base = results.get("peer-qlora")
     for setup, r in results.items():
