@@ -94,7 +94,10 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the LoRA weights of `model` (a prepared transformers causal LM) in PEFT's format."""
+    """Write the LoRA weights of `model` (a prepared transformers causal LM) in PEFT's format.
+
+    Each file is written under a temporary name and renamed into place, so an existing
+    adapter in `directory` is replaced whole or not at all."""
     config = adapter_config(model, base_model_name_or_path)
     tensors = {}
     for name, m in _lora_layers(model).items():
@@ -102,8 +105,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    tmp_weights, tmp_config = directory / f".{WEIGHTS_NAME}.tmp", directory / f".{CONFIG_NAME}.tmp"
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp_weights, directory / WEIGHTS_NAME)
+    os.replace(tmp_config, directory / CONFIG_NAME)
     return directory
 
 
