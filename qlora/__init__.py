@@ -7,19 +7,16 @@ The data flow, one folder a step:
     optim/   the update (AdamW 32/8-bit, paged state, schedules)
     train/   the loop (config, data, checkpoints, resume, reports, generate)
 """
-from .quant.codebooks import FP4, INT4, NF4, derive_nf4, dynamic_map
-from .quant.tensor import QuantizedTensor, quantize
-
-# --- layers and models (issue 3) ---
+from . import optim
 from .model.adapter import load_adapter, save_adapter
-from .model.prepare import memory_report, prepare_model
-from .nn.linear4bit import Linear4bit
-from .nn.lora import LoraConfig, LoraLinear
-# --- end layers ---
 from .model.checkpoint_files import CheckpointError
 from .model.load import load_model
+from .model.prepare import memory_report, prepare_model
 from .model.save import merge_adapter, save_quantized
-from . import optim
+from .nn.linear4bit import Linear4bit
+from .nn.lora import LoraConfig, LoraLinear
+from .quant.codebooks import FP4, INT4, NF4, derive_nf4, dynamic_map
+from .quant.tensor import QuantizedTensor, quantize
 from .train import TrainConfig, TrainingError
 from .train.loop import train as finetune  # `qlora.train` stays the subpackage
 
