@@ -21,3 +21,9 @@ from .train import TrainConfig, TrainingError
 from .train.loop import train as finetune  # `qlora.train` stays the subpackage
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "FP4", "INT4", "NF4", "CheckpointError", "Linear4bit", "LoraConfig", "LoraLinear", "QuantizedTensor",
+    "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "finetune", "load_adapter", "load_model",
+    "memory_report", "merge_adapter", "optim", "prepare_model", "quantize", "save_adapter", "save_quantized",
+]

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..nn.linear4bit import Linear4bit
+from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..nn.lora import LoraLinear
 from .targets import is_linear
 
@@ -72,7 +72,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     targets = leaves if not others else sorted(layers)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    conv1d = any(getattr(_base(m), "fan_in_fan_out", False) or type(_base(m)).__name__ == "Conv1D"
+    conv1d = any(getattr(_base(m), "fan_in_fan_out", False) or is_conv1d(_base(m))
                  for m in layers.values())
     return {
         "peft_type": "LORA",

@@ -15,7 +15,6 @@ Peak memory: about the quantized model plus the largest single tensor in 16-bit.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn.linear4bit import Linear4bit
+from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..quant.tensor import QuantizedTensor, quantize
 from .checkpoint_files import CheckpointError, resolve, stream_tensors, tensor_table
 from .prepare import select_modules
@@ -161,7 +160,7 @@ def load_model(
                         f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config expects "
                         f"{tuple(layer.weight.shape)}; the weights do not belong to this config.json"
                     )
-                if _is_conv1d(layer):  # Conv1D keeps [in, out]; store [out, in] like nn.Linear
+                if is_conv1d(layer):  # Conv1D keeps [in, out]; store [out, in] like nn.Linear
                     tensor = tensor.t().contiguous()
                 pieces[module]["qt"] = quantize(tensor.to(device), quant_type, blocksize, double_quant)
             continue
@@ -182,7 +181,7 @@ def load_model(
             continue  # reported as missing below
         bias = layer.bias if getattr(layer, "bias", None) is not None and layer.bias.device.type != "meta" else None
         new = Linear4bit.from_quantized(qt, bias=bias, compute_dtype=compute_dtype)
-        new.fan_in_fan_out = _is_conv1d(layer)
+        new.fan_in_fan_out = is_conv1d(layer)
         parent, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     if getattr(model.config, "tie_word_embeddings", False):
@@ -203,7 +202,3 @@ def load_model(
 def _weight_of_piece(key: str) -> str | None:
     m = _QUANT_PIECES.match(key)
     return m.group("weight") if m else None
-
-
-def _is_conv1d(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Conv1D"

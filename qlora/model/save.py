@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..nn.linear4bit import Linear4bit
+from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..nn.lora import LoraLinear
 from .targets import is_linear
 
@@ -146,7 +146,7 @@ def _dense_layers(model: nn.Module, dtype: torch.dtype | None) -> dict[str, tupl
     for name, m in model.named_modules():
         if isinstance(m, LoraLinear):
             base = m.base_layer
-            conv = getattr(base, "fan_in_fan_out", False) or type(base).__name__ == "Conv1D"
+            conv = getattr(base, "fan_in_fan_out", False) or is_conv1d(base)
             dense[name] = (m.merged_layer(dtype), float(m.delta_weight().norm()), conv)
         elif isinstance(m, Linear4bit) and not any(name.startswith(n + ".") for n in dense):
             dense[name] = (m.dequantize(dtype), 0.0, m.fan_in_fan_out)

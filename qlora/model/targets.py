@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..nn.linear4bit import is_conv1d
+
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or transformers' Conv1D (GPT-2), whose weight is [in, out]."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def is_norm(module: nn.Module) -> bool:

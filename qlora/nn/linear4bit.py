@@ -119,7 +119,7 @@ _QUANT_BUFFERS = ("_packed", "_absmax", "_code", "_nested_absmax", "_nested_code
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _is_conv1d(layer: nn.Module) -> bool:
+def is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D, weight [in, out]
 
 
@@ -151,15 +151,15 @@ class Linear4bit(nn.Module):
     def from_linear(cls, layer: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16) -> "Linear4bit":
         """Quantize an nn.Linear, or a transformers Conv1D (its [in, out] weight is transposed)."""
-        if not (isinstance(layer, nn.Linear) or _is_conv1d(layer)):
+        if not (isinstance(layer, nn.Linear) or is_conv1d(layer)):
             raise TypeError(f"Linear4bit.from_linear expects nn.Linear or transformers Conv1D, got {type(layer).__name__}")
         weight = layer.weight.detach()
         if weight.device.type == "meta":
             raise ValueError(f"{type(layer).__name__} weight {tuple(weight.shape)} is on the meta device; load it first")
-        if _is_conv1d(layer):
+        if is_conv1d(layer):
             weight = weight.t()
         new = cls(quantize(weight, quant_type, blocksize, double_quant), layer.bias, compute_dtype)
-        new.fan_in_fan_out = _is_conv1d(layer)
+        new.fan_in_fan_out = is_conv1d(layer)
         return new
 
     @classmethod

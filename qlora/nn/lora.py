@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear4bit import Linear4bit, _is_conv1d
+from .linear4bit import Linear4bit, is_conv1d
 
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -69,7 +69,7 @@ def _check_hparams(r, alpha, dropout, dtype) -> None:
 def _features(base: nn.Module) -> tuple[int, int]:
     if isinstance(base, (Linear4bit, nn.Linear)):
         return base.in_features, base.out_features
-    if _is_conv1d(base):
+    if is_conv1d(base):
         return tuple(base.weight.shape)  # Conv1D stores [in, out]
     raise TypeError(f"LoraLinear wraps Linear4bit, nn.Linear or transformers Conv1D, got {type(base).__name__}")
 
@@ -129,7 +129,7 @@ class LoraLinear(nn.Module):
         else:
             w = base.weight.detach().float()
             dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
-            dense.weight = nn.Parameter(w.t().contiguous() if _is_conv1d(base) else w.clone(), requires_grad=False)
+            dense.weight = nn.Parameter(w.t().contiguous() if is_conv1d(base) else w.clone(), requires_grad=False)
             if base.bias is not None:
                 dense.bias = nn.Parameter(base.bias.detach().float(), requires_grad=False)
             dtype = dtype or base.weight.dtype
@@ -150,7 +150,7 @@ class LoraLinear(nn.Module):
             w = self.base_layer.weight
             delta = self.delta_weight()
             with torch.no_grad():
-                w.copy_((w.float() + (delta.t() if _is_conv1d(self.base_layer) else delta)).to(w.dtype))
+                w.copy_((w.float() + (delta.t() if is_conv1d(self.base_layer) else delta)).to(w.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
@@ -164,7 +164,7 @@ class LoraLinear(nn.Module):
             w = self.base_layer.weight
             delta = self.delta_weight()
             with torch.no_grad():
-                w.copy_((w.float() - (delta.t() if _is_conv1d(self.base_layer) else delta)).to(w.dtype))
+                w.copy_((w.float() - (delta.t() if is_conv1d(self.base_layer) else delta)).to(w.dtype))
         self.merged = False
 
     def _base4bit(self) -> Linear4bit | None:

@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-import qlora
 from qlora import CheckpointError, Linear4bit, load_model
 from qlora.model.save import write_safetensors
 
