@@ -3,8 +3,9 @@
     summary = qlora.finetune(qlora.TrainConfig(model="path", data="rows.jsonl", output="runs/x"))
     qlora train --model path --data rows.jsonl --output runs/x      # the same, from the shell
 
-Per optimizer step: `grad_accum` micro-batches, the loss averaged over all their target
-tokens; clip; AdamW; schedule. A non-finite loss or gradient skips the step (counted) and
+Per optimizer step: `grad_accum` micro-batches, the loss (model/loss.py: head and
+cross-entropy fused, no full logits) averaged over all their target tokens; clip; AdamW;
+schedule. A non-finite loss or gradient skips the step (counted) and
 stops the run after `max_bad_steps` in a row; the skipped update never reaches the
 optimizer state, so no checkpoint can hold it. Checkpoints (adapter in PEFT format,
 optimizer, schedule, RNG, step) are written atomically every `save_every` steps, at the
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from ..model.adapter import load_adapter, save_adapter
 from ..model.checkpoint_files import resolve
 from ..model.load import load_model
+from ..model.loss import causal_lm_loss
 from ..model.prepare import prepare_model
 from ..model.save import atomic_directory
 from ..nn.lora import LoraConfig
@@ -108,7 +110,7 @@ def evaluate(model, examples: list[D.Example], batch_size: int, pad: int) -> tup
     total, count = 0.0, 0
     for batch in D.eval_batches(examples, batch_size, pad):
         n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
-        total += float(model(**batch).loss) * n
+        total += float(causal_lm_loss(model, batch)) * n
         count += n
     model.train()
     loss = total / max(count, 1)
@@ -166,7 +168,7 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum = torch.zeros((), dtype=torch.float32)
             for b in micro:
                 n = int((b["labels"][:, 1:] != D.IGNORE).sum())
-                loss = model(**b).loss.float() * (n / max(n_step, 1))
+                loss = causal_lm_loss(model, b).float() * (n / max(n_step, 1))
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),

@@ -1,0 +1,95 @@
+"""The causal-LM loss without full logits: output head and cross-entropy fused, chunk by chunk.
+
+    loss = causal_lm_loss(model, batch)     # the value and gradients of model(**batch).loss
+
+transformers computes logits [batch, seq, vocab] for every position, a float32 copy, the
+log-softmax and, in backward, their gradients: at vocab 32000 and 4 x 512 tokens that is
+about 1 GB at the peak of a step, and the head's matmuls run for prompt tokens whose label
+is -100 too. Here:
+- only target positions (label != -100 after the one-token shift) go through the head;
+- they go in chunks of `chunk_tokens` rows, so one chunk of logits exists at a time;
+- the gradient w.r.t. the hidden states, (softmax - onehot) W / n, is computed in the
+  forward pass while the chunk's logits are at hand. Backward only scales it: no logits
+  are saved and none are recomputed (the idea of Liger-Kernel's fused linear
+  cross-entropy), so the head costs the same matmuls as before, minus the prompt rows.
+The arithmetic follows transformers': logits in the head's dtype, upcast to float32,
+mean over target tokens. Models whose head does more than a plain frozen linear map
+(soft-capping, logit scaling, LoRA or training on the head) use `model(**batch).loss`.
+Tests: tests/model/test_loss.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+"""Architectures whose logits are exactly lm_head(final hidden states); others fall back."""
+CHUNK_BYTES = 64 << 20
+"""Float32 logits per chunk, at most (64 MiB: 512 rows at vocab 32000)."""
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """loss = mean_i CE(h_i W^T + b, y_i) over the rows of h [n, hidden].
+
+    d loss / d h_i = (softmax(h_i W^T + b) - onehot(y_i)) W / n, computed in forward.
+    Saves: that gradient [n, hidden] (only when h requires grad); W and b get none (frozen).
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        n = h.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for s in range(0, n, chunk):
+            logits = F.linear(h[s:s + chunk], weight, bias).float()
+            y = targets[s:s + chunk, None]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (lse - logits.gather(1, y)).sum()
+            if grad_h is not None:
+                probs = logits.sub_(lse).exp_()  # softmax, in place
+                probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
+                grad_h[s:s + chunk] = (probs.div_(n)).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_h)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None
+
+
+def head_cross_entropy(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                       chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `head(h)` [n, vocab] against `targets` [n], one chunk of logits at a time."""
+    if h.shape[0] == 0:
+        return h.sum() * 0.0  # no target in the batch: zero loss, zero gradient
+    chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * head.out_features))
+    return _HeadCrossEntropy.apply(h, head.weight, head.bias, targets, chunk)
+
+
+def fusable(model: nn.Module) -> bool:
+    """True when the model's logits are a plain frozen linear map of its final hidden states."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (
+        getattr(config, "model_type", None) in FUSED_MODEL_TYPES
+        and type(head) is nn.Linear
+        and not any(p.requires_grad for p in head.parameters())
+        and not getattr(config, "final_logit_softcapping", None)
+        and hasattr(model, getattr(model, "base_model_prefix", "") or "-")
+    )
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean next-token loss over the labelled tokens of `batch` (input_ids, attention_mask, labels)."""
+    if not fusable(model):
+        return model(**batch).loss
+    base = getattr(model, model.base_model_prefix)
+    out = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    hidden = out[0][:, :-1]
+    labels = batch["labels"][:, 1:].to(hidden.device)
+    keep = labels != IGNORE
+    return head_cross_entropy(hidden[keep], model.get_output_embeddings(), labels[keep], chunk_tokens)

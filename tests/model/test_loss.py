@@ -1,0 +1,81 @@
+"""causal_lm_loss (fused head + cross-entropy, chunked, gradient in forward) against
+transformers' own `model(**batch).loss`: the same loss and the same LoRA gradients."""
+import pytest
+import torch
+
+from qlora import LoraConfig, prepare_model
+from qlora.model.loss import causal_lm_loss, fusable, head_cross_entropy
+
+from tiny_models import ARCHS, tiny_model
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (3, 17), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :6] = -100  # prompt tokens
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _grads(model, loss):
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_transformers_loss_and_lora_grads(arch):
+    model = prepare_model(tiny_model(arch, torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+                          compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
+    with torch.no_grad():  # B starts at zero: give the adapters something to differentiate
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    assert fusable(model)
+    batch = _batch()
+    ref = model(**batch).loss
+    ref_grads = _grads(model, ref)
+    got = causal_lm_loss(model, batch, chunk_tokens=7)  # several chunks, the last one short
+    got_grads = _grads(model, got)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert ref_grads.keys() == got_grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(got_grads[n], ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_head_cross_entropy_against_dense_math_bf16():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 50, bias=True).to(torch.bfloat16).requires_grad_(False)
+    h = torch.randn(9, 32, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 50, (9,))
+    loss = head_cross_entropy(h, head, y, chunk_tokens=4)
+    (loss * 3).backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(head(h2).float(), y)
+    (ref * 3).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=2e-2, atol=1e-4)
+
+
+def test_no_targets_gives_zero_loss_and_gradient():
+    head = torch.nn.Linear(8, 10).requires_grad_(False)
+    h = torch.randn(4, 8, requires_grad=True)
+    loss = head_cross_entropy(h[:0], head, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.count_nonzero(h.grad) == 0
+
+
+def test_trainable_or_capped_heads_fall_back_to_the_model():
+    model = tiny_model("llama", torch.float32)
+    model.lm_head.requires_grad_(True)
+    assert not fusable(model)
+    model.lm_head.requires_grad_(False)
+    assert fusable(model)
+    model.config.final_logit_softcapping = 30.0
+    assert not fusable(model)
+    batch = _batch()
+    torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss)
