@@ -56,6 +56,7 @@ class TrainConfig:
     batch_size: int = 4  # rows per micro-batch
     grad_accum: int = 4  # micro-batches per optimizer step
     gradient_checkpointing: bool = True  # recompute activations in backward
+    checkpoint_every: int = 1  # with checkpointing: recompute every N-th decoder layer only (faster, more memory)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     # data
     max_length: int = 512  # tokens per row (longer rows are truncated)
@@ -171,6 +172,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.max_steps == -1 or cfg.max_steps > 0, "--max-steps must be positive (or -1 for epochs)"),
         (cfg.epochs > 0, "--epochs must be positive"),
         (cfg.keep_last >= 1, "--keep-last must be at least 1"),
+        (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
         (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
     ]
     for ok, message in checks:

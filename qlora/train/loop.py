@@ -35,6 +35,7 @@ from ..nn.lora import LoraConfig
 from ..optim import AdamW, clip_grad_norm, scheduler, state_dict_from_tensors, state_dict_to_tensors
 from . import data as D
 from .config import TrainConfig
+from .malloc import return_freed_memory
 from .config import compute_dtype as resolve_compute_dtype
 from .report import Metrics, demo_generations, peak_memory_mb, write_summary
 
@@ -65,7 +66,8 @@ def _build_model(cfg: TrainConfig, model_path: str):
     lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
                       use_rslora=cfg.use_rslora)
     return prepare_model(model, lora=lora, quant_type=None, compute_dtype=compute_dtype,
-                         gradient_checkpointing=cfg.gradient_checkpointing, verbose=False)
+                         gradient_checkpointing=cfg.gradient_checkpointing, checkpoint_every=cfg.checkpoint_every,
+                         verbose=False)
 
 
 def checkpoints(output: Path) -> list[Path]:
@@ -123,6 +125,7 @@ def train(cfg: TrainConfig) -> dict:
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
+    return_freed_memory()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model_path, data_path = _default_paths(cfg)

@@ -155,3 +155,12 @@ def test_bad_arguments_name_what_is_wrong():
     qlora.prepare_model(model, verbose=False)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         qlora.prepare_model(model, verbose=False)
+
+
+def test_checkpoint_every_n_layers_recomputes_only_those():
+    model = tiny_model("llama", torch.float32, num_hidden_layers=4)
+    model = qlora.prepare_model(model, lora=LoraConfig(r=4), compute_dtype=torch.float32, checkpoint_every=2,
+                                verbose=False)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False, True, False]
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        qlora.prepare_model(tiny_model("llama"), checkpoint_every=0, verbose=False)
