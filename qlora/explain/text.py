@@ -18,7 +18,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], markdown: bo
 
 def fmt_list(values: Sequence[float], digits: int = 2) -> str:
     """[0, 2.5, -1.43]: each value rounded to `digits`, trailing zeros dropped."""
-    return "[" + ", ".join(f"{round(float(v), digits):g}" for v in values) + "]"
+    return "[" + ", ".join(f"{round(float(v), digits) + 0.0:g}" for v in values) + "]"  # + 0.0: no "-0"
 
 
 def gb(n: float) -> str:
