@@ -106,8 +106,9 @@ def test_double_quant_bits_and_65b_saving():
     assert round(d["bits"]["with"], 3) == 4.127 and round(d["saved_bits"], 3) == 0.373
     assert 2.9e9 < d["models"]["65B"]["saved_bytes"] < 3.1e9  # "about 3 GB"
     assert d["rmse_with"] < d["rmse_without"] * 1.01
-    sizes = {k: m["params"] for k, m in d["models"].items()}  # the published 6.7B, 13.0B, 32.5B, 65.2B
-    assert [round(sizes[k] / 1e9, 1) for k in ("7B", "13B", "33B", "65B")] == [6.7, 13.0, 32.5, 65.3]
+    sizes = {k: m["params"] for k, m in d["models"].items()}
+    assert sizes["7B"] == 6_738_415_616 and sizes["13B"] == 13_015_864_320  # transformers' counts of LLaMA 7B, 13B
+    assert [round(sizes[k] / 1e9, 1) for k in ("33B", "65B")] == [32.5, 65.3]
 
 
 def test_llama_counts_match_a_real_model():

@@ -33,6 +33,7 @@ from .flow import explain_flow
 from .memory import explain_memory, explain_memory_plan
 from .nf4 import explain_nf4
 from .paging import explain_paging
+from .text import fmt_list
 
 TOPICS = ("quantization", "blocks", "nf4", "double-quant", "memory", "paging", "flow")
 
@@ -49,7 +50,7 @@ def _quantization(out: Path) -> str:
         "",
         _blocks.render_quantization(d),
         "",
-        f"codes {d['codes']}, decoded {[round(v, 2) for v in d['decoded']]}: the largest value is exact,",
+        f"codes {d['codes']}, decoded {fmt_list(d['decoded'])}: the largest value is exact,",
         f"the others are off by up to half a step ({d['max_abs_error']:.4f} here). 4 bits per value plus the constant.",
     ])
 

@@ -106,9 +106,8 @@ def planner_values() -> dict[str, str]:
     """The memory planner's plan for LLaMA-65B on 48 GB (a note when the planner is absent)."""
     plan = M.explain_memory_plan("llama-65b", "48GB")
     if plan is None:
-        return {"m.plan": _block(NO_PLANNER), "m.plan_total": "(planner absent)", "m.plan_fits": "(planner absent)"}
-    return {"m.plan": _block("```\n" + plan["table"] + "\n```"), "m.plan_total": f"{plan['total_bytes'] / 1e9:.1f} GB",
-            "m.plan_fits": "fits" if plan["fits"] else "does not fit"}
+        return {"m.plan": _block(NO_PLANNER)}
+    return {"m.plan": _block("```\n" + plan["table"] + "\n```")}
 
 
 def measured_values(numbers: dict) -> dict[str, str]:
