@@ -6,8 +6,9 @@ The data flow, one folder a step:
     model/   a transformers model -> a QLoRA model (prepare, adapters, load, save, merge)
     optim/   the update (AdamW 32/8-bit, paged state, schedules)
     train/   the loop (config, data, checkpoints, resume, reports, generate)
+    explain/ `qlora explain`: how it all works, with numbers computed on the spot
 """
-from . import optim
+from . import explain, optim
 from .model.adapter import load_adapter, save_adapter
 from .model.checkpoint_files import CheckpointError
 from .model.load import load_model
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FP4", "INT4", "NF4", "CheckpointError", "Linear4bit", "LoraConfig", "LoraLinear", "QuantizedTensor",
-    "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "finetune", "load_adapter", "load_model",
+    "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "explain", "finetune", "load_adapter", "load_model",
     "memory_report", "merge_adapter", "optim", "prepare_model", "quantize", "save_adapter", "save_quantized",
 ]

@@ -5,6 +5,7 @@
     qlora merge --model BASE --adapter DIR --output OUT [--requantize]
     qlora train [--model PATH] [--data FILE] [--output DIR] [--config recipe.yaml] [flags]
     qlora generate --model PATH [--adapter DIR] --prompt TEXT
+    qlora explain [quantization|blocks|nf4|double-quant|memory|paging|flow] [--output DIR]
 """
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ def _generate(args: argparse.Namespace) -> None:
     generate(args.model, args.prompt, args.adapter, args.max_new_tokens, args.temperature, args.top_p, args.raw,
              args.seed, args.trust_remote_code)
     print()
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from .explain import run
+
+    run(args.topics, args.output)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -98,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="no chat/Alpaca template around the prompt")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_generate)
+
+    from .explain import TOPICS
+
+    p = sub.add_parser("explain", help="how QLoRA works, with numbers computed on the spot (see docs/tutorial.md)")
+    p.add_argument("topics", nargs="*", metavar="TOPIC",
+                   help=f"one or more of {', '.join(TOPICS)} (default: all, in that order)")
+    p.add_argument("--output", default="qlora-explain", help="where the PNGs go (when matplotlib is installed)")
+    p.set_defaults(func=_explain)
     return parser
 
 
