@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, G
 
 from qlora import CheckpointError, Linear4bit, load_model
 from qlora.model.save import write_safetensors
+from tiny_models import bnb_dequantize_path
 
 
 def tiny_llama_config(**kw) -> LlamaConfig:
@@ -77,6 +78,7 @@ def test_prequantized_bitsandbytes_checkpoint_loads_bit_exact(tmp_path):
         q = model.model.layers[1].mlp.down_proj
         assert torch.equal(q._packed, f.get_tensor("model.layers.1.mlp.down_proj.weight"))
         assert torch.equal(q._absmax, f.get_tensor("model.layers.1.mlp.down_proj.weight.absmax"))
+    bnb_dequantize_path(peer)
     with torch.no_grad():
         assert torch.equal(model(TOKENS).logits, peer(TOKENS).logits)
 

@@ -105,8 +105,9 @@ def test_resident_and_peak_memory_in_a_clean_process():
     assert abs(r["rss_prepared"] - r["report"]) < 4 * mib
     assert r["rss_prepared"] < 0.3 * r["bf16_linear"]
     # a training step: the first allocates the shared workspace (one layer, bf16; twice that
-    # where backward uses a transposed copy), then the peak is activations only; a bf16 copy
-    # of every weight would add bf16_linear (~74 MiB)
+    # where backward uses a transposed copy) and, where bf16 GEMMs go through oneDNN (AVX512-BF16
+    # / AMX CPUs), its one-time scratchpad and primitive cache; after that the peak is
+    # activations only. A bf16 copy of every weight would add bf16_linear (~74 MiB) each step.
     assert r["workspace"] == r["buffers"] * 2 * 1024 * 2816
-    assert r["peaks"][0] < r["workspace"] + 8 * mib, r["peaks"]
+    assert r["peaks"][0] < r["workspace"] + 20 * mib < r["bf16_linear"] / 2, r["peaks"]
     assert r["peaks"][1] < 8 * mib, r["peaks"]

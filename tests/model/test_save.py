@@ -14,6 +14,7 @@ from qlora.model.save import atomic_directory
 from qlora.quant.report import minilm_path
 
 from test_load import TOKENS, save_tiny, tiny_gpt2_config, tiny_llama_config
+from tiny_models import bnb_dequantize_path
 
 ARCHS = [(LlamaForCausalLM, tiny_llama_config()), (GPT2LMHeadModel, tiny_gpt2_config())]
 
@@ -28,7 +29,7 @@ def test_save_quantized_loads_in_transformers_with_same_logits(tmp_path, cls, co
     save_quantized(model, tmp_path / "q")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "q" / name).exists(), name
-    peer = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu").eval()
+    peer = bnb_dequantize_path(AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu").eval())
     assert type(peer.get_submodule("lm_head")) is torch.nn.Linear
     with torch.no_grad():
         assert torch.equal(peer(TOKENS).logits, model(TOKENS).logits)

@@ -61,3 +61,13 @@ def dequantized_twin(prepared: nn.Module, arch: str, dtype=torch.float32, **over
     tied = {"lm_head.weight"}
     assert set(missing) <= tied, missing
     return dense.eval()
+
+
+def bnb_dequantize_path(peer: nn.Module) -> nn.Module:
+    """Keep bitsandbytes on its dequantize + linear path: on AVX512-BF16 CPUs, eval mode
+    otherwise repacks the weights for bnb's own inference kernel (another summation order,
+    so logits differ in the last bit); these tests are about the file layout."""
+    for m in peer.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return peer
