@@ -32,14 +32,12 @@ def _nbytes(t: torch.Tensor) -> int:
 def _label(op: str, attr: str, t: torch.Tensor, layer: LoraLinear) -> str:
     r, n_in, n_out = layer.r, layer.in_features, layer.out_features
     shape = tuple(t.shape)
-    if op.startswith("Mul") and shape[-1] == n_in:
-        return "dropout mask, scaled by 1/(1-p)"
-    if shape == (n_in, r):
-        return "A^T (compute-dtype copy of A)"
-    if shape == (r, n_out):
-        return "B^T (compute-dtype copy of B)"
+    if shape == (r, n_in):
+        return "A (compute-dtype copy)"
+    if shape == (n_out, r):
+        return "B (compute-dtype copy)"
     if shape[-1] == n_in:
-        return "dropout(X): input of A"
+        return "X itself (dropout(X) is regenerated from the seed)"
     if shape[-1] == r:
         return "A dropout(X): input of B"
     return f"{op}.{attr}"
@@ -58,11 +56,13 @@ def saved_for_backward(y: torch.Tensor, layer: LoraLinear) -> tuple[list[dict], 
         op = type(fn).__name__
         if isinstance(getattr(fn, "qt", None), QuantizedTensor):
             kept_qt.append(fn.qt)
-        for attr in sorted(a for a in dir(fn) if a.startswith("_saved_")):
-            t = getattr(fn, attr)
+        found = [(a, getattr(fn, a)) for a in sorted(a for a in dir(fn) if a.startswith("_saved_"))]
+        if not found and hasattr(fn, "saved_tensors"):  # a custom autograd Function's ctx
+            found = [(f"saved_tensors[{i}]", t) for i, t in enumerate(fn.saved_tensors)]
+        for attr, t in found:
             if isinstance(t, torch.Tensor) and t.data_ptr() not in ptrs:
                 ptrs.add(t.data_ptr())
-                saved.append({"name": _label(op, attr, t, layer), "op": f"{op}.{attr[len('_saved_'):]}",
+                saved.append({"name": _label(op, attr, t, layer), "op": f"{op}.{attr.removeprefix('_saved_')}",
                               "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "bytes": _nbytes(t)})
         stack += [nxt for nxt, _ in fn.next_functions]
     return saved, kept_qt

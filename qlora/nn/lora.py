@@ -5,6 +5,8 @@
 
 - A [r, in] starts kaiming-uniform (a = sqrt(5), bound 1/sqrt(in)), B [out, r] at zero, so
   a fresh adapter changes nothing. `use_rslora` scales by alpha / sqrt(r) instead.
+- Dropout (training only) is seeded by element index (dropout.py), so backward regenerates
+  the mask: the branch keeps x, not a dropped copy of it (`_DropoutLora`).
 - The adapters are stored in fp32 by default (`dtype=torch.bfloat16` halves them) and cast
   to the base layer's compute dtype for the two small matmuls, as PEFT does under autocast;
   gradients flow back through the cast to the fp32 parameters.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import new_seed, seeded_dropout
 from .linear4bit import Linear4bit, is_conv1d
 
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -74,6 +77,32 @@ def _features(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"LoraLinear wraps Linear4bit, nn.Linear or transformers Conv1D, got {type(base).__name__}")
 
 
+class _DropoutLora(torch.autograd.Function):
+    """u = dropout(x) A^T B^T, the adapter branch in training, with seeded dropout (dropout.py).
+
+    Gradients, with g_xa = g B: dB = g^T xa, dA = g_xa^T dropout(x), dx = dropout(g_xa A)
+    (the same mask). Saves x (the layer's input itself, not a copy: q, k and v share it), A,
+    B, xa = dropout(x) A^T [..., r] and the seed; dropout(x) is regenerated in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        xa = F.linear(seeded_dropout(x, p, seed), a)
+        ctx.p, ctx.seed = p, seed
+        ctx.save_for_backward(x, a, b, xa)
+        return F.linear(xa, b)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, a, b, xa = ctx.saved_tensors
+        g_xa = g @ b
+        grad_x = seeded_dropout(g_xa @ a, ctx.p, ctx.seed) if ctx.needs_input_grad[0] else None
+        g_xa = g_xa.reshape(-1, g_xa.shape[-1])
+        grad_a = g_xa.t() @ seeded_dropout(x, ctx.p, ctx.seed).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = g.reshape(-1, g.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1]) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_a, grad_b, None, None
+
+
 class LoraLinear(nn.Module):
     """base(x) + scaling * B(A(dropout(x))) over a frozen base layer; see the module docstring."""
 
@@ -107,8 +136,9 @@ class LoraLinear(nn.Module):
         if self.merged:
             return out
         dt = self.compute_dtype
-        h = self.lora_dropout(x.to(dt))
-        lora = F.linear(F.linear(h, self.lora_A.weight.to(dt)), self.lora_B.weight.to(dt))
+        x, a, b = x.to(dt), self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
+        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        lora = _DropoutLora.apply(x, a, b, p, new_seed()) if p > 0 else F.linear(F.linear(x, a), b)
         return torch.add(out, lora.to(out.dtype), alpha=self.scaling)
 
     # ---- merging ---------------------------------------------------------------------------

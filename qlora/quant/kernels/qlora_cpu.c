@@ -308,3 +308,86 @@ int64_t qlora_quantize_4bit(const void* x, int dtype, int64_t n, int64_t blocksi
     for (int t = 0; t < threads; t++) nonfinite += args[t].nonfinite;
     return nonfinite;
 }
+
+// ------------------------------------------------------------------------------------
+// seeded dropout (qlora/nn/dropout.py holds the PyTorch reference and the definition):
+// element i is kept when the 16-bit half (i & 1) of fmix32((uint32)(i >> 1) ^ key) is at
+// least `threshold`; key = fmix32(seed_hi ^ (uint32)(i >> 33)) ^ seed_lo. Kept: x * scale
+// (float32 product rounded once to the output type); dropped: 0.
+typedef struct {
+    const void* x;
+    void* out;
+    int64_t i0, i1;
+    uint32_t seed_lo, seed_hi, threshold;
+    float scale;
+    int dtype;
+} dropout_args;
+
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
+static inline float dropout1(float v, int64_t i, uint32_t key, uint32_t threshold, float scale) {
+    uint32_t r = fmix32((uint32_t)(i >> 1) ^ key);
+    return ((r >> ((uint32_t)(i & 1) * 16u)) & 0xffffu) >= threshold ? v * scale : 0.0f;
+}
+
+// fp32 within one 2^33-element span (one key): 8 elements (4 hashes, each used twice) a step.
+__attribute__((target("avx2"))) static void dropout_f32_avx2(const float* x, float* out, int64_t i0, int64_t i1,
+                                                            uint32_t key, uint32_t threshold, float scale) {
+    int64_t i = i0;
+    for (; i < i1 && (i & 7); i++) out[i] = dropout1(x[i], i, key, threshold, scale);
+    const __m256i pair = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), shift = _mm256_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16);
+    const __m256i vkey = _mm256_set1_epi32((int)key), lo16 = _mm256_set1_epi32(0xffff);
+    const __m256i below = _mm256_set1_epi32((int)threshold - 1), c1 = _mm256_set1_epi32((int)0x85ebca6bu),
+                  c2 = _mm256_set1_epi32((int)0xc2b2ae35u);
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (; i + 8 <= i1; i += 8) {
+        __m256i h = _mm256_xor_si256(_mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(i >> 1)), pair), vkey);
+        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+        h = _mm256_mullo_epi32(h, c1);
+        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+        h = _mm256_mullo_epi32(h, c2);
+        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+        __m256i half = _mm256_and_si256(_mm256_srlv_epi32(h, shift), lo16);
+        __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(half, below));  // half >= threshold (both < 2^16)
+        _mm256_storeu_ps(out + i, _mm256_and_ps(keep, _mm256_mul_ps(_mm256_loadu_ps(x + i), vscale)));
+    }
+    for (; i < i1; i++) out[i] = dropout1(x[i], i, key, threshold, scale);
+}
+
+static void* dropout_range(void* arg) {
+    dropout_args* a = (dropout_args*)arg;
+    int simd = qlora_has_simd();
+    for (int64_t s = a->i0; s < a->i1;) {
+        int64_t span_end = ((s >> 33) + 1) << 33;
+        int64_t e = span_end < a->i1 ? span_end : a->i1;
+        uint32_t key = fmix32(a->seed_hi ^ (uint32_t)(s >> 33)) ^ a->seed_lo;
+        if (a->dtype == OUT_F32 && simd) {
+            dropout_f32_avx2((const float*)a->x, (float*)a->out, s, e, key, a->threshold, a->scale);
+        } else {
+            for (int64_t i = s; i < e; i++)
+                store1(a->out, i, dropout1(load1(a->x, i, a->dtype), i, key, a->threshold, a->scale), a->dtype);
+        }
+        s = e;
+    }
+    return NULL;
+}
+
+void qlora_dropout(const void* x, void* out, int64_t n, int dtype, uint64_t seed, uint32_t threshold, float scale,
+                   int threads) {
+    int64_t chunks = (n + 65535) / 65536;
+    threads = clamp_threads(threads, chunks);
+    dropout_args args[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        int64_t i0 = (chunks * t / threads) * 65536, i1 = (chunks * (t + 1) / threads) * 65536;
+        dropout_args a = {x, out, i0, i1 < n ? i1 : n, (uint32_t)seed, (uint32_t)(seed >> 32), threshold, scale, dtype};
+        args[t] = a;
+    }
+    run_threads(dropout_range, args, sizeof(dropout_args), threads);
+}

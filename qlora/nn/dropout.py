@@ -1,0 +1,80 @@
+"""Seeded dropout: the mask is a hash of (seed, element index), so backward regenerates it.
+
+    y = seeded_dropout(x, p, seed)          # x * mask / (1 - p'), mask from (seed, index)
+    g = seeded_dropout(g, p, seed)          # the same mask again: dropout's own backward
+
+torch's dropout draws its mask from a sequential generator and must keep it (or the
+dropped input) for backward. LoRA's dropout feeds a rank-r matmul, so keeping dropout(x)
+costs a full copy of each adapted layer's input per layer: q, k and v each keep their own.
+With a counter-based mask, LoraLinear keeps only x (shared by q, k and v) and the seed.
+
+Definition (bit-exact in the C kernel and in `seeded_dropout_ref`): element i (row-major) is
+kept when the 16-bit half (i & 1) of fmix32((i >> 1) mod 2^32 XOR key) is >= threshold,
+key = fmix32(seed_hi XOR (i >> 33)) XOR seed_lo, fmix32 being MurmurHash3's finalizer and
+threshold = round(p * 65536). The drop probability is threshold / 65536 (p rounded to
+1/65536) and kept values are scaled by 1 / (1 - threshold / 65536), in float32.
+Tests: tests/nn/test_dropout.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.kernels import cpu
+
+M32 = 0xFFFFFFFF
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def threshold_and_scale(p: float) -> tuple[int, float]:
+    """The 16-bit keep threshold for drop probability p, and the scale of kept values."""
+    threshold = round(p * 65536)
+    if not 0 <= threshold < 65536:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return threshold, 1.0 / (1.0 - threshold / 65536)
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2^32 for int64 h < 2^32, without int64 overflow."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keep_mask(n: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The boolean keep mask of n elements (the reference definition, in int64 tensor ops)."""
+    threshold, _ = threshold_and_scale(p)
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    key = _fmix32((seed >> 32) ^ (i >> 33)) ^ (seed & M32)
+    r = _fmix32(((i >> 1) & M32) ^ key)
+    return ((r >> ((i & 1) * 16)) & 0xFFFF) >= threshold
+
+
+def seeded_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Pure-PyTorch seeded dropout (the oracle, and the path off the CPU)."""
+    _, scale = threshold_and_scale(p)
+    mask = keep_mask(x.numel(), p, seed, x.device).view(x.shape)
+    return torch.where(mask, x.float() * scale, 0.0).to(x.dtype)
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Dropout of x with the mask of (seed, index); the native kernel on CPU when it is built."""
+    lib = cpu.load() if x.device.type == "cpu" and x.dtype in DTYPES else None
+    if lib is None:
+        return seeded_dropout_ref(x, p, seed)
+    threshold, scale = threshold_and_scale(p)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.qlora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), DTYPES[x.dtype], seed, threshold, scale,
+                      torch.get_num_threads())
+    return out
+
+
+def new_seed() -> int:
+    """A 64-bit seed from torch's default generator (so checkpoint RNG restores replay it)."""
+    return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)) & (2**64 - 1)

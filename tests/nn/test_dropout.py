@@ -1,0 +1,84 @@
+"""Seeded dropout (native == reference, bit for bit; the keep rate) and LoRA's dropout branch
+(_DropoutLora: gradients vs autograd through the explicit mask; what it keeps for backward)."""
+import pytest
+import torch
+
+from qlora import Linear4bit, LoraLinear
+from qlora.nn.dropout import keep_mask, new_seed, seeded_dropout, seeded_dropout_ref, threshold_and_scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (33, 9), (2, 129, 65)])
+def test_native_equals_reference(dtype, shape):
+    x = torch.randn(*shape).to(dtype)
+    for seed in (0, 1, 2**32 + 3, 2**63 + 5, 2**64 - 1):
+        for p in (0.0, 0.05, 0.5, 0.9):
+            assert torch.equal(seeded_dropout(x, p, seed), seeded_dropout_ref(x, p, seed)), (seed, p)
+
+
+def test_non_contiguous_input_uses_its_logical_order():
+    x = torch.randn(64, 48)
+    assert torch.equal(seeded_dropout(x.t(), 0.3, 9), seeded_dropout_ref(x.t().contiguous(), 0.3, 9))
+
+
+def test_keep_rate_scale_and_seeds():
+    n, p = 1_000_000, 0.1
+    mask = keep_mask(n, p, seed=42)
+    threshold, scale = threshold_and_scale(p)
+    q = threshold / 65536
+    assert abs(mask.float().mean().item() - (1 - q)) < 5 * (q * (1 - q) / n) ** 0.5
+    assert abs(q - p) <= 1 / 65536 and scale == 1 / (1 - q)
+    assert (keep_mask(n, p, seed=43) != mask).float().mean() > 0.15  # another seed, another mask
+    assert mask[0::2].float().mean() > 0.89 and mask[1::2].float().mean() > 0.89  # both 16-bit halves used
+    x = torch.ones(n)
+    y = seeded_dropout(x, p, 42)
+    assert torch.equal(y != 0, mask) and torch.all(y[mask] == torch.tensor(scale, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        threshold_and_scale(1.0)
+
+
+def _explicit(x, a, b, p, seed):
+    _, scale = threshold_and_scale(p)
+    m = keep_mask(x.numel(), p, seed).view(x.shape)
+    return ((x * m * scale) @ a.t()) @ b.t()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_lora_branch_gradients_match_autograd_through_the_explicit_mask(p):
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(torch.nn.Linear(40, 24), compute_dtype=torch.float32)
+    layer = LoraLinear(base, r=4, alpha=8, dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    g = torch.randn(3, 5, 24)
+    torch.manual_seed(7)
+    y = layer(x)
+    y.backward(g)
+    torch.manual_seed(7)
+    seed = new_seed()  # the seed the layer drew
+    x2 = x.detach().clone().requires_grad_(True)
+    a2 = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    b2 = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    ref = base(x2) + layer.scaling * _explicit(x2, a2, b2, p, seed)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.weight.grad, a2.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.lora_B.weight.grad, b2.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_branch_keeps_x_not_a_dropped_copy():
+    base = Linear4bit.from_linear(torch.nn.Linear(256, 256), compute_dtype=torch.float32)
+    layer = LoraLinear(base, r=8, dropout=0.1).train()
+    x = torch.randn(64, 256, requires_grad=True)
+    big = []
+
+    def pack(t):
+        if t.numel() >= x.numel():
+            big.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    assert big and all(t.data_ptr() == x.data_ptr() for t in big)  # only x itself, no [64, 256] copy
