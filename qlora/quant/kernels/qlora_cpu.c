@@ -337,28 +337,46 @@ static inline float dropout1(float v, int64_t i, uint32_t key, uint32_t threshol
     return ((r >> ((uint32_t)(i & 1) * 16u)) & 0xffffu) >= threshold ? v * scale : 0.0f;
 }
 
-// fp32 within one 2^33-element span (one key): 8 elements (4 hashes, each used twice) a step.
-__attribute__((target("avx2"))) static void dropout_f32_avx2(const float* x, float* out, int64_t i0, int64_t i1,
-                                                            uint32_t key, uint32_t threshold, float scale) {
-    int64_t i = i0;
-    for (; i < i1 && (i & 7); i++) out[i] = dropout1(x[i], i, key, threshold, scale);
+// 8 keep flags (all ones / zero per 32-bit lane) for elements i..i+7, i even: 4 hashes, each used twice.
+__attribute__((target("avx2"))) static inline __m256i keep8(int64_t i, __m256i vkey, __m256i below) {
     const __m256i pair = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), shift = _mm256_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16);
-    const __m256i vkey = _mm256_set1_epi32((int)key), lo16 = _mm256_set1_epi32(0xffff);
-    const __m256i below = _mm256_set1_epi32((int)threshold - 1), c1 = _mm256_set1_epi32((int)0x85ebca6bu),
-                  c2 = _mm256_set1_epi32((int)0xc2b2ae35u);
+    __m256i h = _mm256_xor_si256(_mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(i >> 1)), pair), vkey);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x85ebca6bu));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0xc2b2ae35u));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    __m256i half = _mm256_and_si256(_mm256_srlv_epi32(h, shift), _mm256_set1_epi32(0xffff));
+    return _mm256_cmpgt_epi32(half, below);  // half >= threshold (both < 2^16)
+}
+
+// One 2^33-element span (one key), fp32 or bf16, 8 elements a step; bf16 rounds like f32_to_bf16.
+__attribute__((target("avx2"))) static void dropout_avx2(const void* x, void* out, int64_t i0, int64_t i1, int dtype,
+                                                        uint32_t key, uint32_t threshold, float scale) {
+    int64_t i = i0;
+    for (; i < i1 && (i & 7); i++) store1(out, i, dropout1(load1(x, i, dtype), i, key, threshold, scale), dtype);
+    const __m256i vkey = _mm256_set1_epi32((int)key), below = _mm256_set1_epi32((int)threshold - 1);
     const __m256 vscale = _mm256_set1_ps(scale);
     for (; i + 8 <= i1; i += 8) {
-        __m256i h = _mm256_xor_si256(_mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(i >> 1)), pair), vkey);
-        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-        h = _mm256_mullo_epi32(h, c1);
-        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-        h = _mm256_mullo_epi32(h, c2);
-        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-        __m256i half = _mm256_and_si256(_mm256_srlv_epi32(h, shift), lo16);
-        __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(half, below));  // half >= threshold (both < 2^16)
-        _mm256_storeu_ps(out + i, _mm256_and_ps(keep, _mm256_mul_ps(_mm256_loadu_ps(x + i), vscale)));
+        __m256 keep = _mm256_castsi256_ps(keep8(i, vkey, below));
+        if (dtype == OUT_F32) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps((const float*)x + i), vscale);
+            _mm256_storeu_ps((float*)out + i, _mm256_and_ps(keep, v));
+        } else {
+            __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i)));
+            __m256 v = _mm256_and_ps(keep, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), vscale));
+            __m256i u = _mm256_castps_si256(v);
+            __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                             _mm256_set1_epi32(0x7f800000));
+            __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+            __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+            __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+            __m256i r = _mm256_blendv_epi8(rounded, quiet, nan);
+            r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+            _mm_storeu_si128((__m128i*)((uint16_t*)out + i), _mm256_castsi256_si128(r));
+        }
     }
-    for (; i < i1; i++) out[i] = dropout1(x[i], i, key, threshold, scale);
+    for (; i < i1; i++) store1(out, i, dropout1(load1(x, i, dtype), i, key, threshold, scale), dtype);
 }
 
 static void* dropout_range(void* arg) {
@@ -368,8 +386,8 @@ static void* dropout_range(void* arg) {
         int64_t span_end = ((s >> 33) + 1) << 33;
         int64_t e = span_end < a->i1 ? span_end : a->i1;
         uint32_t key = fmix32(a->seed_hi ^ (uint32_t)(s >> 33)) ^ a->seed_lo;
-        if (a->dtype == OUT_F32 && simd) {
-            dropout_f32_avx2((const float*)a->x, (float*)a->out, s, e, key, a->threshold, a->scale);
+        if ((a->dtype == OUT_F32 || a->dtype == OUT_BF16) && simd) {
+            dropout_avx2(a->x, a->out, s, e, a->dtype, key, a->threshold, a->scale);
         } else {
             for (int64_t i = s; i < e; i++)
                 store1(a->out, i, dropout1(load1(a->x, i, a->dtype), i, key, a->threshold, a->scale), a->dtype);
