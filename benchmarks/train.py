@@ -1,19 +1,25 @@
 """Training-step speed and peak memory: qlora vs transformers + peft + bitsandbytes, side by side.
 
     .venv/bin/python benchmarks/train.py [--steps 5] [--warmup 2] [--seq 512] [--batch 4] [--dtype bfloat16|float32]
+                                         [--threads 2] [--setups qlora,qlora-norecompute,peer-qlora,...]
 
 Llama config hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 32000 (~58M
 parameters), bf16 random weights; LoRA r=64, alpha=16, dropout 0.05 on all linear
 layers; gradient checkpointing; paged AdamW 32-bit; the same random token batches.
 Each setup runs in a fresh subprocess; peak = growth of VmHWM over the process after
 its imports (model code included); tokens/s = batch x seq / median step time.
-Setups: qlora QLoRA (nf4 + DQ), peer QLoRA (bnb nf4 + DQ, prepare_model_for_kbit_training,
-bf16 autocast, PagedAdamW32bit), peer 16-bit LoRA (bf16 base, peft, bf16 autocast).
+Setups: qlora QLoRA (nf4 + DQ; what `qlora train` runs: fused head + cross-entropy, seeded
+LoRA dropout, glibc's mmap threshold fixed), the same without gradient checkpointing (its
+recompute skipped, paid for with the memory the rest saves), peer QLoRA (bnb nf4 + DQ,
+prepare_model_for_kbit_training, bf16 autocast, PagedAdamW32bit), the peer again with
+qlora's allocator setting given through the environment (so the table shows what is
+glibc's and what is qlora's), peer 16-bit LoRA (bf16 base, peft, bf16 autocast).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -26,21 +32,25 @@ CHILD = textwrap.dedent("""
     path, setup, steps, warmup, seq, batch = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
     dtype = getattr(torch, sys.argv[7])
     transformers.LlamaForCausalLM
-    if setup != "qlora":
+    if not setup.startswith("qlora"):
         import bitsandbytes, peft
     import qlora
+    from qlora.model.loss import causal_lm_loss
+    from qlora.train.malloc import return_freed_memory
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, 32000, (batch, seq), generator=g) for _ in range(steps + warmup)]
+    if setup.startswith("qlora"):
+        return_freed_memory()  # as `qlora train` does
     start = reset_peak()
-    if setup == "qlora":
+    if setup.startswith("qlora"):
         model = qlora.load_model(path, compute_dtype=dtype, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
-                                    verbose=False)
+                                    gradient_checkpointing=setup == "qlora", verbose=False)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
         autocast = torch.autocast("cpu", enabled=False)
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        if setup == "peer-qlora":
+        if setup.startswith("peer-qlora"):
             q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                                 bnb_4bit_compute_dtype=dtype)
             model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=dtype, device_map="cpu")
@@ -58,7 +68,8 @@ CHILD = textwrap.dedent("""
     for i, ids in enumerate(data):
         t = time.perf_counter()
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
+            inputs = {"input_ids": ids, "labels": ids}
+            loss = causal_lm_loss(model, inputs) if setup.startswith("qlora") else model(**inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -76,8 +87,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of each setup")
     ap.add_argument("--workdir", default="/tmp/qlora-train-bench")
-    ap.add_argument("--setups", default="qlora,peer-qlora,peer-lora16")
+    ap.add_argument("--setups", default="qlora,qlora-norecompute,peer-qlora,peer-qlora-malloc,peer-lora16")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="compute dtype of every setup (float32 on CPUs that emulate bf16)")
     args = ap.parse_args()
@@ -90,12 +102,16 @@ def main() -> None:
         config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                              vocab_size=32000, tie_word_embeddings=False)
         write_random_checkpoint(config, path)
-    labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "peer-qlora": "transformers+peft+bnb QLoRA",
+    labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "qlora-norecompute": "qlora QLoRA, no checkpointing",
+              "peer-qlora": "transformers+peft+bnb QLoRA", "peer-qlora-malloc": "  the same, MALLOC_MMAP_THRESHOLD_",
               "peer-lora16": "transformers+peft 16-bit LoRA"}
     results = {}
     for setup in args.setups.split(","):
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        if setup == "peer-qlora-malloc":  # the allocator setting qlora's trainer makes, given to the peer
+            env.update(MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_TRIM_THRESHOLD_="1048576")
         out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps), str(args.warmup),
-                              str(args.seq), str(args.batch), args.dtype], capture_output=True, text=True)
+                              str(args.seq), str(args.batch), args.dtype], capture_output=True, text=True, env=env)
         if out.returncode:
             print(f"{setup} failed:\n{out.stderr[-3000:]}")
             continue
