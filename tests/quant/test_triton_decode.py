@@ -27,7 +27,11 @@ def reference(qt, dtype):
 
 
 def test_triton_kernels_run_in_the_interpreter_on_cpu_tensors():
+    import triton.language.standard as tl_standard
     from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(tl_standard.cdiv, InterpretedFunction), (
+        "triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
 
     assert triton_decode.INTERPRET
     assert isinstance(triton_decode._decode_kernel, InterpretedFunction)
