@@ -36,6 +36,8 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 DECODE_BYTES = 2048
 """Packed bytes (4096 outputs) per decode program; 8 warps on a GPU: 16 bytes in, 64 out per thread."""
 DECODE_WARPS = 8
+LAUNCH = {"enable_fp_fusion": False}
+"""Launch options of the decode kernels: no FMA contraction (exact scales; checked in the PTX by a test)."""
 NESTED_BLOCKSIZE = 256
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -136,7 +138,7 @@ def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> None:
     _decode_kernel[(triton.cdiv(nbytes, DECODE_BYTES),)](
         qt.data, qt.absmax, nested, nested_code, offset, qt.code, out, n, nbytes,
         HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=DECODE_BYTES,
-        MANUAL_BF16=True, num_warps=DECODE_WARPS, enable_fp_fusion=False,
+        MANUAL_BF16=True, num_warps=DECODE_WARPS, **LAUNCH,
     )
 
 
@@ -149,5 +151,5 @@ def block_scales(qt: "QuantizedTensor") -> torch.Tensor:
     out = torch.empty(nblocks, dtype=torch.float32, device=qt.data.device)
     nested, nested_code, offset = _nested_args(qt)
     _scales_kernel[(triton.cdiv(nblocks, 1024),)](qt.absmax, nested, nested_code, offset, out, nblocks,
-                                                   BLOCK=1024, num_warps=4, enable_fp_fusion=False)
+                                                   BLOCK=1024, num_warps=4, **LAUNCH)
     return out

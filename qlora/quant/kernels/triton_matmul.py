@@ -79,11 +79,10 @@ def _operand(t, INTERP: tl.constexpr):
 
 @triton.jit
 def _store(ptr, acc, mask, INTERP: tl.constexpr):
-    dtype: tl.constexpr = ptr.dtype.element_ty
-    if INTERP and dtype == tl.bfloat16:
+    if INTERP and ptr.dtype.element_ty == tl.bfloat16:
         out = to_bf16(acc)
     else:
-        out = acc.to(dtype)
+        out = acc.to(ptr.dtype.element_ty)
     tl.store(ptr, out, mask=mask)
 
 
