@@ -30,6 +30,7 @@ A table of the goals closes the run. Without CUDA and without --smoke it prints 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import subprocess
@@ -196,7 +197,7 @@ def layer(args) -> None:
         "bf16 nn.Linear (frozen) + qlora LoRA": lambda: fwd_bwd(base, x, g),
         "qlora Linear4bit + LoRA, fused Triton": with_strategy("fused"),
         "qlora Linear4bit + LoRA, decode + cuBLAS": with_strategy("workspace"),
-        "qlora Linear4bit + LoRA, PyTorch path": with_strategy(None),
+        "qlora Linear4bit + LoRA, PyTorch modules": with_strategy(None),
     }
     if peer_available() and DEVICE.type == "cuda":
         import bitsandbytes as bnb
@@ -376,7 +377,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     ap.add_argument("--workdir", default="/tmp/qlora-gpu-bench", help="where the random checkpoints go")
-    ap.add_argument("--timeout", type=int, default=240, help="seconds for each subprocess")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds for each subprocess")
     args = ap.parse_args()
     if not SMOKE and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA device here; run it on a GPU (or --smoke for a CPU dry run)")
@@ -392,6 +393,9 @@ def main() -> int:
     print(f"{where}; torch {torch.__version__}, triton {triton.__version__}\n", flush=True)
     start = time.perf_counter()
     for name in args.sections.split(","):
+        gc.collect()
+        if DEVICE.type == "cuda":  # hand cached blocks back: the subprocess sections need the memory
+            torch.cuda.empty_cache()
         t = time.perf_counter()
         try:
             SECTIONS[name.strip()](args)
