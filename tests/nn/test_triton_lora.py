@@ -67,10 +67,11 @@ def test_triton_matmul_kernels_run_in_the_interpreter():
     assert isinstance(triton_matmul._bwd_kernel.fn, InterpretedFunction)
 
 
-@pytest.mark.parametrize("quant_type,double_quant,dtype", [
-    ("nf4", True, torch.bfloat16), ("nf4", False, torch.float16), ("fp4", True, torch.float32),
+@pytest.mark.parametrize("quant_type,double_quant,dtype,K", [
+    ("nf4", True, torch.bfloat16, K), ("nf4", False, torch.float16, K), ("fp4", True, torch.float32, K),
+    ("nf4", True, torch.bfloat16, 128),  # K % blocksize == 0: one scale per tile row
 ])
-def test_triton_fused_kernels_match_dense_math(quant_type, double_quant, dtype):
+def test_triton_fused_kernels_match_dense_math(quant_type, double_quant, dtype, K):
     g = torch.Generator().manual_seed(1)
     qt = qlora.quantize(torch.randn(N, K, generator=g), quant_type, 64, double_quant)
     w = decoded(qt, dtype).float()  # the exact weight the kernel multiplies

@@ -43,6 +43,7 @@ CHILD = textwrap.dedent("""
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         cfg = tm._configs(True)[0].kwargs
         common = dict(HALF_BLOCK=32, HAS_LORA=True, BLOCK_R=16, INTERP=False, DOT_PRECISION=precision, **cfg)
+        common["ROWS_ALIGNED"] = dtype == "fp32"  # both scale paths: per byte (bf16), per row (fp32)
         a = "*" + dtype
         sig = dict(x_ptr=a, data_ptr="*u8", scale_ptr="*fp32", code_ptr="*fp32", xa_ptr=a, b_ptr=a, bias_ptr=a,
                    y_ptr=a, M="i32", N="i32", K="i32", R="i32", scaling="fp32")

@@ -3,8 +3,8 @@
     triton_decode.decode_4bit(qt, out)     # out: contiguous bf16/fp16/fp32, qt.numel() elements
     scales = triton_decode.block_scales(qt)  # float32 scale per block (decodes DQ), for the GEMM
 
-Used by kernels.decode_4bit for CUDA tensors; the fused LoRA GEMM (triton_matmul.py) shares
-the per-tile helpers below. Bit for bit the arithmetic of blockwise.py (formats.md 2-3):
+Used by kernels.decode_4bit for CUDA tensors; the fused LoRA GEMM (triton_matmul.py) decodes
+its tiles with the same arithmetic and shares `to_bf16` and `block_scales`. Bit for bit the arithmetic of blockwise.py (formats.md 2-3):
 - byte j holds elements 2j (high nibble) and 2j+1 (low nibble); both lie in block
   j // (blocksize / 2), since blocks have an even size;
 - scale = absmax[b], or with double quant nested_code[q[b]] * nested_absmax[b // 256] +
@@ -70,14 +70,6 @@ def block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, blk, mask, DQ: 
     else:
         scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
     return scale
-
-
-@triton.jit
-def decode_bytes(data_ptr, scale_ptr, code_ptr, byte, mask, HALF_BLOCK: tl.constexpr):
-    """float32 values of the (high, low) nibbles of bytes `byte`, given decoded block scales."""
-    packed = tl.load(data_ptr + byte, mask=mask, other=0).to(tl.int32)
-    scale = tl.load(scale_ptr + byte // HALF_BLOCK, mask=mask, other=0.0)
-    return tl.load(code_ptr + (packed >> 4)) * scale, tl.load(code_ptr + (packed & 15)) * scale
 
 
 @triton.jit

@@ -10,7 +10,9 @@ rounding as triton_decode, so the product uses exactly dequant(W)), accumulates 
 and adds the rank-r LoRA product (r padded to at least 16 for tl.dot) and the bias before
 the single rounding to the output dtype. `scales` is the float32 scale per block
 (triton_decode.block_scales: the double quantization decoded once per call, 4 bytes per
-64 weights). Requires an even K (a row starts on a byte); callers fall back otherwise.
+64 weights), gathered per byte, or once per tile row when blocks start every row
+(K % blocksize == 0) and a tile is at most one block wide. Requires an even K (a row starts
+on a byte); callers fall back otherwise.
 On a GPU the tile shapes are autotuned per (M, N, K, dtypes); under the interpreter one
 small config runs (and dot operands are upcast to float32, see triton_decode "bf16 rounding").
 Tests: tests/nn/test_triton_lora.py (`pytest -k triton`).
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import triton_decode
-from .triton_decode import INTERPRET, decode_bytes, to_bf16
+from .triton_decode import INTERPRET, to_bf16
 
 if TYPE_CHECKING:
     from ..tensor import QuantizedTensor
@@ -41,14 +43,19 @@ def _configs(fwd: bool) -> list[triton.Config]:
 
 @triton.jit
 def _w_tile(data_ptr, scale_ptr, code_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-            dtype: tl.constexpr, INTERP: tl.constexpr):
+            ROWS_ALIGNED: tl.constexpr, dtype: tl.constexpr, INTERP: tl.constexpr):
     """W[offs_n, k0:k0+BLOCK_K] decoded to `dtype` ([BLOCK_N, BLOCK_K]; 0 outside W)."""
     half = K // 2
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    byte = offs_n[:, None].to(tl.int64) * half + kb[None, :]
+    row = offs_n[:, None].to(tl.int64) * half
     mask = (offs_n[:, None] < N) & (kb[None, :] < half)
-    hi, lo = decode_bytes(data_ptr, scale_ptr, code_ptr, byte, mask, HALF_BLOCK)
-    w = tl.interleave(hi, lo)
+    packed = tl.load(data_ptr + row + kb[None, :], mask=mask, other=0).to(tl.int32)
+    if ROWS_ALIGNED and BLOCK_K <= 2 * HALF_BLOCK:
+        # blocks start every row and the tile lies in one block per row: one scale per row
+        scale = tl.load(scale_ptr + (row + k0 // 2) // HALF_BLOCK, mask=offs_n[:, None] < N, other=0.0)
+    else:
+        scale = tl.load(scale_ptr + (row + kb[None, :]) // HALF_BLOCK, mask=mask, other=0.0)
+    w = tl.interleave(tl.load(code_ptr + (packed >> 4)) * scale, tl.load(code_ptr + (packed & 15)) * scale)
     if INTERP:
         if dtype == tl.bfloat16:
             w = to_bf16(w)
@@ -89,7 +96,8 @@ def _store(ptr, acc, mask, INTERP: tl.constexpr):
 @triton.autotune(configs=_configs(True), key=["M", "N", "K", "R"])
 @triton.jit
 def _fwd_kernel(x_ptr, data_ptr, scale_ptr, code_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling,
-                HALF_BLOCK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                HALF_BLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_R: tl.constexpr,
                 INTERP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -101,8 +109,8 @@ def _fwd_kernel(x_ptr, data_ptr, scale_ptr, code_ptr, xa_ptr, b_ptr, bias_ptr, y
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + rows * K + (k0 + offs_k)[None, :],
                     mask=(offs_m[:, None] < M) & ((k0 + offs_k)[None, :] < K), other=0.0)
-        w = _w_tile(data_ptr, scale_ptr, code_ptr, offs_n, k0, N, K, HALF_BLOCK, BLOCK_K, x_ptr.dtype.element_ty,
-                    INTERP)
+        w = _w_tile(data_ptr, scale_ptr, code_ptr, offs_n, k0, N, K, HALF_BLOCK, BLOCK_K, ROWS_ALIGNED,
+                    x_ptr.dtype.element_ty, INTERP)
         acc = tl.dot(_operand(x, INTERP), tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_LORA:  # + scaling * (x A^T) B^T, xa = x A^T precomputed [M, R]
         offs_r = tl.arange(0, BLOCK_R)
@@ -119,7 +127,7 @@ def _fwd_kernel(x_ptr, data_ptr, scale_ptr, code_ptr, xa_ptr, b_ptr, bias_ptr, y
 @triton.autotune(configs=_configs(False), key=["M", "N", "K", "R"])
 @triton.jit
 def _bwd_kernel(dy_ptr, data_ptr, scale_ptr, code_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, scaling,
-                HALF_BLOCK: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+                HALF_BLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
                 INTERP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # output tile dx[BLOCK_M, BLOCK_K]; the reduction runs over W's rows (N) in steps of BLOCK_N
@@ -133,7 +141,7 @@ def _bwd_kernel(dy_ptr, data_ptr, scale_ptr, code_ptr, g_ptr, a_ptr, dx_ptr, M, 
     for n0 in range(0, N, BLOCK_N):
         dy = tl.load(dy_ptr + rows * N + (n0 + offs_n)[None, :],
                      mask=(offs_m[:, None] < M) & ((n0 + offs_n)[None, :] < N), other=0.0)
-        w = _w_tile(data_ptr, scale_ptr, code_ptr, n0 + offs_n, k0, N, K, HALF_BLOCK, BLOCK_K,
+        w = _w_tile(data_ptr, scale_ptr, code_ptr, n0 + offs_n, k0, N, K, HALF_BLOCK, BLOCK_K, ROWS_ALIGNED,
                     dy_ptr.dtype.element_ty, INTERP)
         acc = tl.dot(_operand(dy, INTERP), w, acc, input_precision=DOT_PRECISION)
     if HAS_LORA:  # + scaling * (dy B) A, g = dy B precomputed [M, R]
@@ -181,7 +189,8 @@ def linear_4bit(x: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor, lo
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _fwd_kernel[grid](x, qt.data, scales, qt.code, lora_in if r else x, lora_w if r else x,
                       bias if bias is not None else x, y, m, n, k, r, float(scaling),
-                      HALF_BLOCK=qt.blocksize // 2, HAS_LORA=bool(r), HAS_BIAS=bias is not None, BLOCK_R=block_r,
+                      HALF_BLOCK=qt.blocksize // 2, ROWS_ALIGNED=k % qt.blocksize == 0,
+                      HAS_LORA=bool(r), HAS_BIAS=bias is not None, BLOCK_R=block_r,
                       INTERP=INTERPRET, DOT_PRECISION=precision)
     return y
 
@@ -198,6 +207,7 @@ def linear_4bit_t(dy: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor,
     dx = torch.empty(m, k, dtype=out_dtype or dy.dtype, device=dy.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
     _bwd_kernel[grid](dy, qt.data, scales, qt.code, lora_in if r else dy, lora_w if r else dy, dx, m, n, k, r,
-                      float(scaling), HALF_BLOCK=qt.blocksize // 2, HAS_LORA=bool(r), BLOCK_R=block_r,
+                      float(scaling), HALF_BLOCK=qt.blocksize // 2, ROWS_ALIGNED=k % qt.blocksize == 0,
+                      HAS_LORA=bool(r), BLOCK_R=block_r,
                       INTERP=INTERPRET, DOT_PRECISION=precision)
     return dx
