@@ -41,7 +41,7 @@ CHILD = textwrap.dedent("""
     sig = dict(absmax_ptr="*u8", nested_ptr="*fp32", nested_code_ptr="*fp32", offset="fp32", out_ptr="*fp32", nblocks="i32")
     out["scales"] = ops(ptx(td._scales_kernel, sig, dict(BLOCK=1024), num_warps=4, **td.LAUNCH))
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
-        cfg = tm._configs(True)[0].kwargs
+        cfg = tm._configs()[0].kwargs
         common = dict(HALF_BLOCK=32, HAS_LORA=True, BLOCK_R=16, INTERP=False, DOT_PRECISION=precision, **cfg)
         common["ROWS_ALIGNED"] = dtype == "fp32"  # both scale paths: per byte (bf16), per row (fp32)
         a = "*" + dtype

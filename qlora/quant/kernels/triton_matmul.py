@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..tensor import QuantizedTensor
 
 
-def _configs(fwd: bool) -> list[triton.Config]:
+def _configs() -> list[triton.Config]:
     if INTERPRET:  # one small tile that still exercises every mask on test-sized shapes
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
@@ -93,7 +93,7 @@ def _store(ptr, acc, mask, INTERP: tl.constexpr):
     tl.store(ptr, out, mask=mask)
 
 
-@triton.autotune(configs=_configs(True), key=["M", "N", "K", "R"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "R"])
 @triton.jit
 def _fwd_kernel(x_ptr, data_ptr, scale_ptr, code_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling,
                 HALF_BLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -124,7 +124,7 @@ def _fwd_kernel(x_ptr, data_ptr, scale_ptr, code_ptr, xa_ptr, b_ptr, bias_ptr, y
     _store(y_ptr + rows * N + offs_n[None, :], acc, (offs_m[:, None] < M) & (offs_n[None, :] < N), INTERP)
 
 
-@triton.autotune(configs=_configs(False), key=["M", "N", "K", "R"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "R"])
 @triton.jit
 def _bwd_kernel(dy_ptr, data_ptr, scale_ptr, code_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, scaling,
                 HALF_BLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
