@@ -110,7 +110,7 @@ class FusedLoraLinear4bit(torch.autograd.Function):
             lora = (g, a) if ctx.fused_h else (None, None)
             grad_x = _base_t_and_lora(dy, qt, *lora, s, ctx.x_dtype).view(*grad_y.shape[:-1], k)
         if ctx.needs_input_grad[1]:
-            grad_h = (torch.mm(g, a) * s).view(*grad_y.shape[:-1], k)
+            grad_h = (torch.mm(g, a) * s).to(ctx.x_dtype).view(*grad_y.shape[:-1], k)  # h = dropout(x): x.dtype
         if ctx.needs_input_grad[3]:
             grad_b = dy.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[4]:

@@ -210,3 +210,21 @@ def test_triton_fused_path_selection(on_cpu, monkeypatch):
     assert not fused_lora.usable(layer, x)
     layer.unmerge()
     assert fused_lora.usable(layer, x)
+
+
+def test_triton_fused_lora_with_dropout_on_float32_input(on_cpu):
+    """h = dropout(x) stays float32: its gradient comes back in x's dtype, masked like the output."""
+    layer = make_layer(dropout=0.5)
+    x, dy = torch.randn(M, K), torch.randn(M, N)
+    torch.manual_seed(3)
+    y, gx, ga, gb = run(layer, x, dy)
+    assert y.dtype == gx.dtype == torch.float32 and on_cpu == {"fwd": 1, "bwd": 1}
+    torch.manual_seed(3)
+    h = layer.lora_dropout(x)  # the same mask
+    w = decoded(layer.base_layer.weight, torch.bfloat16).float()
+    a, b, s = layer.lora_A.weight.bfloat16().float(), layer.lora_B.weight.bfloat16().float(), layer.scaling
+    dyf = dy.bfloat16().float()
+    g = dyf @ b
+    expected = dyf @ w + (s * g @ a) * (h != 0) * 2.0  # dropout's backward: mask / (1 - p)
+    mag = dyf.abs() @ w.abs() + 2.0 * s * g.abs() @ a.abs()
+    assert_close(gx, expected, torch.bfloat16, mag, rounded=mag)
