@@ -228,13 +228,14 @@ def layer(args) -> None:
         for name in names[i % len(names):] + names[: i % len(names)]:
             times[name].append(per_call(cases[name], iters, rounds=1, warmup=0))
     base_name = names[0]
-    print(f"{'case':<46}{'median ms':>11}{'vs bf16':>9}{'paired':>9}")
+    print(f"{'case':<46}{'median ms':>11}{'vs bf16':>11}{'paired':>11}")
     for name in names:
         med = statistics.median(times[name])
         paired = statistics.median(t / b for t, b in zip(times[name], times[base_name]))
-        print(f"{name:<46}{med * 1e3:>11.2f}{med / statistics.median(times[base_name]):>8.3f}x{paired:>8.3f}x")
+        print(f"{name:<46}{med * 1e3:>11.2f}{med / statistics.median(times[base_name]):>10.3f}x{paired:>10.3f}x")
     ratio = statistics.median(times[names[1]]) / statistics.median(times[base_name])
     ratio_ws = statistics.median(times[names[2]]) / statistics.median(times[base_name])
+    print(f"faster qlora strategy at this shape: {'fused' if ratio <= ratio_ws else 'workspace (decode + cuBLAS)'}")
     summary("layer fwd+bwd, fused / bf16 nn.Linear", f"{ratio:.3f}x", "<= 1.10x", None if SMOKE else ratio <= 1.10)
     summary("layer fwd+bwd, decode+cuBLAS / bf16", f"{ratio_ws:.3f}x", "(alternative)")
 
@@ -404,9 +405,9 @@ def main() -> int:
             summary(f"section {name}", "FAILED", "", False)
         print(f"[{name}: {time.perf_counter() - t:.0f} s]", flush=True)
     print(f"\n## summary ({time.perf_counter() - start:.0f} s)")
-    print(f"{'measure':<42}{'value':>10}  {'goal':<16}{'met':>4}")
+    print(f"{'measure':<42}{'value':>11}  {'goal':<16}{'met':>4}")
     for measure, value, goal, met in SUMMARY:
-        print(f"{measure:<42}{value:>10}  {goal:<16}{met:>4}")
+        print(f"{measure:<42}{value:>11}  {goal:<16}{met:>4}")
     return 1 if any(m == "NO" and v == "FAILED" for _, v, _, m in SUMMARY) else 0
 
 
