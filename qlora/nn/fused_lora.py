@@ -19,7 +19,9 @@ Strategy (STRATEGY): "fused" (the kernels above, the default) or "workspace" (Tr
 of W into the shared workspace + cuBLAS, the same Function, saved state and LoRA math):
 at many rows per call the decode-once product may win; benchmarks/gpu.py measures both.
 Selected by LoraLinear when usable(): a Linear4bit base, the input on a device in
-DEVICE_TYPES ("cuda"), triton importable, QLORA_KERNELS != "reference", an even in_features.
+DEVICE_TYPES ("cuda") of compute capability 8.0 or newer, triton importable,
+QLORA_KERNELS != "reference", an even in_features. (The fused path calls the Function
+directly: hooks registered on the base layer's forward do not run on it.)
 Otherwise LoraLinear runs the pure-PyTorch path (the oracle).
 Tests: tests/nn/test_triton_lora.py (`pytest -k triton`, under TRITON_INTERPRET=1).
 """
@@ -51,11 +53,25 @@ def _triton():
     return triton_matmul
 
 
+MIN_CUDA_CAPABILITY = (8, 0)
+"""The fused GEMMs need Ampere or newer (bf16 tensor cores); older cards keep the PyTorch path."""
+_ARCH_OK: dict[torch.device, bool] = {}
+
+
+def arch_ok(device: torch.device) -> bool:
+    """True unless `device` is a CUDA device older than MIN_CUDA_CAPABILITY."""
+    if device.type != "cuda":
+        return True
+    if device not in _ARCH_OK:
+        _ARCH_OK[device] = torch.cuda.get_device_capability(device) >= MIN_CUDA_CAPABILITY
+    return _ARCH_OK[device]
+
+
 def usable(layer: "LoraLinear", x: torch.Tensor) -> bool:
     """True when `layer(x)` can take the fused path (see the module docstring)."""
     base = layer.base_layer
     return (not layer.merged and isinstance(base, Linear4bit) and x.device.type in DEVICE_TYPES
-            and base.in_features % 2 == 0 and _triton() is not None)
+            and base.in_features % 2 == 0 and arch_ok(x.device) and _triton() is not None)
 
 
 def _dropout_active(dropout: nn.Module) -> bool:

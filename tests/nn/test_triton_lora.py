@@ -212,6 +212,14 @@ def test_triton_fused_path_selection(on_cpu, monkeypatch):
     assert fused_lora.usable(layer, x)
 
 
+def test_triton_fused_path_needs_ampere_or_newer(monkeypatch):
+    monkeypatch.setattr(fused_lora, "_ARCH_OK", {})
+    capability = {0: (7, 5), 1: (8, 0), 2: (9, 0)}  # T4, A100, H100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability[d.index])
+    assert [fused_lora.arch_ok(torch.device("cuda", i)) for i in range(3)] == [False, True, True]
+    assert fused_lora.arch_ok(torch.device("cpu"))
+
+
 def test_triton_fused_lora_with_dropout_on_float32_input(on_cpu):
     """h = dropout(x) stays float32: its gradient comes back in x's dtype, masked like the output."""
     layer = make_layer(dropout=0.5)

@@ -21,6 +21,7 @@ Tests: tests/quant/test_triton_decode.py (`pytest -k triton`).
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +31,10 @@ import triton.language as tl
 if TYPE_CHECKING:
     from ..tensor import QuantizedTensor
 
-INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+try:
+    INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton < 3.4 has no knobs; it reads the variable the same way
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 """True when the kernels below were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
 
 DECODE_BYTES = 2048
