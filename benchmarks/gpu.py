@@ -17,7 +17,8 @@ Sections, each printed as it finishes (a failing section prints its error; the r
    same LoRA. qlora runs three ways: "fused" (Triton GEMM decoding W in the K loop, LoRA
    in the epilogue, the default on CUDA), "workspace" (Triton decode once + cuBLAS) and the
    PyTorch path (the oracle). Goal: fused at most 1.10x the bf16 layer. bitsandbytes +
-   peft under the same harness when importable. Interleaved rounds, medians.
+   peft under the same harness when importable. Interleaved rounds, medians. Then bf16,
+   fused and decode + cuBLAS at 16, 256 and 2048 rows: where each strategy wins.
 3. train: a TinyLlama-shaped ~1.1B config (hidden 2048, 22 layers, vocab 32000), random
    bf16 weights (qlora/model/random_checkpoint.py), batch 4 x 1024, LoRA r 64 / alpha 16 /
    dropout 0.05 on all linear layers, gradient checkpointing, paged AdamW 32-bit; qlora vs
@@ -238,6 +239,24 @@ def layer(args) -> None:
     print(f"faster qlora strategy at this shape: {'fused' if ratio <= ratio_ws else 'workspace (decode + cuBLAS)'}")
     summary("layer fwd+bwd, fused / bf16 nn.Linear", f"{ratio:.3f}x", "<= 1.10x", None if SMOKE else ratio <= 1.10)
     summary("layer fwd+bwd, decode+cuBLAS / bf16", f"{ratio_ws:.3f}x", "(alternative)")
+
+    # fewer rows per call (smaller batches, inference): where does each strategy win?
+    print("\nby rows (same layer; ms per forward + backward; ratio to bf16):")
+    print(f"{'rows':>6}{'bf16':>10}{'fused':>17}{'decode+cuBLAS':>19}")
+    for m in ((8, 16) if SMOKE else (16, 256, 2048)):
+        xm = torch.randn(m, dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        gm = torch.randn(m, dim, device=DEVICE, dtype=torch.bfloat16)
+        it = 1 if SMOKE else 20
+        t_bf16 = per_call(lambda: fwd_bwd(base, xm, gm), it, rounds=3)
+        t = {}
+        for strategy in ("fused", "workspace"):
+            saved_strategy, fused_lora.STRATEGY = fused_lora.STRATEGY, strategy
+            try:
+                t[strategy] = per_call(lambda: fwd_bwd(ql, xm, gm), it, rounds=3)
+            finally:
+                fused_lora.STRATEGY = saved_strategy
+        print(f"{m:>6}{t_bf16 * 1e3:>10.3f}{t['fused'] * 1e3:>9.3f} {t['fused'] / t_bf16:>6.2f}x"
+              f"{t['workspace'] * 1e3:>11.3f} {t['workspace'] / t_bf16:>6.2f}x")
 
 
 # ---- 3. training step ------------------------------------------------------------------------------
