@@ -3,6 +3,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels are tested on CPU tensors under Triton's interpreter, which triton.jit
+# picks at decoration time; peft and bitsandbytes import triton, so set it before any test
+# module is collected (tests/*/test_triton_*.py).
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -13,6 +13,8 @@
 - The base may be a Linear4bit (QLoRA) or a frozen nn.Linear / transformers Conv1D
   (16-bit LoRA, the baseline the paper compares with). Submodule names match PEFT's
   (`base_layer`, `lora_A`, `lora_B`), so state-dict keys read like a PEFT model's.
+- On CUDA with triton, a Linear4bit base takes the fused path (fused_lora.py: W decoded
+  inside the GEMM, the LoRA product in its epilogue); this module's code is the reference.
 - `merge()` folds the update into a 16-bit weight: into the dequantized weight for a
   Linear4bit (the 4-bit weight is kept aside, untouched, so `unmerge()` is exact), in place
   for a dense base (`unmerge()` subtracts again, exact up to the weight dtype's rounding).
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_lora
 from .dropout import new_seed, seeded_dropout
 from .linear4bit import Linear4bit, is_conv1d
 
@@ -132,6 +135,8 @@ class LoraLinear(nn.Module):
         return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_lora.usable(self, x):  # CUDA + triton: one fused GEMM per direction (fused_lora.py)
+            return fused_lora.forward(self, x)
         out = self.base_layer(x)
         if self.merged:
             return out

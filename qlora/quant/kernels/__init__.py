@@ -4,8 +4,9 @@
     kernels.quantize_4bit(x, code, bs)    -> (packed uint8, float32 absmax)
 
 CPU tensors use the C kernels in qlora_cpu.c (AVX2 decode where the CPU has AVX2 and F16C,
-a portable scalar path elsewhere). Anything else, or a machine where the
-kernels cannot be built, uses blockwise.py, after a one-time warning.
+a portable scalar path elsewhere). CUDA tensors decode with the Triton kernel in
+triton_decode.py when triton imports (devices listed in TRITON_DEVICE_TYPES). Anything else,
+or a machine where the kernels cannot be built, uses blockwise.py, after a one-time warning.
 QLORA_KERNELS selects the path: "native" (default), "scalar" (native, no SIMD) or
 "reference" (pure PyTorch); tests compare all three.
 """
@@ -59,8 +60,34 @@ STREAM_BYTES = 4 << 20
 """Outputs at least this big are written with non-temporal stores (they would not stay in cache)."""
 
 
+TRITON_DEVICE_TYPES = {"cuda"}
+"""Device types whose tensors decode with Triton (tests add "cpu" under TRITON_INTERPRET=1)."""
+_triton_error: str | None = None
+
+
+def triton_module():
+    """The triton_decode module, or None where triton does not import (reason: `triton_error()`)."""
+    global _triton_error
+    if _mode() == "reference" or _triton_error is not None:
+        return None
+    try:
+        from . import triton_decode as module
+    except ImportError as e:
+        _triton_error = f"{type(e).__name__}: {e}"
+        return None
+    return module
+
+
+def triton_error() -> str | None:
+    """Why triton_decode() returned None (None when it did not, or was not asked yet)."""
+    return _triton_error
+
+
 def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> bool:
     """Decode `qt` into the contiguous `out` natively; False when the reference must do it."""
+    if out.device.type in TRITON_DEVICE_TYPES and out.dtype in _DTYPE_CODES and (module := triton_module()):
+        module.decode_4bit(qt, out)
+        return True
     lib = _native()
     tensors = [qt.data, qt.absmax, qt.code, out] + ([qt.nested_absmax, qt.nested_code] if qt.double_quant else [])
     if lib is None or not _usable(*tensors) or out.dtype not in _DTYPE_CODES or qt.code.dtype != torch.float32:

@@ -1,0 +1,151 @@
+"""Triton decode of packed 4-bit weights (NF4 / FP4 / INT4, with or without double quant).
+
+    triton_decode.decode_4bit(qt, out)     # out: contiguous bf16/fp16/fp32, qt.numel() elements
+    scales = triton_decode.block_scales(qt)  # float32 scale per block (decodes DQ), for the GEMM
+
+Used by kernels.decode_4bit for CUDA tensors; the fused LoRA GEMM (triton_matmul.py) decodes
+its tiles with the same arithmetic and shares `to_bf16` and `block_scales`. Bit for bit the arithmetic of blockwise.py (formats.md 2-3):
+- byte j holds elements 2j (high nibble) and 2j+1 (low nibble); both lie in block
+  j // (blocksize / 2), since blocks have an even size;
+- scale = absmax[b], or with double quant nested_code[q[b]] * nested_absmax[b // 256] +
+  nested_offset, a float32 product rounded before the add (launched with
+  enable_fp_fusion=False, so the compiler may not contract it into an FMA);
+- out = code[nibble] * scale in float32, rounded once to the output dtype.
+Note: bf16 rounding. Triton's interpreter rounds float32 -> bf16 toward zero and its
+tl.dot reads bf16 as raw integers; the GPU rounds to nearest even. `to_bf16` therefore
+rounds to nearest even with integer arithmetic (free in this memory-bound kernel), and the
+GEMM uses it, and upcasts dot operands, only where INTERPRET is true.
+INTERPRET is read when this module is imported (triton.jit decides then): tests set
+TRITON_INTERPRET=1 before importing it and run the kernels on CPU tensors.
+Tests: tests/quant/test_triton_decode.py (`pytest -k triton`).
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from ..tensor import QuantizedTensor
+
+try:
+    INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton < 3.4 has no knobs; it reads the variable the same way
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+"""True when the kernels below were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+
+DECODE_BYTES = 2048
+"""Packed bytes (4096 outputs) per decode program; 8 warps on a GPU: 16 bytes in, 64 out per thread."""
+DECODE_WARPS = 8
+LAUNCH = {"enable_fp_fusion": False}
+"""Launch options of the decode kernels: no FMA contraction (exact scales; checked in the PTX by a test)."""
+NESTED_BLOCKSIZE = 256
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def to_bf16(v):
+    """float32 -> bfloat16, round to nearest even (exact on the interpreter as on the GPU)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def cast_out(v, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """Round float32 `v` once to `dtype` (nearest even)."""
+    if MANUAL_BF16 and dtype == tl.bfloat16:
+        out = to_bf16(v)
+    else:
+        out = v.to(dtype)
+    return out
+
+
+@triton.jit
+def block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, blk, mask, DQ: tl.constexpr):
+    """The float32 scale of blocks `blk` (0 where masked)."""
+    if DQ:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + q) * tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)
+        scale = tl.where(mask, scale + offset, 0.0)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _decode_kernel(data_ptr, absmax_ptr, nested_ptr, nested_code_ptr, offset, code_ptr, out_ptr, n, nbytes,
+                   HALF_BLOCK: tl.constexpr, DQ: tl.constexpr, BYTES: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * BYTES + tl.arange(0, BYTES)
+    mask = byte < nbytes
+    packed = tl.load(data_ptr + byte, mask=mask, other=0).to(tl.int32)
+    scale = block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, byte // HALF_BLOCK, mask, DQ)
+    hi = tl.load(code_ptr + (packed >> 4)) * scale
+    lo = tl.load(code_ptr + (packed & 15)) * scale
+    values = tl.interleave(hi, lo)  # element 2j, 2j+1, ...
+    idx = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + idx, cast_out(values, out_ptr.dtype.element_ty, MANUAL_BF16), mask=idx < n)
+
+
+@triton.jit
+def _scales_kernel(absmax_ptr, nested_ptr, nested_code_ptr, offset, out_ptr, nblocks, BLOCK: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = blk < nblocks
+    tl.store(out_ptr + blk, block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, blk, mask, True), mask=mask)
+
+
+def check(qt: "QuantizedTensor", what: str) -> None:
+    """Raise if `qt` cannot be decoded here (the message names the tensor at fault)."""
+    tensors = {"data": qt.data, "absmax": qt.absmax, "code": qt.code}
+    if qt.double_quant:
+        tensors.update(nested_absmax=qt.nested_absmax, nested_code=qt.nested_code)
+    for name, t in tensors.items():
+        if t.device != qt.data.device or not t.is_contiguous():
+            raise ValueError(f"{what}: QuantizedTensor.{name} must be contiguous on {qt.data.device}, "
+                             f"got device {t.device}, contiguous={t.is_contiguous()}")
+    if qt.code.dtype != torch.float32 or qt.code.numel() != 16:
+        raise ValueError(f"{what}: QuantizedTensor.code must be 16 float32 values, got {qt.code.dtype} "
+                         f"{tuple(qt.code.shape)}")
+    if qt.data.dtype != torch.uint8:
+        raise ValueError(f"{what}: QuantizedTensor.data must be uint8, got {qt.data.dtype}")
+
+
+def _nested_args(qt: "QuantizedTensor") -> tuple[torch.Tensor, torch.Tensor, float]:
+    if qt.double_quant:
+        return qt.nested_absmax, qt.nested_code, float(qt.nested_offset)
+    return qt.absmax, qt.code, 0.0  # unused by the kernel (DQ=False); any valid pointers
+
+
+def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> None:
+    """Decode `qt` into the contiguous float tensor `out` (same device, qt.numel() elements)."""
+    check(qt, "triton decode_4bit")
+    if out.dtype not in OUT_DTYPES or not out.is_contiguous() or out.device != qt.data.device:
+        raise ValueError(f"triton decode_4bit: out must be a contiguous float32/float16/bfloat16 tensor on "
+                         f"{qt.data.device}, got {out.dtype} on {out.device} (contiguous={out.is_contiguous()})")
+    n = qt.numel()
+    if out.numel() != n:
+        raise ValueError(f"triton decode_4bit: out has {out.numel()} elements, the weight {tuple(qt.shape)} has {n}")
+    nbytes = (n + 1) // 2
+    nested, nested_code, offset = _nested_args(qt)
+    _decode_kernel[(triton.cdiv(nbytes, DECODE_BYTES),)](
+        qt.data, qt.absmax, nested, nested_code, offset, qt.code, out, n, nbytes,
+        HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=DECODE_BYTES,
+        MANUAL_BF16=True, num_warps=DECODE_WARPS, **LAUNCH,
+    )
+
+
+def block_scales(qt: "QuantizedTensor") -> torch.Tensor:
+    """The float32 scale of every block: qt.absmax itself, or the decoded double quantization."""
+    check(qt, "triton block_scales")
+    if not qt.double_quant:
+        return qt.absmax
+    nblocks = qt.absmax.numel()
+    out = torch.empty(nblocks, dtype=torch.float32, device=qt.data.device)
+    nested, nested_code, offset = _nested_args(qt)
+    _scales_kernel[(triton.cdiv(nblocks, 1024),)](qt.absmax, nested, nested_code, offset, out, nblocks,
+                                                   BLOCK=1024, num_warps=4, **LAUNCH)
+    return out

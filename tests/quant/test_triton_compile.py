@@ -1,0 +1,76 @@
+"""The Triton kernels compile for a real GPU (sm_90, H100/H200) without one: the interpreter
+tests run the INTERP branches, this one builds the GPU branches to PTX and a cubin with the
+ptxas that ships in the triton wheel, in a subprocess without TRITON_INTERPRET.
+
+Also checked in the PTX: the decode kernels contain no fused multiply-add (the scale
+nested_code * nested_absmax + offset must round the product, as blockwise.py does), the
+GEMMs use Hopper's wgmma, and on 16-byte-aligned sizes decode stores are 16-byte vectors.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'qlora[dev]' on Linux x86-64)")
+
+CHILD = textwrap.dedent("""
+    import collections, json, re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from qlora.quant.kernels import triton_decode as td, triton_matmul as tm
+    assert not td.INTERPRET
+    target = GPUTarget("cuda", 90, 32)
+
+    def ptx(fn, sig, consts, aligned=(), **options):
+        sig = {**sig, **{k: "constexpr" for k in consts}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}  # what a launch on aligned tensors specializes
+        return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                              options=options).asm["ptx"]
+
+    ops = lambda text: collections.Counter(re.findall(r"\\b(fma\\.rn\\.f32|wgmma\\.mma_async|st\\.global[\\w.]*)", text))
+    out = {}
+    for dtype in ("bf16", "fp32"):
+        sig = dict(data_ptr="*u8", absmax_ptr="*u8", nested_ptr="*fp32", nested_code_ptr="*fp32", offset="fp32",
+                   code_ptr="*fp32", out_ptr="*" + dtype, n="i32", nbytes="i32")
+        consts = dict(HALF_BLOCK=32, DQ=True, BYTES=td.DECODE_BYTES, MANUAL_BF16=True)
+        out["decode_" + dtype] = ops(ptx(td._decode_kernel, sig, consts, aligned=range(9), num_warps=td.DECODE_WARPS,
+                                         **td.LAUNCH))
+    sig = dict(absmax_ptr="*u8", nested_ptr="*fp32", nested_code_ptr="*fp32", offset="fp32", out_ptr="*fp32", nblocks="i32")
+    out["scales"] = ops(ptx(td._scales_kernel, sig, dict(BLOCK=1024), num_warps=4, **td.LAUNCH))
+    # bf16 GEMMs only (fp32 ones take several times longer to build), both scale paths:
+    # one scale per tile row (forward), one per byte (backward)
+    cfg = tm._configs()[0].kwargs
+    common = dict(HALF_BLOCK=32, HAS_LORA=True, BLOCK_R=16, INTERP=False, DOT_PRECISION="tf32", **cfg)
+    a = "*bf16"
+    sig = dict(x_ptr=a, data_ptr="*u8", scale_ptr="*fp32", code_ptr="*fp32", xa_ptr=a, b_ptr=a, bias_ptr=a,
+               y_ptr=a, M="i32", N="i32", K="i32", R="i32", scaling="fp32")
+    out["fwd_bf16"] = ops(ptx(tm._fwd_kernel.fn, sig, dict(common, HAS_BIAS=True, ROWS_ALIGNED=True), num_warps=8,
+                              num_stages=3))
+    sig = dict(dy_ptr=a, data_ptr="*u8", scale_ptr="*fp32", code_ptr="*fp32", g_ptr=a, a_ptr=a, dx_ptr=a,
+               M="i32", N="i32", K="i32", R="i32", scaling="fp32")
+    out["bwd_bf16"] = ops(ptx(tm._bwd_kernel.fn, sig, dict(common, ROWS_ALIGNED=False), num_warps=8, num_stages=3))
+    print(json.dumps(out))
+""")
+
+
+def test_triton_kernels_compile_for_sm90():
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"triton has no NVIDIA backend here ({e})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the old default (and it silences triton 3.9's notice about it)
+    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    ops = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("decode_bf16", "decode_fp32", "scales"):
+        assert ops[name].get("fma.rn.f32", 0) == 0, (name, ops[name])
+    for dtype in ("bf16", "fp32"):
+        assert ops[f"decode_{dtype}"].get("st.global.v4.b32", 0) > 0, ops[f"decode_{dtype}"]
+    assert ops["fwd_bf16"].get("wgmma.mma_async", 0) > 0 and ops["bwd_bf16"].get("wgmma.mma_async", 0) > 0, ops
+    assert set(ops) == {"decode_bf16", "decode_fp32", "scales", "fwd_bf16", "bwd_bf16"}

@@ -1,0 +1,97 @@
+"""Triton decode (qlora/quant/kernels/triton_decode.py) under Triton's CPU interpreter,
+bit for bit against the pure-PyTorch reference (blockwise.py): NF4 / FP4 / INT4, with and
+without double quantization, blocksizes 32 to 4096, odd sizes, bf16 / fp16 / fp32 out.
+
+    TRITON_INTERPRET=1 is set below before triton is imported; `pytest -k triton` selects these.
+"""
+import importlib
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: build the kernels for the interpreter
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'qlora[dev]' on Linux x86-64)")
+
+import qlora  # noqa: E402
+from qlora.quant import blockwise, kernels  # noqa: E402
+from qlora.quant.kernels import triton_decode  # noqa: E402
+
+if not triton_decode.INTERPRET:  # imported earlier in this process without the interpreter
+    triton_decode = importlib.reload(triton_decode)
+
+
+def reference(qt, dtype):
+    return blockwise.dequantize_4bit_ref(qt.data, qt.scales(), qt.code, qt.blocksize, qt.numel(), dtype)
+
+
+def test_triton_kernels_run_in_the_interpreter_on_cpu_tensors():
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(tl_standard.cdiv, InterpretedFunction), (
+        "triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
+
+    assert triton_decode.INTERPRET
+    assert isinstance(triton_decode._decode_kernel, InterpretedFunction)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+def test_triton_decode_is_bit_exact(quant_type, double_quant, blocksize):
+    g = torch.Generator().manual_seed(blocksize)
+    # odd numel, a partial last block, more than one program (DECODE_BYTES), > 256 blocks for DQ
+    n = 2 * triton_decode.DECODE_BYTES + 3 * blocksize + 77 if blocksize < 4096 else 3 * 4096 + 5
+    if double_quant and blocksize == 32:
+        n = 256 * 32 + 999  # two nested blocks, the second partial
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(4) * 5
+    qt = qlora.quantize(x, quant_type, blocksize, double_quant)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        out = torch.full((n,), float("nan"), dtype=dtype)
+        triton_decode.decode_4bit(qt, out)
+        assert torch.equal(out, reference(qt, dtype)), (dtype, int((out != reference(qt, dtype)).sum()))
+
+
+def test_triton_bf16_rounding_ties_go_to_even():
+    # x = absmax decodes as code 15 (1.0) * absmax = absmax: pick absmax halfway between two bf16 values
+    bits = [0x3F808000, 0x3F818000, 0xBF808000 - 2**32, 0x3F80FFFF]  # the third is negative
+    halfway = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+    x = torch.zeros(4, 64)
+    x[:, 0] = halfway
+    qt = qlora.quantize(x.reshape(-1), "nf4", 64, double_quant=False)
+    out = torch.empty(256, dtype=torch.bfloat16)
+    triton_decode.decode_4bit(qt, out)
+    expected = reference(qt, torch.bfloat16)
+    assert torch.equal(out, expected)
+    assert out[0].item() == 1.0 and out[64].item() == 1.015625  # even mantissa below / above
+
+
+def test_triton_block_scales_match_the_reference_scales():
+    qt = qlora.quantize(torch.randn(300 * 64 + 10), "nf4", 64, double_quant=True)
+    assert torch.equal(triton_decode.block_scales(qt), qt.scales())
+    plain = qlora.quantize(torch.randn(1000), "nf4", 64, double_quant=False)
+    assert triton_decode.block_scales(plain) is plain.absmax
+
+
+def test_triton_decode_through_the_dispatch(monkeypatch):
+    """kernels.decode_4bit routes the devices in TRITON_DEVICE_TYPES (here: the CPU) to Triton."""
+    monkeypatch.setattr(kernels, "TRITON_DEVICE_TYPES", {"cpu"})
+    calls = []
+    monkeypatch.setattr(triton_decode, "decode_4bit", lambda qt, out, f=triton_decode.decode_4bit: calls.append(1) or f(qt, out))
+    qt = qlora.quantize(torch.randn(33, 64, dtype=torch.bfloat16))
+    w = qt.dequantize(torch.bfloat16)
+    assert calls == [1]
+    assert torch.equal(w.view(-1), reference(qt, torch.bfloat16))
+
+
+def test_triton_decode_errors_name_the_tensor():
+    qt = qlora.quantize(torch.randn(64))
+    with pytest.raises(ValueError, match="out has 32 elements"):
+        triton_decode.decode_4bit(qt, torch.empty(32))
+    with pytest.raises(ValueError, match="contiguous float32/float16/bfloat16"):
+        triton_decode.decode_4bit(qt, torch.empty(64, dtype=torch.int32))
+    qt.code = qt.code.double()
+    with pytest.raises(ValueError, match="code must be 16 float32"):
+        triton_decode.decode_4bit(qt, torch.empty(64))
