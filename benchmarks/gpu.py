@@ -264,9 +264,10 @@ CHILD = textwrap.dedent("""
     import json, os, statistics, sys, time, torch, transformers
     from transformers import AutoModelForCausalLM
     path, setup, device, steps, warmup, seq, batch = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
-    if setup != "qlora":
+    if not setup.startswith("qlora"):
         import bitsandbytes, peft
     import qlora
+    from qlora.model.loss import causal_lm_loss
     from qlora.model.peak import peak_bytes, reset_peak
     if device == "cpu":  # --smoke: the Triton paths run on CPU tensors under the interpreter
         from qlora.nn import fused_lora
@@ -277,10 +278,10 @@ CHILD = textwrap.dedent("""
     data = [torch.randint(0, 256, (batch, seq), generator=g).to(device) for _ in range(steps + warmup)]
     cuda = device == "cuda"
     start = torch.cuda.reset_peak_memory_stats() if cuda else reset_peak()
-    if setup == "qlora":
+    if setup.startswith("qlora"):
         model = qlora.load_model(path, compute_dtype=dtype, device=device, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
-                                    verbose=False)
+                                    gradient_checkpointing=setup == "qlora", verbose=False)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0,
                                 paged=True)
         autocast = torch.autocast(device, enabled=False)
@@ -300,8 +301,9 @@ CHILD = textwrap.dedent("""
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
+        with autocast:  # qlora: the trainer's loss (fused head + cross-entropy)
+            inputs = {"input_ids": ids, "labels": ids}
+            loss = causal_lm_loss(model, inputs) if setup.startswith("qlora") else model(**inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -335,8 +337,9 @@ def train(args) -> None:
         t = time.perf_counter()
         write_random_checkpoint(config, path)
         print(f"wrote random bf16 checkpoint {path} in {time.perf_counter() - t:.0f} s", flush=True)
-    setups = ["qlora"] + (["peer-qlora"] if peer_available() else [])
-    labels = {"qlora": "qlora QLoRA (nf4 + DQ, fused Triton)", "peer-qlora": "transformers+peft+bnb QLoRA"}
+    setups = ["qlora", "qlora-norecompute"] + (["peer-qlora"] if peer_available() else [])
+    labels = {"qlora": "qlora QLoRA (nf4 + DQ, fused Triton)", "qlora-norecompute": "qlora, no checkpointing",
+              "peer-qlora": "transformers+peft+bnb QLoRA"}
     results = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for setup in setups:
@@ -355,8 +358,13 @@ def train(args) -> None:
     if "qlora" in results and "peer-qlora" in results:
         speed = results["qlora"]["tokens_per_s"] / results["peer-qlora"]["tokens_per_s"]
         mem = results["qlora"]["peak_mb"] / results["peer-qlora"]["peak_mb"]
-        summary("train tokens/s, qlora / peer", f"{speed:.2f}x")
+        summary("train tokens/s, qlora / peer", f"{speed:.2f}x", ">= 1.5x (issue 6)", speed >= 1.5 and mem <= 1)
         summary("train peak memory, qlora / peer", f"{mem:.2f}x")
+        if "qlora-norecompute" in results:
+            r = results["qlora-norecompute"]
+            summary("train, qlora without checkpointing / peer",
+                    f"{r['tokens_per_s'] / results['peer-qlora']['tokens_per_s']:.2f}x tokens/s, "
+                    f"{r['peak_mb'] / results['peer-qlora']['peak_mb']:.2f}x peak")
     elif "qlora" in results:
         summary("train tokens/s, qlora", f"{results['qlora']['tokens_per_s']:.0f}", "(no peer installed)")
 
