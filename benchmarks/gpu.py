@@ -338,7 +338,7 @@ def train(args) -> None:
         write_random_checkpoint(config, path)
         print(f"wrote random bf16 checkpoint {path} in {time.perf_counter() - t:.0f} s", flush=True)
     setups = ["qlora", "qlora-norecompute"] + (["peer-qlora"] if peer_available() else [])
-    labels = {"qlora": "qlora QLoRA (nf4 + DQ, fused Triton)", "qlora-norecompute": "qlora, no checkpointing",
+    labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "qlora-norecompute": "qlora, no checkpointing",
               "peer-qlora": "transformers+peft+bnb QLoRA"}
     results = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -412,6 +412,8 @@ def main() -> int:
         return 0
     if SMOKE:  # CPU tensors take the Triton paths (interpreted), as CUDA tensors do on a GPU
         kernels.TRITON_DEVICE_TYPES, fused_lora.DEVICE_TYPES = {"cpu"}, {"cpu"}
+    else:  # sections 0-2 measure the opt-in fused path beside the default one
+        fused_lora.DEVICE_TYPES = {"cuda"}
         where = f"CPU smoke run (TRITON_INTERPRET=1), {torch.get_num_threads()} threads"
     else:
         props = torch.cuda.get_device_properties(0)

@@ -78,3 +78,16 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 def new_seed() -> int:
     """A 64-bit seed from torch's default generator (so checkpoint RNG restores replay it)."""
     return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)) & (2**64 - 1)
+
+
+class SeededDropout(torch.autograd.Function):
+    """y = seeded_dropout(x, p, seed); grad_x = seeded_dropout(grad_y, p, seed). Saves only the seed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        ctx.p, ctx.seed = p, seed
+        return seeded_dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return seeded_dropout(g, ctx.p, ctx.seed), None, None

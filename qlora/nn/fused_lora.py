@@ -27,6 +27,8 @@ Tests: tests/nn/test_triton_lora.py (`pytest -k triton`, under TRITON_INTERPRET=
 """
 from __future__ import annotations
 
+import os
+
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,13 +36,17 @@ from torch import nn
 
 from ..quant import kernels
 from ..quant.tensor import QuantizedTensor
+from .dropout import SeededDropout, new_seed
 from .linear4bit import Linear4bit, workspace
 
 if TYPE_CHECKING:
     from .lora import LoraLinear
 
-DEVICE_TYPES = {"cuda"}
-"""Input devices that take the fused path (tests add "cpu" under TRITON_INTERPRET=1)."""
+DEVICE_TYPES = {"cuda"} if os.environ.get("QLORA_FUSED_LORA") == "1" else set()
+"""Input devices that take the fused path: none unless QLORA_FUSED_LORA=1 (tests add "cpu" under
+TRITON_INTERPRET=1). Opt-in because on an H200 (benchmarks/gpu.py, 2026-11-28) the fused GEMMs
+took 10.5x a bf16 nn.Linear + LoRA at x [16384, 4096], while the default path (Triton decode
+into the workspace, then cuBLAS) took 1.04x."""
 STRATEGY = "fused"
 """"fused" (decode W tile by tile inside the GEMM) or "workspace" (decode W once, then cuBLAS)."""
 
@@ -83,7 +89,8 @@ def forward(layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor:
     base: Linear4bit = layer.base_layer
     if x.shape[-1] != base.in_features:
         raise ValueError(f"LoraLinear({base.in_features} -> {base.out_features}) got input of shape {tuple(x.shape)}")
-    h = layer.lora_dropout(x) if _dropout_active(layer.lora_dropout) else None
+    h = (SeededDropout.apply(x, layer.lora_dropout.p, new_seed())  # the same masks as the PyTorch path
+         if _dropout_active(layer.lora_dropout) else None)
     with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
         return FusedLoraLinear4bit.apply(x, h, base.weight, base.bias, layer.lora_A.weight, layer.lora_B.weight,
                                          layer.scaling, base.compute_dtype)

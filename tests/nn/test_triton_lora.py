@@ -26,6 +26,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'qlor
 import qlora  # noqa: E402
 from qlora import Linear4bit, LoraLinear  # noqa: E402
 from qlora.nn import fused_lora  # noqa: E402
+from qlora.nn.dropout import new_seed, seeded_dropout  # noqa: E402
 from qlora.quant import blockwise  # noqa: E402
 from qlora.quant.kernels import triton_decode, triton_matmul  # noqa: E402
 
@@ -228,7 +229,7 @@ def test_triton_fused_lora_with_dropout_on_float32_input(on_cpu):
     y, gx, ga, gb = run(layer, x, dy)
     assert y.dtype == gx.dtype == torch.float32 and on_cpu == {"fwd": 1, "bwd": 1}
     torch.manual_seed(3)
-    h = layer.lora_dropout(x)  # the same mask
+    h = seeded_dropout(x, 0.5, new_seed())  # the same mask: the seed the layer drew
     w = decoded(layer.base_layer.weight, torch.bfloat16).float()
     a, b, s = layer.lora_A.weight.bfloat16().float(), layer.lora_B.weight.bfloat16().float(), layer.scaling
     dyf = dy.bfloat16().float()
