@@ -412,10 +412,9 @@ def main() -> int:
         return 0
     if SMOKE:  # CPU tensors take the Triton paths (interpreted), as CUDA tensors do on a GPU
         kernels.TRITON_DEVICE_TYPES, fused_lora.DEVICE_TYPES = {"cpu"}, {"cpu"}
+        where = f"CPU smoke run (TRITON_INTERPRET=1), {torch.get_num_threads()} threads"
     else:  # sections 0-2 measure the opt-in fused path beside the default one
         fused_lora.DEVICE_TYPES = {"cuda"}
-        where = f"CPU smoke run (TRITON_INTERPRET=1), {torch.get_num_threads()} threads"
-    else:
         props = torch.cuda.get_device_properties(0)
         where = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
     import triton
