@@ -35,6 +35,7 @@ from . import data as D
 from .config import TrainConfig
 from .config import compute_dtype as resolve_compute_dtype
 from .report import Metrics, demo_generations, peak_memory_mb, write_summary
+from .. import memory as M
 
 
 class TrainingError(RuntimeError):
@@ -136,7 +137,9 @@ def train(cfg: TrainConfig) -> dict:
     batches = D.Batches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length and not cfg.packing, pad)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
-    # model, optimizer, schedule
+    # model, optimizer, schedule; the memory plan first, then the peak is measured from here
+    plan = M.plan_run(cfg, model_path, resolve_compute_dtype(cfg))
+    baseline = M.start_measure(model_path)
     model = _build_model(cfg, model_path)
     demo = demo_generations(model, tokenizer) if cfg.demo and cfg.data is None else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -210,6 +213,7 @@ def train(cfg: TrainConfig) -> dict:
     with atomic_directory(output / "adapter") as tmp:
         save_adapter(model, tmp, base_model_name_or_path=cfg.model)
     after = demo_generations(model, tokenizer) if demo is not None else None
+    M.write_run_memory(output, plan, M.measured_peak(baseline))
     return write_summary(output, cfg, state, eval_loss, skipped, demo, after)
 
 
