@@ -8,6 +8,7 @@ The data flow, one folder a step:
     train/   the loop (config, data, checkpoints, resume, reports, generate)
 """
 from . import optim
+from .memory import MemoryPlan, plan_memory
 from .model.adapter import load_adapter, save_adapter
 from .model.checkpoint_files import CheckpointError
 from .model.load import load_model
@@ -26,4 +27,5 @@ __all__ = [
     "FP4", "INT4", "NF4", "CheckpointError", "Linear4bit", "LoraConfig", "LoraLinear", "QuantizedTensor",
     "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "finetune", "load_adapter", "load_model",
     "memory_report", "merge_adapter", "optim", "prepare_model", "quantize", "save_adapter", "save_quantized",
+    "MemoryPlan", "plan_memory",
 ]

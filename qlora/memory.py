@@ -372,16 +372,21 @@ class MemoryPlan:
                 f"{'on' if st['gradient_checkpointing'] else 'off'}, {st['compute_dtype']} on {st['device']}"
                 + (f", world size {st['world_size']}" if st["world_size"] > 1 else ""))
         lines = [head, f"  {'part':<56} {'MiB':>12} {'GB':>9}"]
+        full = st["method"] == "full16"
         for k, v in self.parts.items():
             label = LABELS[k]
+            if st["method"] != "qlora" and k == "unquantized_params":
+                label = "16-bit weights (all), norms fp32"
+            if full and k == "lora_grads":
+                label = "gradients (all weights, 16-bit)"
             if k == "optimizer_state" and self.paged_bytes:
                 label += f" (+{self.paged_bytes / 2**20:,.0f} MiB paged on host)"
             lines.append(f"  {label:<56} {v / 2**20:>12,.1f} {v / 1e9:>9.3f}")
         lines.append(f"  {'total (predicted peak)':<56} {self.total_bytes / 2**20:>12,.1f} {self.total_bytes / 1e9:>9.3f}")
         d = self.details
-        lines.append(f"  ({d['trainable_params']:,} trainable of {d['total_params']:,} parameters; "
-                     f"{'with' if st['double_quant'] else 'without'} double quantization the constants would be "
-                     f"{d['quant_constants_other_dq'] / 2**20:,.1f} MiB; activations "
+        dq = (f"{'without' if st['double_quant'] else 'with'} double quantization the constants would be "
+              f"{d['quant_constants_other_dq'] / 2**20:,.1f} MiB; " if st["method"] == "qlora" else "")
+        lines.append(f"  ({d['trainable_params']:,} trainable of {d['total_params']:,} parameters; {dq}activations "
                      f"{'without' if st['gradient_checkpointing'] else 'with'} checkpointing "
                      f"{d['activations_other_checkpointing'] / 2**20:,.1f} MiB)")
         lines.append(f"  measured peak convention: {d['measured_as']}")
@@ -496,12 +501,14 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     # ---- runtime ----
     if cuda:
         parts["runtime_overhead"] = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES
-        details["measured_as"] = ("CUDA: torch.cuda.max_memory_allocated() + the context; the card also needs "
-                                  "the allocator's cached-but-free blocks")
+        details["measured_as"] = ("CUDA: growth of torch.cuda.max_memory_allocated() + the memory outside "
+                                  "PyTorch's allocator at the end (context; total - free - reserved); the card "
+                                  "also holds the allocator's cached-but-free blocks")
     else:
         # input_ids, labels, attention_mask (int64) of the micro-batches the loop holds at once
         parts["runtime_overhead"] = 3 * 8 * batch_size * seq_len
-        details["measured_as"] = "CPU: growth of VmHWM over the RSS after imports (qlora/model/peak.py)"
+        details["measured_as"] = ("CPU: growth of VmHWM over the RSS after imports, minus code pages first run "
+                                  "meanwhile (qlora/model/peak.py, memory.measure)")
 
     # ---- FSDP: parameters, gradients and state are sharded over the ranks ----
     if world_size > 1:
@@ -633,9 +640,10 @@ def plan_for_run(cfg, model_path: str, compute_dtype) -> MemoryPlan:
                        device=device, lora_dropout=cfg.lora_dropout, padded=not cfg.packing and cfg.batch_size > 1)
 
 
-def start_measure(model_path: str | None = None) -> int:
-    """Import what a run imports lazily (the model's modeling module), then reset the peak:
-    the baseline of the measured peak (CUDA: reset the allocator's peak). Returns the baseline.
+def start_measure(model_path: str | None = None) -> tuple[int, int]:
+    """Import what a run imports lazily (the model's modeling module, the native kernels), then
+    reset the peak. Returns the baseline for `measure`: (RSS, file-backed RSS) on CPU,
+    (allocated, 0) on CUDA, whose allocator peak is reset.
 
     On CPU it also makes glibc return freed tensors to the kernel (peak.return_freed_memory),
     so the resident peak is the peak of live tensors, as CUDA's allocated peak is."""
@@ -659,42 +667,57 @@ def start_measure(model_path: str | None = None) -> int:
         pass
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+        return torch.cuda.memory_allocated(), 0
     try:
-        from .model.peak import reset_peak, return_freed_memory
+        from .model.peak import file_bytes, reset_peak, return_freed_memory
 
         return_freed_memory()
-        return reset_peak()
+        return reset_peak(), file_bytes()
     except OSError:  # not Linux
-        return 0
+        return 0, 0
 
 
-def measured_peak(baseline: int) -> int:
-    """The run's peak over `baseline`: CUDA's allocator peak, else VmHWM growth."""
+def measure(baseline: tuple[int, int]) -> dict[str, int]:
+    """The run's peak over `baseline` (from start_measure), in bytes.
+
+    CUDA: max_memory_allocated growth + the device memory outside PyTorch's allocator (the
+    context, cuBLAS; other processes on the card count too). CPU: VmHWM growth minus the growth of file-backed
+    resident pages, i.e. minus the code of torch/MKL/qlora first executed during the run
+    (libraries are paged in as their kernels first run: code, not data, like an import);
+    both raw numbers are kept beside it."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() - baseline
-    from .model.peak import peak_bytes
+    if torch.cuda.is_available():  # + what the device holds outside PyTorch's allocator (context, cuBLAS)
+        free, total = torch.cuda.mem_get_info()
+        context = max(0, total - free - torch.cuda.memory_reserved())
+        allocated = torch.cuda.max_memory_allocated() - baseline[0]
+        return {"measured_peak_bytes": allocated + context, "max_allocated_bytes": allocated,
+                "context_bytes": context, "max_reserved_bytes": torch.cuda.max_memory_reserved()}
+    try:
+        from .model.peak import file_bytes, peak_bytes
 
-    return peak_bytes() - baseline
+        grown, code = peak_bytes() - baseline[0], max(0, file_bytes() - baseline[1])
+    except OSError:
+        return {"measured_peak_bytes": 0}
+    return {"measured_peak_bytes": grown - code, "vmhwm_growth_bytes": grown, "code_pages_bytes": code}
 
 
-def write_run_memory(output: Path, plan: MemoryPlan | None, measured: int) -> dict:
+def write_run_memory(output: Path, plan: MemoryPlan | None, measured: dict[str, int]) -> dict:
     """<output>/memory.json (+ memory.png when matplotlib is installed); prints the comparison."""
+    peak = measured["measured_peak_bytes"]
     if plan is None:
-        record = {"predicted_peak_bytes": None, "measured_peak_bytes": int(measured)}
+        record = {"predicted_peak_bytes": None, **measured}
         (output / "memory.json").write_text(json.dumps(record, indent=2))
-        print(f"memory: measured peak {measured / 2**20:,.1f} MiB; {output / 'memory.json'}")
+        print(f"memory: measured peak {peak / 2**20:,.1f} MiB; {output / 'memory.json'}")
         return record
-    record = {"predicted_peak_bytes": plan.total_bytes, "measured_peak_bytes": int(measured),
-              "ratio": measured / plan.total_bytes if plan.total_bytes else None, "parts": plan.parts,
+    record = {"predicted_peak_bytes": plan.total_bytes, **measured,
+              "ratio": peak / plan.total_bytes if plan.total_bytes else None, "parts": plan.parts,
               "measured_as": plan.details["measured_as"], "settings": plan.settings}
     tmp = output / "memory.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(output / "memory.json")
-    drawn = plot_breakdown(plan, output / "memory.png", measured)
-    print(f"memory: predicted peak {plan.total_bytes / 2**20:,.1f} MiB, measured {measured / 2**20:,.1f} MiB "
+    drawn = plot_breakdown(plan, output / "memory.png", peak)
+    print(f"memory: predicted peak {plan.total_bytes / 2**20:,.1f} MiB, measured {peak / 2**20:,.1f} MiB "
           f"(ratio {record['ratio']:.3f}); {output / 'memory.json'}"
           + ("" if drawn else " (memory.png skipped: matplotlib is not installed)"))
     return record

@@ -24,6 +24,11 @@ def reset_peak() -> int:
     return _status_kb("VmRSS") * 1024
 
 
+def file_bytes() -> int:
+    """Resident file-backed pages (RssFile: mapped code and files) in bytes."""
+    return _status_kb("RssFile") * 1024
+
+
 def peak_bytes() -> int:
     """The high-water mark of resident memory (VmHWM) in bytes."""
     return _status_kb("VmHWM") * 1024

@@ -213,7 +213,7 @@ def train(cfg: TrainConfig) -> dict:
     with atomic_directory(output / "adapter") as tmp:
         save_adapter(model, tmp, base_model_name_or_path=cfg.model)
     after = demo_generations(model, tokenizer) if demo is not None else None
-    M.write_run_memory(output, plan, M.measured_peak(baseline))
+    M.write_run_memory(output, plan, M.measure(baseline))
     return write_summary(output, cfg, state, eval_loss, skipped, demo, after)
 
 
