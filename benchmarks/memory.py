@@ -122,13 +122,13 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{'case':<24} {'optim':<16} {'predicted MiB':>14} {'measured MiB':>13} {'ratio':>6} {'VmHWM+ MiB':>11} "
+    print(f"{'case':<27} {'optim':<16} {'predicted MiB':>14} {'measured MiB':>13} {'ratio':>6} {'VmHWM+ MiB':>11} "
           f"{'code MiB':>9}  largest parts (MiB)")
     for name in args.cases.split(","):
         r = run_case(name, workdir)
         parts = sorted(r["parts"].items(), key=lambda kv: -kv[1])[:3]
         top = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in parts)
-        print(f"{name:<24} {r['settings']['optim']:<16} {r['predicted_peak_bytes'] / 2**20:>14.1f} "
+        print(f"{name:<27} {r['settings']['optim']:<16} {r['predicted_peak_bytes'] / 2**20:>14.1f} "
               f"{r['measured_peak_bytes'] / 2**20:>13.1f} {r['ratio']:>6.3f} {r['vmhwm_growth_bytes'] / 2**20:>11.1f} "
               f"{r['code_pages_bytes'] / 2**20:>9.1f}  {top}", flush=True)
 
