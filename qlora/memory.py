@@ -28,7 +28,9 @@ fitted to measurements; where a term is an estimate the comment says so.
   only the data pipeline's token tensors remain (counted exactly).
 
 The total is the sum of the parts, a slight over-estimate by design: LoRA gradients and the
-peak activations are counted together (with grad_accum > 1 they do coexist).
+peak activations are counted together (with grad_accum > 1 they do coexist). Not counted:
+the loading peak (load_model holds one extra tensor at a time), GPT-2's attention and
+residual dropouts (its static parts are exact).
 Tests: tests/test_memory.py; measured against the trainer: benchmarks/memory.py.
 """
 from __future__ import annotations
@@ -127,7 +129,6 @@ class Shape:
     positions: int = 0  # learned position embeddings (GPT-2)
     qkv_bias: bool = False
     norm_offset: bool = False  # Gemma's RMSNorm scales by (1 + weight)
-    dtype_bytes: int = 2  # checkpoint dtype (16-bit)
 
     def linears(self) -> list[tuple[str, int, int, bool]]:
         """(module suffix, in, out, bias) of one decoder layer's linear layers, in call order."""
@@ -164,14 +165,12 @@ def model_shape(config: dict) -> Shape:
             return default
         raise MemoryPlanError(f"config ({kind}) has none of {keys}; the planner needs it")
 
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    dbytes = 2 if dtype in ("bfloat16", "float16") else 2  # load_model stores 16-bit (or fp32 compute)
     if kind == "gpt2":
         h = need("n_embd", "hidden_size")
         return Shape("gpt2", h, need("n_inner", default=4 * h) or 4 * h, need("n_layer", "num_hidden_layers"),
                      need("n_head", "num_attention_heads"), need("n_head", "num_attention_heads"),
                      h // need("n_head", "num_attention_heads"), need("vocab_size"), True,
-                     positions=need("n_positions", "max_position_embeddings"), dtype_bytes=dbytes)
+                     positions=need("n_positions", "max_position_embeddings"))
     family = "phi3" if kind in ("phi3", "phi4") else "llama"
     if kind not in ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "mixtral") and "architectures" in config:
         archs = " ".join(config["architectures"] or [])
@@ -183,7 +182,7 @@ def model_shape(config: dict) -> Shape:
     return Shape(family, h, need("intermediate_size"), need("num_hidden_layers"), heads,
                  need("num_key_value_heads", default=heads), config.get("head_dim") or h // heads,
                  need("vocab_size"), bool(config.get("tie_word_embeddings", kind == "gemma")),
-                 qkv_bias=kind == "qwen2" or bool(config.get("attention_bias", False)), dtype_bytes=dbytes,
+                 qkv_bias=kind == "qwen2" or bool(config.get("attention_bias", False)),
                  norm_offset=kind.startswith("gemma"))
 
 
@@ -465,8 +464,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
         parts["decode_workspace"] = largest * e * (2 if device == "cpu" and e == 2 and _cpu_transposed() else 1)
     else:  # 16-bit base: every weight in the 16-bit compute dtype (fp32 only if asked)
         parts["weights_4bit"] = 0
-        store16 = store
-        parts["unquantized_params"] = store16 * (linear_params + embed + head + biases) + 4 * norms
+        parts["unquantized_params"] = store * (linear_params + embed + head + biases) + 4 * norms
     if method == "full16":
         trainable = total_params
         parts["lora_params"] = 0

@@ -133,6 +133,8 @@ def test_paper_figures_llama():
     nodq = plan_memory("llama-7b", double_quant=False)
     saved_bits = 8 * (nodq.parts["quant_constants"] - plan.parts["quant_constants"]) / lin
     assert abs(saved_bits - 0.373) < 0.005
+    dq65 = plan_memory("llama-65b", double_quant=False).total_bytes - plan_memory("llama-65b").total_bytes
+    assert 2.9e9 < dq65 < 3.1e9  # "about 3 GB on a 65B model"
     q65 = plan_memory("llama-65b", seq_len=512, batch_size=1, device_memory="48GB")
     assert q65.total_bytes < 48e9 and q65.fits
     full = plan_memory("llama-65b", method="full16", optim="adamw")
