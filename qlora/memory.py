@@ -23,9 +23,11 @@ fitted to measurements; where a term is an estimate the comment says so.
   saved (recomputed) and every layer keeps only its input.
 - decode_workspace: one buffer of the largest quantized weight in the compute dtype; twice on
   CPUs whose 16-bit backward uses a transposed copy (linear4bit.transposed_backward).
-- runtime_overhead: CUDA: context + cuBLAS workspace (estimates, see `_overhead`); CPU: the
-  measured peak is the growth of VmHWM over the RSS after imports (qlora/model/peak.py), so
-  only the data pipeline's token tensors remain (counted exactly).
+- runtime_overhead: CUDA: context + cuBLAS workspace (estimates: CUDA_CONTEXT_BYTES). CPU:
+  the measured peak (`measure`) is the growth of VmHWM over the RSS after imports, minus code
+  pages first run meanwhile, so only the micro-batch's int64 token tensors are counted here.
+  Not modelled on CPU: first-call library buffers (oneDNN/MKL scratch, ~5 MiB) and the
+  small-object heap, which is why small models measure 2-10% above the plan.
 
 The total is the sum of the parts, a slight over-estimate by design: LoRA gradients and the
 peak activations are counted together (with grad_accum > 1 they do coexist). Not counted:
@@ -36,7 +38,6 @@ Tests: tests/test_memory.py; measured against the trainer: benchmarks/memory.py.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -622,15 +623,16 @@ def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
 
 
 # ---- the trainer's side: plan before, measure after -----------------------------------------------
-def plan_for_run(cfg, model_path: str, compute_dtype) -> MemoryPlan:
-    """The plan of a TrainConfig run on this machine (device, compute dtype resolved)."""
+def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None) -> MemoryPlan:
+    """The plan of a TrainConfig run on this machine (device, compute dtype resolved); rows of
+    `seq_len` tokens (default cfg.max_length)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     optim = {"paged_adamw_32bit": "paged_adamw", "paged_adamw_8bit": "paged_adamw8bit", "adamw_32bit": "adamw",
              "adamw_8bit": "adamw8bit"}[cfg.optim]
     method = "lora16" if cfg.quant_type == "none" else "qlora"
-    return plan_memory(model_path, seq_len=cfg.max_length, batch_size=cfg.batch_size, rank=cfg.lora_r,
+    return plan_memory(model_path, seq_len=seq_len or cfg.max_length, batch_size=cfg.batch_size, rank=cfg.lora_r,
                        target_modules=cfg.target_modules, optim=optim,
                        gradient_checkpointing=cfg.gradient_checkpointing,
                        quant_type="nf4" if method == "lora16" else cfg.quant_type, double_quant=cfg.double_quant,
@@ -747,10 +749,12 @@ def plot_breakdown(plan: MemoryPlan, path: Path, measured: int | None = None) ->
     return True
 
 
-def plan_run(cfg, model_path: str, compute_dtype) -> MemoryPlan | None:
-    """plan_for_run, printed; None (with a note) when the config cannot be planned."""
+def plan_run(cfg, model_path: str, compute_dtype, rows: list | None = None) -> MemoryPlan | None:
+    """plan_for_run for the longest of the tokenized `rows` (the batch that holds it peaks),
+    printed; None (with a note) when the config cannot be planned."""
+    longest = max((len(r.input_ids) for r in rows or []), default=0) or None
     try:
-        plan = plan_for_run(cfg, model_path, compute_dtype)
+        plan = plan_for_run(cfg, model_path, compute_dtype, min(longest or cfg.max_length, cfg.max_length))
     except (MemoryPlanError, OSError, KeyError, ValueError) as e:
         print(f"memory: no plan for this model ({e}); memory.json will hold only the measured peak")
         return None
