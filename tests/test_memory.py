@@ -162,7 +162,7 @@ def test_checkpointing_and_fsdp_and_fit():
         parse_bytes("lots")
 
 
-def test_cli_table_and_json(tmp_path):
+def test_cli_table_and_json(tmp_path, capsys, monkeypatch):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "qlora", "memory", "--model", "llama-65b", "--device-memory", "48GB",
                           "--json"], capture_output=True, text=True, env=env, check=True).stdout
@@ -170,14 +170,16 @@ def test_cli_table_and_json(tmp_path):
     assert isinstance(data["total_bytes"], int) and data["fits"] is True
     assert list(data["parts"]) == list(qlora.memory.PART_NAMES)
     assert sum(data["parts"].values()) == data["total_bytes"]
+    from qlora.cli import main
+
     config = tmp_path / "config.json"
     config.write_text(tiny_config("qwen2").to_json_string())
-    table = subprocess.run([sys.executable, "-m", "qlora", "memory", "--model", str(config), "--no-gradient-checkpointing",
-                            "--device-memory", "1MiB"], capture_output=True, text=True, env=env, check=True).stdout
+    assert main(["memory", "--model", str(config), "--no-gradient-checkpointing", "--device-memory", "1MiB"]) == 0
+    table = capsys.readouterr().out
     assert "4-bit weights" in table and "does NOT fit" in table and "total (predicted peak)" in table
-    bad = subprocess.run([sys.executable, "-m", "qlora", "memory", "--model", str(tmp_path / "missing")],
-                         capture_output=True, text=True, env=dict(env, HF_HUB_OFFLINE="1"))
-    assert bad.returncode == 2 and "config.json" in bad.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["memory", "--model", str(tmp_path / "missing")]) == 2
+    assert "config.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["test-ckpt", "test-nockpt"])
