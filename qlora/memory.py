@@ -28,6 +28,12 @@ fitted to measurements; where a term is an estimate the comment says so.
   pages first run meanwhile, so only the micro-batch's int64 token tensors are counted here.
   Not modelled on CPU: first-call library buffers (oneDNN/MKL scratch, ~5 MiB) and the
   small-object heap, which is why small models measure 2-10% above the plan.
+- world_size N (FSDP): parameters, gradients and optimizer state divided by N (rounded up);
+  activations, workspace and overhead stay per rank; + two all-gathered layers (overhead).
+- method "full16": every weight trainable in 16 bits, AdamW state on all of them; each linear
+  saves its input; the norms' and head's extra saves for their weight gradients are not
+  counted (small). Paged state on CUDA is counted at its minimum (two staging pages): on a
+  card with room to spare the pager keeps it resident and the measured peak is higher.
 
 The total is the sum of the parts, a slight over-estimate by design: LoRA gradients and the
 peak activations are counted together (with grad_accum > 1 they do coexist). Not counted:
@@ -479,7 +485,8 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
 
     # ---- optimizer state: resident, or paged through two staging pages ----
     paged = 0
-    if optim.startswith("paged") and cuda:
+    state = -(-state // world_size)  # FSDP: each rank holds the state of its shards
+    if optim.startswith("paged") and cuda:  # the two staging pages are per rank
         resident = min(state, 2 * DEFAULT_PAGE_BYTES)
         paged, state = state - resident, resident
     parts["optimizer_state"] = state
@@ -511,10 +518,14 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
 
     # ---- FSDP: parameters, gradients and state are sharded over the ranks ----
     if world_size > 1:
-        for k in ("weights_4bit", "quant_constants", "unquantized_params", "lora_params", "lora_grads",
-                  "optimizer_state"):
+        layer_bytes = sum(parts[k] for k in ("weights_4bit", "quant_constants", "lora_params")) // shape.layers
+        for k in ("weights_4bit", "quant_constants", "unquantized_params", "lora_params", "lora_grads"):
             parts[k] = -(-parts[k] // world_size)
-        paged = -(-paged // world_size)
+        # each rank all-gathers one decoder layer's shards for compute and prefetches the next
+        # (FSDP2's default): two unsharded layers beside the shards (estimate: per-layer average)
+        gathered = 2 * layer_bytes * (world_size - 1) // world_size
+        parts["runtime_overhead"] += gathered
+        details["fsdp_all_gather_bytes"] = gathered
     total = sum(parts.values())
     limit = parse_bytes(device_memory)
     plan = MemoryPlan(parts, total, None if limit is None else total <= limit, limit, paged, [], settings, details)

@@ -151,6 +151,10 @@ def test_checkpointing_and_fsdp_and_fit():
     one = plan_memory("llama-65b")
     assert half.parts["weights_4bit"] == -(-one.parts["weights_4bit"] // 2)
     assert half.parts["activations"] == one.parts["activations"]
+    assert half.parts["optimizer_state"] == one.parts["optimizer_state"] == 2 * 32 * 2**20  # staging pages per rank
+    assert half.paged_bytes == -(-(one.paged_bytes + one.parts["optimizer_state"]) // 2) - half.parts["optimizer_state"]
+    eight = plan_memory("llama-7b", optim="adamw8bit", world_size=4)
+    assert eight.parts["optimizer_state"] == -(-plan_memory("llama-7b", optim="adamw8bit").parts["optimizer_state"] // 4)
     tight = plan_memory("llama-7b", seq_len=2048, batch_size=8, gradient_checkpointing=False, optim="adamw",
                         device_memory="24GiB")
     assert tight.fits is False and tight.suggestions
