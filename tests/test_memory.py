@@ -188,8 +188,11 @@ def test_cli_table_and_json(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("case", ["test-ckpt", "test-nockpt"])
 def test_prediction_within_15_percent_of_the_trainer(case, tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import memory as bench  # benchmarks/memory.py
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks" / "memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
 
     record = bench.run_case(case, tmp_path)
     ratio = record["measured_peak_bytes"] / record["predicted_peak_bytes"]
