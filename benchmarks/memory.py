@@ -10,7 +10,7 @@ in a fresh subprocess. The trainer itself writes <output>/memory.json with the p
 printed before starting and the measured peak (growth of VmHWM over the RSS just before the
 model is loaded, after imports and data, minus the code pages first run meanwhile;
 qlora/memory.py `measure`). Prints one row per case: predicted, measured, measured /
-predicted, and the raw VmHWM growth with the code pages it includes. tests/test_memory.py runs two small cases.
+predicted, and the raw VmHWM growth with the code pages it includes. tests/test_plan_memory.py runs two small cases.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ CASES = {
                                        num_attention_heads=16, vocab_size=4096),
                                   dict(max_length=1024, batch_size=2, gradient_checkpointing=True)),
 }
-# the two small cases tests/test_memory.py runs (not in the default table)
+# the two small cases tests/test_plan_memory.py runs (not in the default table)
 TEST_CASES = {
     "test-ckpt": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4),
                   dict(max_length=256, batch_size=2, gradient_checkpointing=True)),

@@ -39,7 +39,7 @@ The total is the sum of the parts, a slight over-estimate by design: LoRA gradie
 peak activations are counted together (with grad_accum > 1 they do coexist). Not counted:
 the loading peak (load_model holds one extra tensor at a time), GPT-2's attention and
 residual dropouts (its static parts are exact).
-Tests: tests/test_memory.py; measured against the trainer: benchmarks/memory.py.
+Tests: tests/test_plan_memory.py; measured against the trainer: benchmarks/memory.py.
 """
 from __future__ import annotations
 

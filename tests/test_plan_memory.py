@@ -1,6 +1,6 @@
 """Tests of qlora/memory.py, the memory planner.
 
-    pytest tests/test_memory.py
+    pytest tests/test_plan_memory.py   (not test_memory.py: tests/model/test_memory.py has that basename)
 
 - static parts equal memory_report() of really prepared models, byte for byte, per family;
 - optimizer state equals the bytes qlora's AdamW really allocates (32-bit and 8-bit);
