@@ -760,9 +760,16 @@ def plot_breakdown(plan: MemoryPlan, path: Path, measured: int | None = None) ->
     return True
 
 
-def plan_run(cfg, model_path: str, compute_dtype, rows: list | None = None) -> MemoryPlan | None:
+def plan_run(cfg, model_path: str, rows: list | None = None) -> MemoryPlan | None:
     """plan_for_run for the longest of the tokenized `rows` (the batch that holds it peaks),
     printed; None (with a note) when the config cannot be planned."""
+    import warnings
+
+    from .train.config import compute_dtype as resolve
+
+    with warnings.catch_warnings():  # the trainer warns about emulated bf16 itself
+        warnings.simplefilter("ignore")
+        compute_dtype = resolve(cfg)
     longest = max((len(r.input_ids) for r in rows or []), default=0) or None
     try:
         plan = plan_for_run(cfg, model_path, compute_dtype, min(longest or cfg.max_length, cfg.max_length))

@@ -138,7 +138,7 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
     # model, optimizer, schedule; the memory plan first, then the peak is measured from here
-    plan = M.plan_run(cfg, model_path, resolve_compute_dtype(cfg), train_rows)
+    plan = M.plan_run(cfg, model_path, train_rows)
     baseline = M.start_measure(model_path)
     model = _build_model(cfg, model_path)
     demo = demo_generations(model, tokenizer) if cfg.demo and cfg.data is None else None
