@@ -36,7 +36,7 @@ CHILD = textwrap.dedent("""
         import bitsandbytes, peft
     import qlora
     from qlora.model.loss import causal_lm_loss
-    from qlora.train.malloc import return_freed_memory
+    from qlora.model.peak import return_freed_memory
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, 32000, (batch, seq), generator=g) for _ in range(steps + warmup)]
     if setup.startswith("qlora"):
@@ -109,7 +109,7 @@ def main() -> None:
     for setup in args.setups.split(","):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         if setup == "peer-qlora-malloc":  # the allocator setting qlora's trainer makes, given to the peer
-            env.update(MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_TRIM_THRESHOLD_="1048576")
+            env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
         out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps), str(args.warmup),
                               str(args.seq), str(args.batch), args.dtype], capture_output=True, text=True, env=env)
         if out.returncode:

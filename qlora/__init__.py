@@ -9,6 +9,7 @@ The data flow, one folder a step:
     explain/ `qlora explain`: how it all works, with numbers computed on the spot
 """
 from . import explain, optim
+from .memory import MemoryPlan, plan_memory
 from .model.adapter import load_adapter, save_adapter
 from .model.checkpoint_files import CheckpointError
 from .model.load import load_model
@@ -27,4 +28,5 @@ __all__ = [
     "FP4", "INT4", "NF4", "CheckpointError", "Linear4bit", "LoraConfig", "LoraLinear", "QuantizedTensor",
     "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "explain", "finetune", "load_adapter", "load_model",
     "memory_report", "merge_adapter", "optim", "prepare_model", "quantize", "save_adapter", "save_quantized",
+    "MemoryPlan", "plan_memory",
 ]

@@ -6,6 +6,7 @@
     qlora train [--model PATH] [--data FILE] [--output DIR] [--config recipe.yaml] [flags]
     qlora generate --model PATH [--adapter DIR] --prompt TEXT
     qlora explain [quantization|blocks|nf4|double-quant|memory|paging|flow] [--output DIR]
+    qlora memory --model llama-7b|CONFIG_JSON|DIR|HUB_ID [--seq-len 512] [--device-memory 24GiB] [--json]
 """
 from __future__ import annotations
 
@@ -55,6 +56,21 @@ def _explain(args: argparse.Namespace) -> None:
     from .explain import run
 
     run(args.topics, args.output)
+
+
+def _memory(args: argparse.Namespace) -> None:
+    import json
+
+    from .memory import plan_memory
+
+    optim = args.optim or ("paged_adamw" if args.method == "qlora" else "adamw")  # the paper's baselines: AdamW
+    plan = plan_memory(args.model, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
+                       target_modules=args.target_modules, optim=optim,
+                       gradient_checkpointing=args.gradient_checkpointing, quant_type=args.quant_type,
+                       double_quant=args.double_quant, blocksize=args.blocksize, compute_dtype=args.compute_dtype,
+                       method=args.method, world_size=args.world_size, device_memory=args.device_memory,
+                       device=args.device, lora_dropout=args.lora_dropout)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -113,6 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one or more of {', '.join(TOPICS)} (default: all, in that order)")
     p.add_argument("--output", default="qlora-explain", help="where the PNGs go (when matplotlib is installed)")
     p.set_defaults(func=_explain)
+
+    p = sub.add_parser("memory", help="predict a run's peak memory from the model config alone (will it fit?)")
+    p.add_argument("--model", required=True, help="llama-7b/13b/33b/65b (shipped), a config.json, a model directory "
+                   "or a Hub id (only config.json is read)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    p.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch (default 1)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
+    p.add_argument("--target-modules", default="all-linear", help="all-linear, comma-separated names or a regex")
+    p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"],
+                   help="optimizer (default: paged_adamw for qlora, adamw for the 16-bit methods)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute activations in backward (default on)")
+    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4"], help="4-bit code book (default nf4)")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the block scales too (default on)")
+    p.add_argument("--blocksize", type=int, default=64, help="elements per scale (default 64)")
+    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="activation/compute dtype (default bfloat16)")
+    p.add_argument("--method", default="qlora", choices=["qlora", "lora16", "full16"],
+                   help="qlora (4-bit base + LoRA), lora16 (16-bit base + LoRA), full16 (16-bit full fine-tuning)")
+    p.add_argument("--world-size", type=int, default=1, help="FSDP ranks: per-rank numbers (default 1)")
+    p.add_argument("--device-memory", help="memory of one device, e.g. 24GiB or 48GB: say whether it fits and how")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run goes (default cuda)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (> 0 saves masks; default 0.05)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_memory)
     return parser
 
 

@@ -35,9 +35,9 @@ from ..nn.lora import LoraConfig
 from ..optim import AdamW, clip_grad_norm, scheduler, state_dict_from_tensors, state_dict_to_tensors
 from . import data as D
 from .config import TrainConfig
-from .malloc import return_freed_memory
 from .config import compute_dtype as resolve_compute_dtype
 from .report import Metrics, demo_generations, peak_memory_mb, write_summary
+from .. import memory as M
 
 
 class TrainingError(RuntimeError):
@@ -125,7 +125,6 @@ def train(cfg: TrainConfig) -> dict:
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    return_freed_memory()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model_path, data_path = _default_paths(cfg)
@@ -141,7 +140,9 @@ def train(cfg: TrainConfig) -> dict:
     batches = D.Batches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length and not cfg.packing, pad)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
-    # model, optimizer, schedule
+    # model, optimizer, schedule; the memory plan first, then the peak is measured from here
+    plan = M.plan_run(cfg, model_path, train_rows)
+    baseline = M.start_measure(model_path)
     model = _build_model(cfg, model_path)
     demo = demo_generations(model, tokenizer) if cfg.demo and cfg.data is None else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,6 +216,7 @@ def train(cfg: TrainConfig) -> dict:
     with atomic_directory(output / "adapter") as tmp:
         save_adapter(model, tmp, base_model_name_or_path=cfg.model)
     after = demo_generations(model, tokenizer) if demo is not None else None
+    M.write_run_memory(output, plan, M.measure(baseline))
     return write_summary(output, cfg, state, eval_loss, skipped, demo, after)
 
 

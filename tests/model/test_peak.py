@@ -1,11 +1,11 @@
-"""return_freed_memory: large freed blocks leave the resident set instead of staying in the heap."""
+"""peak.return_freed_memory: large freed blocks leave the resident set instead of staying in the heap."""
 import subprocess
 import sys
 import textwrap
 
 CHILD = textwrap.dedent("""
     import ctypes, sys
-    from qlora.train.malloc import return_freed_memory
+    from qlora.model.peak import return_freed_memory
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
