@@ -51,6 +51,7 @@ from typing import Any
 
 from .optim.adamw import BLOCK as STATE_BLOCK
 from .optim.adamw import MIN_8BIT_SIZE
+from .model.loss import CHUNK_BYTES as CE_CHUNK_BYTES
 from .optim.paging import DEFAULT_PAGE_BYTES
 
 PART_NAMES = ("weights_4bit", "quant_constants", "unquantized_params", "lora_params", "lora_grads",
@@ -213,12 +214,10 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     `lora[suffix]` says which linears carry an adapter; `stream_grad` whether the layer input
     requires grad (always with checkpointing; without it, not for layer 0: the embeddings are
     frozen). A frozen Linear4bit saves nothing (its input gradient needs only W); a LoRA
-    saves its A input (for A's gradient), A's output (for B's), and, if its input requires
-    grad and dropout > 0, the dropout mask: a compute-dtype noise tensor on CPU
-    (`input * noise`), a bool mask on CUDA (native_dropout). Each LoraLinear has its own
-    dropout, so q, k and v save three masks and three A inputs. With dropout 0 the A input
-    is the layer input itself, shared. Elementwise ops save an operand only when the other
-    one requires grad (frozen norm weights and RoPE tables never do).
+    saves its input x (for A's gradient; with dropout, the seeded mask is regenerated from
+    x's indices in backward, so q, k and v share one saved x and no mask) and A's output (for
+    B's). Elementwise ops save an operand only when the other one requires grad (frozen norm
+    weights and RoPE tables never do).
     """
     n = b * t  # tokens
     saved = 0
@@ -234,12 +233,7 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
         """A (LoRA-)linear on tensor `x_key` of `width`; returns whether its output requires grad."""
         if not lora.get(suffix, False):
             return x_grad
-        if dropout:
-            keep(suffix + ".h", n * width * e)  # dropout output = A input
-            if x_grad:
-                keep(suffix + ".mask", n * width * (1 if cuda else e))
-        else:
-            keep(x_key, n * width * e)
+        keep(x_key, n * width * e)  # x itself; seeded dropout is regenerated in backward (nn/dropout.py)
         keep(suffix + ".a", n * r * e)
         return True
 
@@ -276,7 +270,8 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
         else:
             keep("q", n * q_dim * e)  # RoPE makes new q and k tensors
             keep("k", n * kv_saved * e)
-            keep("v", n * kv_saved * e)  # phi3's v slice is copied by its view, too
+            # phi3's v is a view of the fused qkv output (no cache in training): its whole storage
+            keep("v", fused if s.family == "phi3" and not repeated else n * kv_saved * e)
         keep("attn_out", n * q_dim * e)  # also o_proj's input: the kernel's output is [b, t, heads, d]
         keep("lse", n * s.heads * 4)
         if masked:
@@ -330,12 +325,16 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
     first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, dropout=dropout,
                                                     cuda=cuda, masked=masked, stream_grad=False)
     rope = 0 if s.family == "gpt2" else 2 * seq_len * s.head_dim * e  # cos, sin: shared by all layers
-    # the head: the final norm saves its input (+ rstd); cross-entropy on fp32 logits saves the
-    # log-softmax [n, vocab] fp32 (+ int64 targets); the 16-bit logits are freed before backward.
-    targets = 8 * (n if batch_size > 1 else seq_len + 1)  # int64 labels, shifted (a view when batch is 1)
-    head_saved = n * s.hidden * e + n * 4 + n * s.vocab * 4 + targets + (4 * s.hidden if s.norm_offset else 0)
-    # backward of the loss: NLL's grad and log-softmax's grad, both [n, vocab] fp32, beside the saved one
-    head_peak = 2 * n * s.vocab * 4
+    # the head (model/loss.py, fused and chunked): the final norm saves its input (+ rstd); the
+    # fused loss saves only d loss / d h for the target rows (n - b: the labels shift by one),
+    # computed in forward, and the boolean mask that picked those rows. While it runs, one chunk of
+    # logits exists: in float32 (softmax in place), beside the 16-bit logits it was copied from
+    # and later the 16-bit probabilities multiplied by W (none of these copies in fp32 compute).
+    targets = n - batch_size
+    rows = min(targets, max(1, CE_CHUNK_BYTES // (4 * s.vocab)))
+    head_saved = (n * s.hidden * e + n * 4 + targets * s.hidden * e + targets
+                  + (4 * s.hidden if s.norm_offset else 0))
+    head_peak = rows * s.vocab * (4 + (e if e < 4 else 0)) + targets * s.hidden * e  # + the gathered rows
     transient = _backward_transient(s, batch_size, seq_len, e)
     if checkpointing:
         inputs = s.layers * n * s.hidden * e  # each checkpointed layer keeps its input

@@ -4,7 +4,6 @@ references, and the tutorial regenerated from the code (it must not drift).
     pytest tests/test_explain.py                 # ~20 s on one core
     pytest tests/test_explain.py -m "not slow"   # without the real-model perplexity check
 """
-import importlib.util
 import json
 import math
 import re
@@ -143,9 +142,6 @@ def test_memory_per_parameter_arithmetic():
     assert d["qlora_bytes"] < 48e9
 
 
-# ENABLE AT MERGE: remove this skipif once qlora/memory.py (the planner, branch `memory`) is merged,
-# so that a missing or broken planner fails here instead of being skipped.
-@pytest.mark.skipif(importlib.util.find_spec("qlora.memory") is None, reason="the memory planner (qlora/memory.py) is not in this branch yet")
 def test_memory_plan_from_the_planner():
     plan = explain_memory_plan("llama-65b", "48GB")
     assert plan is not None

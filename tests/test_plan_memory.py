@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora.model.loss import causal_lm_loss
+
 import qlora
 from qlora.memory import MemoryPlanError, parse_bytes, plan_memory
 from qlora.nn.lora import LoraConfig
@@ -89,7 +91,7 @@ def _saved_bytes(model, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
+        loss = causal_lm_loss(model, batch)  # the trainer's loss (fused head + cross-entropy)
     del loss
     return sum(seen.values())
 
