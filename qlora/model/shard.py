@@ -247,11 +247,11 @@ def _copy_shard(params: dict, name: str, full: torch.Tensor, rank: int, world_si
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel over a prepared model that every rank holds whole.
 
-    The 4-bit buffers are identical on every rank (each loaded them), so DDP neither
-    broadcasts them at start nor before every forward."""
+    The 4-bit buffers and frozen weights are identical on every rank (each loaded them), so
+    DDP ignores them: no broadcast at start, none before every forward."""
     from torch.nn.parallel import DistributedDataParallel
 
     frozen = [n for n, _ in model.named_buffers()] + [n for n, p in model.named_parameters() if not p.requires_grad]
     model._ddp_params_and_buffers_to_ignore = frozen
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
