@@ -167,7 +167,7 @@ def load_sharded(
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
     _fill(model, path, table, rank, world_size, device, set(targets), quant_type, blocksize, double_quant, store_dtype)
     model.qlora_source = str(path)
-    return model
+    return model.eval()  # as load_model: the caller turns training mode on
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,12 @@ Every rank builds the same two Linear4bit + LoRA layers (uneven shapes), keeps a
 reference, shards the layers with FSDP2 and checks: the gathered bytes are exactly the
 quantized tensor, forward and LoRA gradients equal the unsharded module's, the weight of a
 sharded layer outside forward raises a clear error, and an 8-bit AdamW step on the shards
-stays within the 8-bit quantization error of the unsharded step. Exits non-zero on failure.
+stays within the 8-bit quantization error of the unsharded step. Then, for each model
+directory given as an argument, `load_sharded` (each rank streams, quantizes, keeps its
+shard) is compared with the single-process `load_model` + `prepare_model`: the gathered
+parameters are bit-identical (4-bit bytes, scales, 16-bit weights, LoRA init from the same
+seed), each rank holds about 1/world of the bytes, and the logits agree.
+Exits non-zero on failure.
 """
 import copy
 import sys
@@ -25,7 +30,8 @@ rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 layers = nn.Sequential(
     LoraLinear(Linear4bit.from_linear(nn.Linear(70, 300), "nf4", 64, True, torch.float32), r=4),   # 329 blocks
-    LoraLinear(Linear4bit.from_linear(nn.Linear(300, 7), "nf4", 64, False, torch.float32), r=4),  # 33 blocks, no DQ
+    LoraLinear(Linear4bit.from_linear(nn.Linear(300, 7), "nf4", 64, False, torch.bfloat16), r=4),  # 33 blocks, no DQ,
+    # bf16 compute: qlora's mixed precision (fp32 LoRA, bf16 matmuls) under FSDP2
 )
 for m in layers:
     nn.init.normal_(m.lora_B.weight, std=0.1)  # a non-trivial adapter
@@ -67,6 +73,38 @@ for name, p in layers.named_parameters():
     if p.requires_grad:
         assert all(local(t).numel() <= local(p).numel() for t in opt.state[p].values() if t.dim()), name
         torch.testing.assert_close(p.detach().full_tensor(), ref_params[name].detach(), rtol=0, atol=1e-4)
+
+# ---- whole models: load_sharded against load_model + prepare_model --------------------------------
+from qlora.model.load import load_model  # noqa: E402
+from qlora.model.prepare import prepare_model  # noqa: E402
+from qlora.model.shard import load_sharded  # noqa: E402
+from qlora.nn.linear4bit import flat_bytes  # noqa: E402
+from qlora.nn.lora import LoraConfig  # noqa: E402
+
+lora = LoraConfig(r=4, alpha=8, dropout=0.0)
+for path in sys.argv[1:]:
+    torch.manual_seed(7)
+    single = prepare_model(load_model(path, compute_dtype=torch.float32, progress=False), lora=lora, quant_type=None,
+                           compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
+    torch.manual_seed(7)
+    sharded = load_sharded(path, lora, rank=rank, world_size=world, device=torch.device("cpu"), mesh=mesh,
+                           compute_dtype=torch.float32, gradient_checkpointing=False)
+    want = dict(single.named_parameters())
+    for name, m in single.named_modules():
+        if isinstance(m, Linear4bit):
+            want.update({f"{name}.{k}": v for k, v in flat_bytes(m.weight).items()})
+    held = whole = 0
+    for name, p in sharded.named_parameters():
+        assert name in want, f"{path}: {name} has no single-process counterpart"
+        assert torch.equal(p.full_tensor(), want[name]), f"{path}: {name} differs from the single-process model"
+        held += local(p).numel() * p.element_size()
+        whole += p.numel() * p.element_size()
+    assert held <= whole / world + 4096, f"{path}: rank {rank} holds {held} of {whole} bytes"
+    tokens = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(tokens).logits, single(tokens).logits, rtol=1e-5, atol=1e-5)
+    print(f"rank {rank}: {path}: holds {held} of {whole} bytes")
+
 dist.barrier()
 dist.destroy_process_group()
 print(f"rank {rank}/{world}: ok")

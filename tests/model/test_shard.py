@@ -77,16 +77,24 @@ def test_flat_mode_is_invisible_to_dtype_casts_and_names_the_sharded_case():
         layer.weight
 
 
-def test_fsdp2_shards_linear4bit_for_real_on_3_ranks():
-    """Real FSDP2 over gloo, 3 ranks (one gets an empty shard of the nested scales): see shard_worker.py."""
+def test_fsdp2_shards_linear4bit_and_loads_models_for_real_on_3_ranks(tmp_path):
+    """Real FSDP2 over gloo, 3 ranks (one gets an empty shard of the nested scales), on single
+    layers and on a tiny Llama (tied embeddings) and GPT-2 (Conv1D): see shard_worker.py."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from tiny_models import tiny_model
+
+    dirs = []
+    for arch, extra in (("llama", {"tie_word_embeddings": True}), ("gpt2", {})):
+        tiny_model(arch, **extra).save_pretrained(tmp_path / arch)
+        dirs.append(str(tmp_path / arch))
     worker = Path(__file__).with_name("shard_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-                          str(worker)], env=env, capture_output=True, text=True, timeout=300)
+                          str(worker), *dirs], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert all(f"rank {r}/3: ok" in run.stdout for r in range(3)), run.stdout  # (lines may interleave)
+    assert all(f"rank {r}: {d}: holds" in run.stdout for r in range(3) for d in dirs), run.stdout
