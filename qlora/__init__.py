@@ -13,6 +13,7 @@ from .model.checkpoint_files import CheckpointError
 from .model.load import load_model
 from .model.prepare import memory_report, prepare_model
 from .model.save import merge_adapter, save_quantized
+from .model.shard import load_sharded
 from .nn.linear4bit import Linear4bit
 from .nn.lora import LoraConfig, LoraLinear
 from .quant.codebooks import FP4, INT4, NF4, derive_nf4, dynamic_map
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FP4", "INT4", "NF4", "CheckpointError", "Linear4bit", "LoraConfig", "LoraLinear", "QuantizedTensor",
-    "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "finetune", "load_adapter", "load_model",
+    "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "finetune", "load_adapter", "load_model", "load_sharded",
     "memory_report", "merge_adapter", "optim", "prepare_model", "quantize", "save_adapter", "save_quantized",
 ]

@@ -45,7 +45,7 @@ from ..nn.linear4bit import Linear4bit, flat_bytes, is_conv1d
 from ..nn.lora import LoraConfig, LoraLinear
 from ..quant.codebooks import codebook, signed_dynamic_map
 from ..quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor, quantize
-from .checkpoint_files import CheckpointError, resolve, stream_tensors, tensor_table
+from .checkpoint_files import CheckpointError, resolve, stream_tensors
 from .load import _checkpoint_dtype, bnb_quantization, meta_parameters
 from .prepare import enable_checkpointing, keep_norms_fp32, select_modules
 
@@ -135,7 +135,6 @@ def load_sharded(
     if getattr(config, "quantization_config", None) is not None and bnb_quantization(config) is not None:
         raise CheckpointError(f"{path}: a pre-quantized bitsandbytes checkpoint cannot be loaded shard by shard under "
                               "FSDP2; use --distributed ddp, or train from the 16-bit checkpoint")
-    table = tensor_table(path)
     with meta_parameters(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -165,7 +164,7 @@ def load_sharded(
     fully_shard(model, mesh=mesh)
     # materialize only what is still on meta (the frozen base); the LoRA shards are already real
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
-    _fill(model, path, table, rank, world_size, device, set(targets), quant_type, blocksize, double_quant, store_dtype)
+    _fill(model, path, rank, world_size, device, set(targets), quant_type, blocksize, double_quant, store_dtype)
     model.qlora_source = str(path)
     return model.eval()  # as load_model: the caller turns training mode on
 
@@ -175,7 +174,7 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _fill(model: nn.Module, path: Path, table: dict, rank: int, world_size: int, device: torch.device,
+def _fill(model: nn.Module, path: Path, rank: int, world_size: int, device: torch.device,
           targets: set[str], quant_type: str, blocksize: int, double_quant: bool, store_dtype: torch.dtype) -> None:
     """Stream the checkpoint and copy this rank's piece of every tensor into its shard."""
     params = dict(model.named_parameters(remove_duplicate=False))

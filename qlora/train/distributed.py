@@ -24,6 +24,9 @@ Tested by tests/train/test_distributed.py (2 ranks, gloo, CPU).
   requires the same one. Every rank writes into rank 0's temporary directory, which is
   renamed into place after a barrier: a checkpoint is complete or absent.
 - Only rank 0 prints, shows progress bars, and writes metrics, config and summary.
+  Every rank runs the (small) eval set whole; the demo generations run only in one process.
+- Dropout: the same seed on every rank for the initial LoRA weights, then rank r reseeds
+  with seed + r so that ranks draw different dropout masks.
 - Ctrl-C under torchrun does not write a checkpoint (ranks stop at different points; a
   collective save could hang): --resume continues from the last periodic one.
 """

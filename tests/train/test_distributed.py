@@ -10,6 +10,7 @@ of a micro-batch, the gradient reduce-scatter / all-reduce and the global gradie
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -25,8 +26,20 @@ FLAGS = dict(batch_size=4, grad_accum=2, lora_r=8, lr=1e-3, max_length=64, demo=
 RTOL = 1e-5
 
 
-def _torchrun(model_dir, data, out, steps, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qlora",
+def _free_ports(n):
+    """n distinct free TCP ports (held open together while chosen, so two runs never share one)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _torchrun(model_dir, data, out, steps, *extra, port):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "qlora",
            "train", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--max-steps", str(steps)]
     for key, value in FLAGS.items():
         flag = "--" + key.replace("_", "-")
@@ -63,8 +76,9 @@ def _same_adapter(a, b):
 
 def test_two_ranks_follow_the_single_process_run(model_dir, alpaca_file, tmp_path):
     # the 2-rank runs start first (they run in other processes while the reference trains here)
-    fsdp = _torchrun(model_dir, alpaca_file, tmp_path / "fsdp", 3)
-    ddp = _torchrun(model_dir, alpaca_file, tmp_path / "ddp", 3, "--distributed", "ddp")
+    ports = _free_ports(3)
+    fsdp = _torchrun(model_dir, alpaca_file, tmp_path / "fsdp", 3, port=ports[0])
+    ddp = _torchrun(model_dir, alpaca_file, tmp_path / "ddp", 3, "--distributed", "ddp", port=ports[1])
     train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "one"), max_steps=6, **FLAGS))
     single = _curve(tmp_path / "one")
     _wait(fsdp)
@@ -82,7 +96,7 @@ def test_two_ranks_follow_the_single_process_run(model_dir, alpaca_file, tmp_pat
     _same_adapter(tmp_path / "ddp" / "adapter", one3)
 
     # resume with the same world size: steps 4-6 continue the single-process curve
-    _wait(_torchrun(model_dir, alpaca_file, tmp_path / "fsdp", 6, "--resume"))
+    _wait(_torchrun(model_dir, alpaca_file, tmp_path / "fsdp", 6, "--resume", port=ports[2]))
     _same_curve(_curve(tmp_path / "fsdp"), single)
     _same_adapter(tmp_path / "fsdp" / "adapter", tmp_path / "one" / "adapter")
 
