@@ -84,11 +84,14 @@ def setup(cfg) -> Ranks:
 
     if cfg.distributed not in MODES:
         raise ValueError(f"--distributed must be one of {', '.join(MODES)}, got {cfg.distributed!r}")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be a multiple of the "
                          f"{world} ranks (each takes batch_size / world_size rows); pass e.g. "
                          f"--batch-size {world * max(1, cfg.batch_size // world)}")
+    if "RANK" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world} but RANK is not set: launch several processes with torchrun "
+                         "(torchrun --nproc-per-node N -m qlora train ...)")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)

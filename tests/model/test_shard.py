@@ -98,3 +98,15 @@ def test_fsdp2_shards_linear4bit_and_loads_models_for_real_on_3_ranks(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert all(f"rank {r}/3: ok" in run.stdout for r in range(3)), run.stdout  # (lines may interleave)
     assert all(f"rank {r}: {d}: holds" in run.stdout for r in range(3) for d in dirs), run.stdout
+
+
+def test_a_prequantized_checkpoint_is_refused_under_fsdp2(tmp_path):
+    import qlora
+    from qlora.model.checkpoint_files import CheckpointError
+    from qlora.model.shard import load_sharded
+    from tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    qlora.save_quantized(qlora.load_model(tmp_path / "dense", progress=False), tmp_path / "4bit")
+    with pytest.raises(CheckpointError, match="pre-quantized bitsandbytes checkpoint.*--distributed ddp"):
+        load_sharded(tmp_path / "4bit", qlora.LoraConfig(r=4), rank=0, world_size=2, device=torch.device("cpu"))

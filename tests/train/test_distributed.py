@@ -104,3 +104,14 @@ def test_two_ranks_follow_the_single_process_run(model_dir, alpaca_file, tmp_pat
     with pytest.raises(TrainingError, match="written by 2 processes"):
         train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "fsdp"), max_steps=9,
                           resume=True, **FLAGS))
+
+
+def test_settings_that_cannot_be_split_are_refused_clearly(model_dir, monkeypatch):
+    from qlora.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--batch-size 3 is the global micro-batch and must be a multiple of the 2"):
+        distributed.setup(TrainConfig(model=str(model_dir), batch_size=3))
+    ranks = distributed.Ranks(rank=0, world_size=2, mode="fsdp")
+    with pytest.raises(ValueError, match="use --distributed ddp"):
+        distributed.build_model(TrainConfig(model=str(model_dir), quant_type="none"), ranks, str(model_dir), None)
