@@ -2,11 +2,12 @@
 keeps), or DDP for models that fit on every rank.
 
     model = load_sharded(path, lora, rank=r, world_size=n, device=dev)   # FSDP2, bounded load
-    model = wrap_ddp(prepared_model)                                      # DDP
+    model = wrap_ddp(prepared_model, device)                              # DDP
 
-Used by `qlora train` under torchrun (qlora/train/distributed.py); tested by
-tests/model/test_shard.py (the chunk rule, by hand, 1-3 ranks) and tests/train/test_distributed.py
-(real gloo runs).
+Used by `qlora train` under torchrun (qlora/train/distributed.py). Tested by
+`pytest tests/model/test_shard.py` (the chunk rule and flat Linear4bit by hand for 1-3 ranks;
+real FSDP2 on 3 gloo ranks against load_model + prepare_model) and
+tests/train/test_distributed.py (2-rank training runs).
 
 Design:
 - FSDP2 (`torch.distributed.fsdp.fully_shard`) on every transformer block (the model's
@@ -30,7 +31,7 @@ Design:
 - No FSDP2 MixedPrecisionPolicy casting: qlora's own mixed precision already runs the
   4-bit decode, LoRA and matmuls in the compute dtype while LoRA stays fp32 and norms
   fp32; gradients (fp32, LoRA only) are reduce-scattered in fp32.
-- Checkpoints read 16-bit safetensors checkpoints; a pre-quantized bitsandbytes checkpoint
+- Only 16-bit safetensors checkpoints load this way; a pre-quantized bitsandbytes checkpoint
   is refused under FSDP2 (use --distributed ddp, or quantize from the 16-bit weights).
 """
 from __future__ import annotations
