@@ -7,6 +7,7 @@ The data flow, one folder a step:
     optim/   the update (AdamW 32/8-bit, paged state, schedules)
     train/   the loop (config, data, checkpoints, resume, reports, generate)
     explain/ `qlora explain`: how it all works, with numbers computed on the spot
+    memory.py  `qlora memory`: a run's peak memory, planned from the config alone
 """
 from . import explain, optim
 from .memory import MemoryPlan, plan_memory
@@ -15,6 +16,7 @@ from .model.checkpoint_files import CheckpointError
 from .model.load import load_model
 from .model.prepare import memory_report, prepare_model
 from .model.save import merge_adapter, save_quantized
+from .model.shard import load_sharded
 from .nn.linear4bit import Linear4bit
 from .nn.lora import LoraConfig, LoraLinear
 from .quant.codebooks import FP4, INT4, NF4, derive_nf4, dynamic_map
@@ -25,8 +27,8 @@ from .train.loop import train as finetune  # `qlora.train` stays the subpackage
 __version__ = "0.1.0"
 
 __all__ = [
-    "FP4", "INT4", "NF4", "CheckpointError", "Linear4bit", "LoraConfig", "LoraLinear", "QuantizedTensor",
-    "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "explain", "finetune", "load_adapter", "load_model",
-    "memory_report", "merge_adapter", "optim", "prepare_model", "quantize", "save_adapter", "save_quantized",
-    "MemoryPlan", "plan_memory",
+    "FP4", "INT4", "NF4", "CheckpointError", "Linear4bit", "LoraConfig", "LoraLinear", "MemoryPlan",
+    "QuantizedTensor", "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "explain", "finetune",
+    "load_adapter", "load_model", "load_sharded", "memory_report", "merge_adapter", "optim", "plan_memory",
+    "prepare_model", "quantize", "save_adapter", "save_quantized",
 ]

@@ -93,16 +93,17 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     }
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the LoRA weights of `model` (a prepared transformers causal LM) in PEFT's format.
 
-    Each file is written under a temporary name and renamed into place, so an existing
-    adapter in `directory` is replaced whole or not at all."""
+    `tensors` (PEFT keys -> full tensors, see `adapter_tensors`) replaces reading the model's
+    weights: FSDP2 passes the ones it gathered from the shards. Each file is written under a
+    temporary name and renamed into place, so an existing adapter in `directory` is replaced
+    whole or not at all."""
     config = adapter_config(model, base_model_name_or_path)
-    tensors = {}
-    for name, m in _lora_layers(model).items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
+    if tensors is None:
+        tensors = {k: t.detach().cpu().contiguous() for k, t in adapter_tensors(model).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp_weights, tmp_config = directory / f".{WEIGHTS_NAME}.tmp", directory / f".{CONFIG_NAME}.tmp"
@@ -111,6 +112,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     os.replace(tmp_weights, directory / WEIGHTS_NAME)
     os.replace(tmp_config, directory / CONFIG_NAME)
     return directory
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of `model` under PEFT's keys, in module order (the tensors themselves)."""
+    tensors = {}
+    for name, m in _lora_layers(model).items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+    return tensors
 
 
 def _pattern_value(pattern: dict, module: str, default):

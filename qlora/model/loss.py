@@ -14,7 +14,8 @@ is -100 too. Here:
   cross-entropy), so the head costs the same matmuls as before, minus the prompt rows.
 The arithmetic follows transformers': logits in the head's dtype, upcast to float32,
 mean over target tokens. Models whose head does more than a plain frozen linear map
-(soft-capping, logit scaling, LoRA or training on the head) use `model(**batch).loss`.
+(soft-capping, logit scaling, LoRA or training on the head) and FSDP2-sharded models use
+`model(**batch).loss`.
 Tests: tests/model/test_loss.py.
 """
 from __future__ import annotations
@@ -80,7 +81,17 @@ def fusable(model: nn.Module) -> bool:
         and not any(p.requires_grad for p in head.parameters())
         and not getattr(config, "final_logit_softcapping", None)
         and hasattr(model, getattr(model, "base_model_prefix", "") or "-")
+        and not _sharded(model)
     )
+
+
+def _sharded(model: nn.Module) -> bool:
+    """FSDP2-sharded: calling the base model directly would skip the root's all-gather hooks."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:

@@ -19,7 +19,14 @@ Design:
   than x @ W.T ("NT"): 11.5 s vs 0.3 s for [64, 4096] x [4096, 4096] on an AVX2 core.
   There, backward copies the decoded W transposed into a second workspace (50 ms at 4096^2)
   and multiplies in the NT form. Elsewhere (GPUs, AMX CPUs) it multiplies W directly.
-Tests: tests/nn/test_linear4bit.py.
+- Flat mode, for FSDP2 (`to_flat_parameters()`): the packed codes, the block scales and the
+  nested scales become frozen 1-D uint8 Parameters (`weight_packed`, `weight_absmax`,
+  `weight_nested_absmax`; float32 scales are stored as their bytes). FSDP2 shards
+  Parameters on dim 0 (torch.chunk, the last ranks padded or empty), so any world size and
+  any element count shard and gather exactly, and mixed precision never casts a scale
+  (it only casts floating-point parameters). `weight` rebuilds the QuantizedTensor from the
+  gathered (unsharded) parameters at every forward; the code books stay replicated buffers.
+Tests: tests/nn/test_linear4bit.py, tests/nn/test_linear4bit_flat.py.
 """
 from __future__ import annotations
 
@@ -116,6 +123,29 @@ class _DequantLinear(torch.autograd.Function):
 
 # ---- the module ------------------------------------------------------------------------------
 _QUANT_BUFFERS = ("_packed", "_absmax", "_code", "_nested_absmax", "_nested_code")
+FLAT_PARAMETERS = ("weight_packed", "weight_absmax", "weight_nested_absmax")
+"""Flat mode's frozen uint8 Parameters: packed codes, block scales, nested scales (bytes)."""
+
+
+def flat_bytes(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """The flat uint8 views (no copy) that flat mode stores: {FLAT_PARAMETERS name: bytes}."""
+    parts = {"weight_packed": qt.data, "weight_absmax": qt.absmax}
+    if qt.double_quant:
+        parts["weight_nested_absmax"] = qt.nested_absmax
+    return {k: t.contiguous().reshape(-1).view(torch.uint8) for k, t in parts.items()}
+
+
+def _view_as(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if isinstance(t, nn.Parameter):
+        t = t.detach()
+    if type(t) is not torch.Tensor and type(t) is not nn.Parameter:  # a DTensor shard, outside forward
+        raise RuntimeError(f"Linear4bit.{name} is sharded ({type(t).__name__}): read the weight inside forward, "
+                           "or gather the module's parameters first (FSDP2: module.unshard())")
+    if dtype == torch.uint8:
+        return t
+    if t.storage_offset() * t.element_size() % torch.empty(0, dtype=dtype).element_size():
+        t = t.clone()  # a view of bytes at an unaligned offset cannot be reinterpreted in place
+    return t.view(dtype)
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -179,10 +209,44 @@ class Linear4bit(nn.Module):
 
     @property
     def weight(self) -> QuantizedTensor:
-        """The packed weight as a QuantizedTensor over this module's (current) buffers."""
+        """The packed weight as a QuantizedTensor over this module's (current) buffers or flat parameters."""
         m = self._meta
+        if self.flat:
+            packed = _view_as(self.weight_packed, torch.uint8, "weight_packed").view(-1, 1)
+            absmax = _view_as(self.weight_absmax, m["absmax_dtype"], "weight_absmax")
+            nested = self._parameters.get("weight_nested_absmax")
+            nested = None if nested is None else _view_as(nested, torch.float32, "weight_nested_absmax")
+            return QuantizedTensor(packed, absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
+                                   self._code, nested, self._nested_code, m["nested_offset"])
         return QuantizedTensor(self._packed, self._absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
                                self._code, self._nested_absmax, self._nested_code, m["nested_offset"])
+
+    @property
+    def flat(self) -> bool:
+        """True in flat mode (quantization state held as flat uint8 Parameters, for FSDP2)."""
+        return "weight_packed" in self._parameters
+
+    def to_flat_parameters(self) -> "Linear4bit":
+        """Switch to flat mode (see the module docstring), in place; works on meta tensors too.
+
+        The parameters are byte views of the current buffers (no copy)."""
+        if self.flat:
+            return self
+        qt = self.weight
+        self._meta["absmax_dtype"] = qt.absmax.dtype
+        for name, t in flat_bytes(qt).items():
+            self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        for name in ("_packed", "_absmax", "_nested_absmax"):
+            del self._buffers[name]
+        return self
+
+    def set_tensor_meta(self, qt: QuantizedTensor) -> None:
+        """Take qt's per-tensor metadata (original dtype, double-quantization offset); flat-mode
+        loading (qlora/model/shard.py) copies the bytes of this rank's shard separately."""
+        if tuple(qt.shape) != tuple(self._meta["shape"]) or qt.quant_type != self.quant_type \
+                or qt.blocksize != self.blocksize or qt.double_quant != self.double_quant:
+            raise ValueError(f"set_tensor_meta: {qt} does not match this layer's layout {self.extra_repr()}")
+        self._meta.update(dtype=qt.dtype, nested_offset=qt.nested_offset)
 
     @property
     def quant_type(self) -> str:
@@ -194,7 +258,7 @@ class Linear4bit(nn.Module):
 
     @property
     def double_quant(self) -> bool:
-        return self._nested_absmax is not None
+        return self._buffers.get("_nested_absmax", self._parameters.get("weight_nested_absmax")) is not None
 
     # ---- compute ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +285,7 @@ class Linear4bit(nn.Module):
 
     # ---- movement: device moves apply, dtype casts do not touch the quantization state -----------
     def _apply(self, fn, recurse=True):
-        quant = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS}
+        quant = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS if name in self._buffers}
         try:
             super()._apply(fn, recurse)
         finally:
@@ -234,13 +298,21 @@ class Linear4bit(nn.Module):
 
     # ---- state dict in bitsandbytes' layout ----------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        flat = {name: self._parameters.pop(name) for name in FLAT_PARAMETERS if name in self._parameters}
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._parameters.update(flat)
         for key, t in self.weight.state_dict(prefix + "weight").items():
             destination[key] = t if keep_vars else t.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         wkey = prefix + "weight"
+        if self.flat:
+            error_msgs.append(f"{wkey}: this Linear4bit is in flat mode (sharded by FSDP2); load the checkpoint "
+                              "before calling to_flat_parameters()")
+            return
         mine = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
         rest = {k: v for k, v in state_dict.items() if k not in mine}
         if mine:

@@ -110,14 +110,14 @@ class LoraLinear(nn.Module):
     """base(x) + scaling * B(A(dropout(x))) over a frozen base layer; see the module docstring."""
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
         _check_hparams(r, alpha, dropout, dtype)
         self.in_features, self.out_features = _features(base_layer)
         self.base_layer = base_layer.requires_grad_(False)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        device = _device(base_layer)
+        device = _device(base_layer) if device is None else device  # explicit: real adapters over a meta base
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)

@@ -24,6 +24,9 @@ Tested by `pytest tests/optim` (torch.optim.AdamW is the oracle for 32-bit state
 - All state is flat 1-D per parameter; big parameters are updated in chunks (multiples
   of 256 elements, so 8-bit blocks never straddle a chunk) to bound temporaries and
   page sizes. Elementwise math makes chunked and whole updates identical.
+- Sharded parameters (FSDP2's DTensors) are updated through their local shard: the state
+  covers this rank's elements only (so state_dict() is this rank's shard), while the
+  8-bit-or-not choice follows the whole parameter's size, the same on every rank.
 - state_dict() holds plain CPU tensors (uint8 codes, float32 scales and moments, an
   int64 step) whatever the variant or page placement; `state_dict_to_tensors` flattens
   it for safetensors. load_state_dict() never casts state to the parameter dtype.
@@ -131,6 +134,11 @@ def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torc
     if full < n:
         x[full:].mul_(absmax[-1])
     return x
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameter or gradient), else `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, group: dict, step: int) -> None:
@@ -254,7 +262,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
         """Zero state for `p`: on the host tier when paged (place() may restore it)."""
-        n = p.numel()
+        n = local(p).numel()
         device = p.device
         pin = False
         if self.paged:
@@ -325,7 +333,7 @@ class AdamW(torch.optim.Optimizer):
         if pager is not None:
             # Every state on this device takes part, stepped this time or not.
             held = [(p, g) for g in self.param_groups for p in g["params"] if p.device == device and self.state.get(p)]
-            largest = max(_chunk_page_bytes(self.is_8bit(p, g), p.numel()) for p, g in held)
+            largest = max(_chunk_page_bytes(self.is_8bit(p, g), local(p).numel()) for p, g in held)
             pager.place({p: self.state[p] for p, _ in held}, largest)
         jobs: list[Job] = []
         for p, group in items:
@@ -339,9 +347,9 @@ class AdamW(torch.optim.Optimizer):
                 size = min(MATH_CHUNK, _page_elements(eight_bit, pager.pages.shape[1]))
             else:
                 size = MATH_CHUNK
-            flat_p, writeback = _flat(p)
-            flat_g = p.grad.reshape(-1)
-            for start, end in chunks(p.numel(), size):
+            flat_p, writeback = _flat(local(p))
+            flat_g = local(p.grad).reshape(-1)
+            for start, end in chunks(local(p).numel(), size):
                 jobs.append(
                     Job(
                         _state_slices(state, eight_bit, start, end),
@@ -438,7 +446,7 @@ def _check_bits(bits: int) -> None:
 
 
 def _check_state_shape(i: int, p: torch.Tensor, key: str, t: torch.Tensor) -> None:
-    n = p.numel()
+    n = local(p).numel()
     want_n, want_dtype = {
         "exp_avg": (n, torch.float32),
         "exp_avg_sq": (n, torch.float32),

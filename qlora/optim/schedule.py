@@ -87,6 +87,8 @@ def clip_grad_norm(
     if not grads:
         return torch.zeros(())
     total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+    if hasattr(total, "full_tensor"):  # FSDP2: DTensor gradients give a DTensor norm; take the global value
+        total = total.full_tensor()
     if error_if_nonfinite and not torch.isfinite(total):
         bad = sum(int(not torch.isfinite(g).all()) for g in grads)
         raise RuntimeError(

@@ -67,6 +67,8 @@ class TrainConfig:
     seed: int = 42  # seeds data order, init and dropout
     trust_remote_code: bool = False  # allow the model's own Python code
     demo: bool = True  # generate for demo prompts before and after training
+    # several processes (torchrun)
+    distributed: str = "fsdp"  # under torchrun: fsdp (shard the model per block) or ddp (a whole model per rank)
 
     def targets(self) -> str | list[str]:
         t = self.target_modules
@@ -174,6 +176,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.keep_last >= 1, "--keep-last must be at least 1"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
         (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+        (cfg.distributed in ("fsdp", "ddp"), "--distributed must be fsdp or ddp"),
     ]
     for ok, message in checks:
         if not ok:

@@ -11,6 +11,8 @@ optimizer state, so no checkpoint can hold it. Checkpoints (adapter in PEFT form
 optimizer, schedule, RNG, step) are written atomically every `save_every` steps, at the
 end and on Ctrl-C; `--resume` continues from the newest one bit for bit (on CPU): the data
 order is a function of (seed, micro-batch index), the index is saved, and so is the RNG.
+Under torchrun (WORLD_SIZE > 1) the model is sharded with FSDP2 or replicated with DDP, each
+rank takes its share of every micro-batch and only rank 0 reports: see distributed.py.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from ..model.save import atomic_directory
 from ..nn.lora import LoraConfig
 from ..optim import AdamW, clip_grad_norm, scheduler, state_dict_from_tensors, state_dict_to_tensors
 from . import data as D
+from . import distributed as dist_
 from .config import TrainConfig
 from .config import compute_dtype as resolve_compute_dtype
 from .report import Metrics, demo_generations, peak_memory_mb, write_summary
@@ -76,8 +79,11 @@ def checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_last: int) -> Path:
+def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_last: int,
+                    ranks: dist_.Ranks | None = None) -> Path:
     """Adapter, optimizer, schedule, RNG and trainer state for `state["step"]`, atomically."""
+    if ranks is not None and ranks.active:
+        return dist_.save_checkpoint(output, model, optimizer, sched, state, keep_last, ranks)
     target = output / "checkpoints" / f"step-{state['step']:07d}"
     with atomic_directory(target) as tmp:
         save_adapter(model, tmp)
@@ -91,7 +97,13 @@ def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_las
     return target
 
 
-def load_checkpoint(path: Path, model, optimizer, sched) -> dict:
+def load_checkpoint(path: Path, model, optimizer, sched, ranks: dist_.Ranks | None = None) -> dict:
+    if ranks is not None and ranks.active:
+        return dist_.load_checkpoint(path, model, optimizer, sched, ranks)
+    world = json.loads((path / "trainer_state.json").read_text()).get("world_size", 1)
+    if world != 1:
+        raise TrainingError(f"{path}: written by {world} processes; resume it under torchrun with the same "
+                            "world size, or start a new --output")
     load_adapter(model, path, trainable=True)
     tensors = load_file(str(path / "optimizer.safetensors"))
     from safetensors import safe_open
@@ -110,7 +122,9 @@ def evaluate(model, examples: list[D.Example], batch_size: int, pad: int) -> tup
     """(mean token loss, perplexity) over the eval rows."""
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for batch in D.eval_batches(examples, batch_size, pad):
+        batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
         total += float(causal_lm_loss(model, batch)) * n
         count += n
@@ -125,6 +139,7 @@ def train(cfg: TrainConfig) -> dict:
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
+    ranks = dist_.setup(cfg)  # one process: Ranks(world_size=1), nothing changes
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model_path, data_path = _default_paths(cfg)
@@ -141,40 +156,48 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
     # model, optimizer, schedule; the memory plan first, then the peak is measured from here
-    plan = M.plan_run(cfg, model_path, train_rows)
+    plan = M.plan_run(cfg, model_path, train_rows) if not ranks.active else None  # one process: see memory.py
     baseline = M.start_measure(model_path)
-    model = _build_model(cfg, model_path)
-    demo = demo_generations(model, tokenizer) if cfg.demo and cfg.data is None else None
+    model = _build_model(cfg, model_path) if not ranks.active else dist_.build_model(cfg, ranks, model_path, _build_model)
+    if ranks.rank > 0:
+        torch.manual_seed(cfg.seed + ranks.rank)  # the same init everywhere, then dropout masks of its own
+    demo = demo_generations(model, tokenizer) if cfg.demo and cfg.data is None and not ranks.active else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       state_bits=8 if cfg.optim.endswith("8bit") else 32, paged=cfg.optim.startswith("paged"))
     warmup = round(cfg.warmup_ratio * total_steps) if cfg.schedule != "constant" else 0
     sched = scheduler(optimizer, cfg.schedule, warmup_steps=warmup, total_steps=total_steps)
-    cfg.to_yaml(output / "config.yaml")
+    if ranks.main:
+        cfg.to_yaml(output / "config.yaml")
 
     state = {"step": 0, "micro": 0, "bad_steps": 0, "skipped_steps": 0, "tokens": 0, "elapsed": 0.0, "best_eval": None}
     if cfg.resume:
         found = checkpoints(output)
         if not found:
             raise TrainingError(f"--resume: no checkpoint in {output / 'checkpoints'}; start without --resume")
-        state = load_checkpoint(found[-1], model, optimizer, sched)
-        print(f"resumed from {found[-1]} (step {state['step']})")
-    metrics = Metrics(output / "metrics.jsonl", truncate_after=state["step"])
+        state = load_checkpoint(found[-1], model, optimizer, sched, ranks)
+        if ranks.main:
+            print(f"resumed from {found[-1]} (step {state['step']})")
+    metrics = Metrics(output / "metrics.jsonl", truncate_after=state["step"]) if ranks.main else dist_.NoMetrics()
     model.train()
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
+               disable=not ranks.main)
     start, eval_loss = time.perf_counter() - state["elapsed"], None
     try:
         while state["step"] < total_steps:
             step = state["step"] + 1
             micro = [batches.batch(state["micro"] + i) for i in range(cfg.grad_accum)]
             state["micro"] += cfg.grad_accum  # the data position moves on even if the step is skipped
-            n_step = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in micro)
-            loss_sum = torch.zeros((), dtype=torch.float32)
-            for b in micro:
-                n = int((b["labels"][:, 1:] != D.IGNORE).sum())
-                loss = causal_lm_loss(model, b).float() * (n / max(n_step, 1))
-                loss.backward()
-                loss_sum += loss.detach()
+            if ranks.active:  # HF's loss there: FSDP2's root hooks gather the head (distributed.py)
+                loss_sum = dist_.forward_backward(model, micro, ranks)
+            else:
+                n_step = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in micro)
+                loss_sum = torch.zeros((), dtype=torch.float32)
+                for b in micro:
+                    n = int((b["labels"][:, 1:] != D.IGNORE).sum())
+                    loss = causal_lm_loss(model, b).float() * (n / max(n_step, 1))
+                    loss.backward()
+                    loss_sum += loss.detach()
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
                                        error_if_nonfinite=False)
             if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
@@ -203,16 +226,24 @@ def train(cfg: TrainConfig) -> dict:
             if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last)
+                save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     except KeyboardInterrupt:
         bar.close()
-        where = save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last)
+        if ranks.active:  # no collective save from ranks stopped at different points
+            raise
+        where = save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
         print(f"\ninterrupted at step {state['step']}: saved {where}; continue with the same command and --resume")
         raise
     bar.close()
     if eval_rows:
         eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
-    save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last)
+    save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
+    if ranks.active:
+        dist_.save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=cfg.model)
+        dist_.shutdown(ranks)
+        if not ranks.main:
+            return {"steps": state["step"], "rank": ranks.rank}
+        return write_summary(output, cfg, state, eval_loss, skipped, None, None)
     with atomic_directory(output / "adapter") as tmp:
         save_adapter(model, tmp, base_model_name_or_path=cfg.model)
     after = demo_generations(model, tokenizer) if demo is not None else None
