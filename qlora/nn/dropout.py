@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quant import kernels
 from ..quant.kernels import cpu
 
 M32 = 0xFFFFFFFF
@@ -63,7 +64,13 @@ def seeded_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Dropout of x with the mask of (seed, index); the native kernel on CPU when it is built."""
+    """Dropout of x with the mask of (seed, index): Triton on CUDA, the C kernel on CPU (when
+    they load), else the reference."""
+    if x.device.type in kernels.TRITON_DEVICE_TYPES and x.dtype in DTYPES and kernels.triton_module():
+        from ..quant.kernels import triton_dropout
+
+        threshold, scale = threshold_and_scale(p)
+        return triton_dropout.seeded_dropout(x.contiguous(), threshold, scale, seed)
     lib = cpu.load() if x.device.type == "cpu" and x.dtype in DTYPES else None
     if lib is None:
         return seeded_dropout_ref(x, p, seed)

@@ -84,3 +84,23 @@ def test_lora_branch_keeps_x_not_a_dropped_copy():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
     assert big and all(t.data_ptr() == x.data_ptr() for t in big)  # only x itself, no [64, 256] copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_seeded_dropout_equals_reference(dtype, monkeypatch):
+    pytest.importorskip("triton", reason="triton is not installed")
+    import os
+
+    from qlora.quant import kernels
+    from qlora.quant.kernels import triton_decode, triton_dropout
+
+    assert os.environ.get("TRITON_INTERPRET") == "1" and triton_decode.INTERPRET  # tests/conftest.py sets it
+    monkeypatch.setattr(kernels, "TRITON_DEVICE_TYPES", {"cpu"})  # CPU tensors take the Triton path
+    calls = []
+    kernel = triton_dropout.seeded_dropout
+    monkeypatch.setattr(triton_dropout, "seeded_dropout", lambda *a: calls.append(1) or kernel(*a))
+    x = (torch.randn(3, 4099) * 37).to(dtype)
+    for seed in (0, 2**32 + 3, 2**64 - 1):
+        for p in (0.05, 0.5):
+            assert torch.equal(seeded_dropout(x, p, seed), seeded_dropout_ref(x, p, seed)), (seed, p)
+    assert len(calls) == 6

@@ -1,0 +1,55 @@
+"""Seeded dropout on the GPU: the mask of qlora/nn/dropout.py (a hash of seed and index), in Triton.
+
+    triton_dropout.seeded_dropout(x, threshold, scale, seed)   # x contiguous, float32/float16/bfloat16
+
+The same definition, bit for bit, as the C kernel and the PyTorch reference: element i is kept
+when the 16-bit half (i & 1) of fmix32((i >> 1) mod 2^32 XOR key) is >= threshold, with key =
+fmix32(seed_hi XOR (i >> 33)) XOR seed_lo; kept values are x * scale in float32, rounded once.
+One pass over x: the reference needs some 30 int64 tensor ops for the same mask.
+Tests: tests/nn/test_dropout.py (`-k triton`, under TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_decode import to_bf16
+
+BLOCK = 4096
+
+
+@triton.jit
+def _fmix32(h):
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _dropout_kernel(x_ptr, out_ptr, n, seed_lo, seed_hi, threshold, scale, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    key = _fmix32(seed_hi.to(tl.uint32) ^ (offs >> 33).to(tl.uint32)) ^ seed_lo.to(tl.uint32)
+    r = _fmix32((offs >> 1).to(tl.uint32) ^ key)
+    half = (r >> ((offs & 1).to(tl.uint32) * 16)) & 0xFFFF
+    y = tl.where(half >= threshold.to(tl.uint32), x * scale, 0.0)
+    if BF16:
+        tl.store(out_ptr + offs, to_bf16(y), mask=inside)
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def seeded_dropout(x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
+    """Dropout of contiguous `x` with the (threshold, scale) of dropout.threshold_and_scale(p)."""
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        # seed halves as int64 scalars (kernel arguments above 2^31 would change the argument type)
+        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, seed & 0xFFFFFFFF, seed >> 32, threshold, scale,
+                                                   BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
+    return out
