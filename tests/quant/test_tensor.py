@@ -137,6 +137,10 @@ def test_non_tensor_input():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
+    """The same codes; the DQ offset is a float32 mean summed in the device's order (as in
+    bitsandbytes), so it and the nested scales may differ in the last bit (seen on an H200)."""
     x = torch.randn(300, 70)
     cpu, gpu = qlora.quantize(x), qlora.quantize(x.cuda())
-    assert torch.equal(gpu.data.cpu(), cpu.data) and torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+    assert torch.equal(gpu.data.cpu(), cpu.data) and torch.equal(gpu.absmax.cpu(), cpu.absmax)
+    assert abs(gpu.nested_offset - cpu.nested_offset) <= 1e-6 * abs(cpu.nested_offset)
+    torch.testing.assert_close(gpu.dequantize().cpu(), cpu.dequantize(), rtol=1e-6, atol=1e-6)
