@@ -9,11 +9,11 @@ layers; gradient checkpointing; paged AdamW 32-bit; the same random token batche
 Each setup runs in a fresh subprocess; peak = growth of VmHWM over the process after
 its imports (model code included); tokens/s = batch x seq / median step time.
 Setups: qlora QLoRA (nf4 + DQ; what `qlora train` runs: fused head + cross-entropy, seeded
-LoRA dropout, glibc's mmap threshold fixed), the same without gradient checkpointing (its
-recompute skipped, paid for with the memory the rest saves), peer QLoRA (bnb nf4 + DQ,
-prepare_model_for_kbit_training, bf16 autocast, PagedAdamW32bit), the peer again with
-qlora's allocator setting given through the environment (so the table shows what is
-glibc's and what is qlora's), peer 16-bit LoRA (bf16 base, peft, bf16 autocast).
+LoRA dropout), the same without gradient checkpointing (no recompute, paid for with the
+memory the rest saves), the same with --release-host-memory (glibc's mmap threshold fixed:
+freed tensors leave the resident set, at the price of page faults), peer QLoRA (bnb nf4 +
+DQ, prepare_model_for_kbit_training, bf16 autocast, PagedAdamW32bit), peer 16-bit LoRA (bf16
+base, peft, bf16 autocast).
 """
 from __future__ import annotations
 
@@ -39,13 +39,13 @@ CHILD = textwrap.dedent("""
     from qlora.model.peak import return_freed_memory
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, 32000, (batch, seq), generator=g) for _ in range(steps + warmup)]
-    if setup.startswith("qlora"):
-        return_freed_memory()  # as `qlora train` does
+    if setup.endswith("release"):
+        return_freed_memory()  # as `qlora train --release-host-memory` does
     start = reset_peak()
     if setup.startswith("qlora"):
         model = qlora.load_model(path, compute_dtype=dtype, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
-                                    gradient_checkpointing=setup == "qlora", verbose=False)
+                                    gradient_checkpointing=setup != "qlora-norecompute", verbose=False)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
         autocast = torch.autocast("cpu", enabled=False)
     else:
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of each setup")
     ap.add_argument("--workdir", default="/tmp/qlora-train-bench")
-    ap.add_argument("--setups", default="qlora,qlora-norecompute,peer-qlora,peer-qlora-malloc,peer-lora16")
+    ap.add_argument("--setups", default="qlora,qlora-norecompute,qlora-release,peer-qlora,peer-lora16")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="compute dtype of every setup (float32 on CPUs that emulate bf16)")
     args = ap.parse_args()
@@ -103,13 +103,11 @@ def main() -> None:
                              vocab_size=32000, tie_word_embeddings=False)
         write_random_checkpoint(config, path)
     labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "qlora-norecompute": "qlora QLoRA, no checkpointing",
-              "peer-qlora": "transformers+peft+bnb QLoRA", "peer-qlora-malloc": "  the same, MALLOC_MMAP_THRESHOLD_",
+              "qlora-release": "qlora QLoRA, --release-host-memory", "peer-qlora": "transformers+peft+bnb QLoRA",
               "peer-lora16": "transformers+peft 16-bit LoRA"}
     results = {}
     for setup in args.setups.split(","):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        if setup == "peer-qlora-malloc":  # the allocator setting qlora's trainer makes, given to the peer
-            env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
         out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps), str(args.warmup),
                               str(args.seq), str(args.batch), args.dtype], capture_output=True, text=True, env=env)
         if out.returncode:

@@ -650,13 +650,14 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
                        device=device, lora_dropout=cfg.lora_dropout, padded=not cfg.packing and cfg.batch_size > 1)
 
 
-def start_measure(model_path: str | None = None) -> tuple[int, int]:
+def start_measure(model_path: str | None = None, release_host_memory: bool = False) -> tuple[int, int]:
     """Import what a run imports lazily (the model's modeling module, the native kernels), then
     reset the peak. Returns the baseline for `measure`: (RSS, file-backed RSS) on CPU,
     (allocated, 0) on CUDA, whose allocator peak is reset.
 
-    On CPU it also makes glibc return freed tensors to the kernel (peak.return_freed_memory),
-    so the resident peak is the peak of live tensors, as CUDA's allocated peak is."""
+    With `release_host_memory` (CPU) it makes glibc return freed tensors to the kernel
+    (peak.return_freed_memory), so the resident peak is the peak of live tensors, as CUDA's
+    allocated peak is; without it the measured peak also holds what glibc keeps after frees."""
     import torch
 
     if model_path is not None:
@@ -681,7 +682,8 @@ def start_measure(model_path: str | None = None) -> tuple[int, int]:
     try:
         from .model.peak import file_bytes, reset_peak, return_freed_memory
 
-        return_freed_memory()
+        if release_host_memory:
+            return_freed_memory()
         return reset_peak(), file_bytes()
     except OSError:  # not Linux
         return 0, 0

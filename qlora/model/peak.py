@@ -46,9 +46,10 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     the process when freed: a CPU training run then holds tens of MB more than its live
     tensors (the CPU analogue of CUDA's cached-but-free blocks). A fixed threshold keeps
     the resident set at the live tensors, at the cost of one mmap + page faults per large
-    tensor (milliseconds per step). Measured on a 58M Llama QLoRA step at 4 x 512: 1505 MiB
-    peak by default, 735 MiB with a fixed threshold (benchmarks/train.py). The trainer sets it
-    (memory.start_measure); any program can, with MALLOC_MMAP_THRESHOLD_=65536.
+    tensor. Measured on a 58M Llama QLoRA step at 4 x 512, bf16, 2 cores: 868 MiB peak and
+    1.93 s a step by default, 633 MiB and 4.0 s with this (page faults are dear here). So the
+    trainer sets it only with --release-host-memory (memory.start_measure); any program can,
+    with MALLOC_MMAP_THRESHOLD_=65536.
     Process-wide; False where glibc is not the allocator.
     """
     import ctypes
