@@ -13,13 +13,14 @@ single rounding to x's dtype; backward does the same with dy B and A. dA and dB 
 the backward kernel computes dy W alone and the LoRA input gradient s (dy B) A is returned
 for h (autograd routes it through the dropout mask).
 Saved for backward: the QuantizedTensor (a reference to the packed weight, no copy), h in
-the compute dtype (x itself when there is no dropout and x is already in that dtype),
+the compute dtype (x itself when there is no dropout and x is already in that dtype; with
+dropout, the seeded-dropout output, whose mask SeededDropout regenerates for its backward),
 xa = h A^T [rows, r], and references to the A and B parameters. Not saved: W decoded, y.
 Strategy (STRATEGY): "fused" (the kernels above, the default) or "workspace" (Triton decode
 of W into the shared workspace + cuBLAS, the same Function, saved state and LoRA math):
 at many rows per call the decode-once product may win; benchmarks/gpu.py measures both.
 Selected by LoraLinear when usable(): a Linear4bit base, the input on a device in
-DEVICE_TYPES ("cuda") of compute capability 8.0 or newer, triton importable,
+DEVICE_TYPES (empty unless QLORA_FUSED_LORA=1: opt-in, see DEVICE_TYPES) of compute capability 8.0 or newer, triton importable,
 QLORA_KERNELS != "reference", an even in_features. (The fused path calls the Function
 directly: hooks registered on the base layer's forward do not run on it.)
 Otherwise LoraLinear runs the pure-PyTorch path (the oracle).
