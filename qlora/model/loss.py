@@ -47,10 +47,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             logits = F.linear(h[s:s + chunk], weight, bias).float()
             y = targets[s:s + chunk, None]
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (lse - logits.gather(1, y)).sum()
+            picked = logits.gather(1, y)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: no second [chunk, vocab] tensor (torch.logsumexp makes one)
+            sums = probs.sum(dim=-1, keepdim=True)
+            total += (top + sums.log() - picked).sum()
             if grad_h is not None:
-                probs = logits.sub_(lse).exp_()  # softmax, in place
+                probs.div_(sums)  # softmax
                 probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
                 grad_h[s:s + chunk] = (probs.div_(n)).to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h)
