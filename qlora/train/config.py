@@ -40,6 +40,7 @@ class TrainConfig:
     double_quant: bool = True  # quantize the block scales too
     blocksize: int = 64  # elements per scale
     compute_dtype: str = "bfloat16"  # matmul dtype: bfloat16, float16, float32 or auto (bf16 where it is native)
+    device: str = "auto"  # where one process trains: auto (cuda when available), cuda, cuda:N or cpu (torchrun: per rank)
     # LoRA
     lora_r: int = 64  # adapter rank
     lora_alpha: float = 16.0  # scaling = alpha / r
@@ -79,6 +80,17 @@ class TrainConfig:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
         tmp.replace(path)
+
+
+def device(cfg: TrainConfig):
+    """The torch device of --device, resolving "auto" (CUDA when available)."""
+    import torch
+
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: torch sees no CUDA device here; use --device cpu (or auto)")
+    return torch.device(cfg.device)
 
 
 def native_bf16() -> bool:
@@ -176,6 +188,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.epochs > 0, "--epochs must be positive"),
         (cfg.keep_last >= 1, "--keep-last must be at least 1"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+        (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device must be auto, cpu, cuda or cuda:N"),
         (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
         (cfg.distributed in ("fsdp", "ddp"), "--distributed must be fsdp or ddp"),
     ]

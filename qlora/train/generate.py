@@ -26,7 +26,8 @@ def generate(model_path: str, prompt: str, adapter: str | None = None, max_new_t
         raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
     path = resolve(model_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = load_model(path, trust_remote_code=trust_remote_code, progress=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(path, device=device, trust_remote_code=trust_remote_code, progress=False)
     if adapter:
         load_adapter(model, adapter, trainable=False)
     if raw:
@@ -36,7 +37,8 @@ def generate(model_path: str, prompt: str, adapter: str | None = None, max_new_t
                                              add_generation_prompt=True)
     else:
         text = ALPACA.format(instruction=prompt)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    ids = tokenizer(text, return_tensors="pt",
+                    add_special_tokens=not getattr(tokenizer, "chat_template", None)).to(device)
     torch.manual_seed(seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     sample = temperature > 0

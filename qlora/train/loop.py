@@ -39,6 +39,7 @@ from . import data as D
 from . import distributed as dist_
 from .config import TrainConfig
 from .config import compute_dtype as resolve_compute_dtype
+from .config import device as resolve_device
 from .report import Metrics, demo_generations, peak_memory_mb, write_summary
 from .. import memory as M
 
@@ -62,10 +63,11 @@ def _build_model(cfg: TrainConfig, model_path: str):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(resolve(model_path), dtype=compute_dtype,
-                                                     trust_remote_code=cfg.trust_remote_code)
+                                                     trust_remote_code=cfg.trust_remote_code).to(resolve_device(cfg))
     else:
-        model = load_model(model_path, cfg.quant_type, cfg.double_quant, compute_dtype, blocksize=cfg.blocksize,
-                           trust_remote_code=cfg.trust_remote_code, target_modules=targets, progress=False)
+        model = load_model(model_path, cfg.quant_type, cfg.double_quant, compute_dtype, device=resolve_device(cfg),
+                           blocksize=cfg.blocksize, trust_remote_code=cfg.trust_remote_code, target_modules=targets,
+                           progress=False)
     lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
                       use_rslora=cfg.use_rslora)
     return prepare_model(model, lora=lora, quant_type=None, compute_dtype=compute_dtype,
@@ -191,6 +193,8 @@ def train(cfg: TrainConfig) -> dict:
             if ranks.active:  # HF's loss there: FSDP2's root hooks gather the head (distributed.py)
                 loss_sum = dist_.forward_backward(model, micro, ranks)
             else:
+                device = next(model.parameters()).device
+                micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
                 n_step = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in micro)
                 loss_sum = torch.zeros((), dtype=torch.float32)
                 for b in micro:

@@ -91,7 +91,7 @@ def demo_generations(model, tokenizer, max_new_tokens: int = 48) -> dict[str, st
     model.eval()
     out = {}
     for prompt in prompts:
-        ids = tokenizer(ALPACA.format(instruction=prompt), return_tensors="pt")
+        ids = tokenizer(ALPACA.format(instruction=prompt), return_tensors="pt").to(model.device)
         gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         out[prompt] = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

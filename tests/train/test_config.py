@@ -2,9 +2,10 @@
 import argparse
 
 import pytest
+import torch
 import yaml
 
-from qlora.train.config import TrainConfig, add_arguments, from_args
+from qlora.train.config import TrainConfig, add_arguments, from_args, validate
 
 
 def parse(argv):
@@ -54,3 +55,15 @@ def test_unknown_yaml_key(tmp_path):
     (tmp_path / "r.yaml").write_text("lora_rank: 8\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['lora_rank'\]"):
         parse(["--config", str(tmp_path / "r.yaml")])
+
+
+def test_device_flag():
+    from qlora.train.config import device
+
+    assert str(device(TrainConfig(device="cpu"))) == "cpu"
+    assert device(TrainConfig()).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="--device"):
+        validate(TrainConfig(device="tpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            device(TrainConfig(device="cuda"))
