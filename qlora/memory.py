@@ -781,9 +781,11 @@ def plan_run(cfg, model_path: str, rows: list | None = None) -> MemoryPlan | Non
     with warnings.catch_warnings():  # the trainer warns about emulated bf16 itself
         warnings.simplefilter("ignore")
         compute_dtype = resolve(cfg)
-    longest = max((len(r.input_ids) for r in rows or []), default=0) or None
+    longest = max((len(r.input_ids) for r in rows or []), default=0) or cfg.max_length
+    multiple = getattr(cfg, "pad_to_multiple", 1)
+    seq_len = -(-min(longest, cfg.max_length) // multiple) * multiple  # as data.collate pads it
     try:
-        plan = plan_for_run(cfg, model_path, compute_dtype, min(longest or cfg.max_length, cfg.max_length))
+        plan = plan_for_run(cfg, model_path, compute_dtype, seq_len)
     except (MemoryPlanError, OSError, KeyError, ValueError) as e:
         print(f"memory: no plan for this model ({e}); memory.json will hold only the measured peak")
         return None

@@ -58,6 +58,7 @@ class TrainConfig:
     grad_accum: int = 4  # micro-batches per optimizer step
     gradient_checkpointing: bool = True  # recompute activations in backward
     release_host_memory: bool = False  # CPU: freed tensors go back to the OS at once (lower peak; up to 2x slower steps)
+    pad_to_multiple: int = 16  # pad each batch's length up to a multiple of N (fewer shapes: less memory, faster)
     checkpoint_every: int = 1  # with checkpointing: recompute every N-th decoder layer only (faster, more memory)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     # data
@@ -188,6 +189,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.epochs > 0, "--epochs must be positive"),
         (cfg.keep_last >= 1, "--keep-last must be at least 1"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+        (cfg.pad_to_multiple >= 1, "--pad-to-multiple must be at least 1"),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device must be auto, cpu, cuda or cuda:N"),
         (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
         (cfg.distributed in ("fsdp", "ddp"), "--distributed must be fsdp or ddp"),

@@ -120,12 +120,12 @@ def load_checkpoint(path: Path, model, optimizer, sched, ranks: dist_.Ranks | No
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[D.Example], batch_size: int, pad: int) -> tuple[float, float]:
+def evaluate(model, examples: list[D.Example], batch_size: int, pad: int, multiple: int = 1) -> tuple[float, float]:
     """(mean token loss, perplexity) over the eval rows."""
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for batch in D.eval_batches(examples, batch_size, pad):
+    for batch in D.eval_batches(examples, batch_size, pad, multiple):
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
         total += float(causal_lm_loss(model, batch)) * n
@@ -154,7 +154,8 @@ def train(cfg: TrainConfig) -> dict:
         examples = D.pack(examples, cfg.max_length)
     train_rows, eval_rows = D.split(examples, cfg.eval_split, cfg.seed)
     pad = D.pad_id(tokenizer)
-    batches = D.Batches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length and not cfg.packing, pad)
+    batches = D.Batches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length and not cfg.packing, pad,
+                        cfg.pad_to_multiple)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
     # model, optimizer, schedule; the memory plan first, then the peak is measured from here
@@ -256,7 +257,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _eval(model, eval_rows, cfg: TrainConfig, pad: int, state: dict, metrics) -> float:
-    loss, ppl = evaluate(model, eval_rows, cfg.batch_size, pad)
+    loss, ppl = evaluate(model, eval_rows, cfg.batch_size, pad, cfg.pad_to_multiple)
     state["best_eval"] = loss if state["best_eval"] is None else min(state["best_eval"], loss)
     metrics.write({"step": state["step"], "eval_loss": loss, "eval_ppl": ppl})
     return loss

@@ -114,3 +114,10 @@ def test_packing_split_and_batches_are_deterministic():
         assert b1.batch(k)["input_ids"].equal(b2.batch(k)["input_ids"])
     widths = [b1.batch(k)["input_ids"].shape[1] for k in range(6)]
     assert max(widths) < 29  # grouped by length: not every batch padded to the longest row
+
+
+def test_collate_pads_to_a_multiple():
+    batch = D.collate([D.Example([1, 2, 3], [1, 2, 3]), D.Example([4], [4])], pad=0, multiple=16)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum().item() == 4 and (batch["labels"] != D.IGNORE).sum().item() == 4
+    assert D.collate([D.Example(list(range(16)), list(range(16)))], pad=0, multiple=16)["input_ids"].shape == (1, 16)
