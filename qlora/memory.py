@@ -317,7 +317,7 @@ def _backward_transient(s: Shape, b: int, t: int, e: int) -> int:
 
 
 def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora: dict[str, bool], e: int,
-                     dropout: bool, checkpointing: bool, cuda: bool, masked: bool) -> dict[str, int]:
+                     dropout: bool, checkpointing: bool, cuda: bool, masked: bool, targets: int | None = None) -> dict[str, int]:
     """The activation memory at the peak of backward, and its pieces (bytes)."""
     n = batch_size * seq_len
     full = _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, dropout=dropout, cuda=cuda, masked=masked,
@@ -330,7 +330,7 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
     # computed in forward, and the boolean mask that picked those rows. While it runs, one chunk of
     # logits exists: in float32 (softmax in place), beside the 16-bit logits it was copied from
     # and later the 16-bit probabilities multiplied by W (none of these copies in fp32 compute).
-    targets = n - batch_size
+    targets = n - batch_size if targets is None else min(targets, n - batch_size)
     rows = min(targets, max(1, CE_CHUNK_BYTES // (4 * s.vocab)))
     head_saved = (n * s.hidden * e + n * 4 + targets * s.hidden * e + targets
                   + (4 * s.hidden if s.norm_offset else 0))
@@ -408,19 +408,20 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                 gradient_checkpointing: bool = True, quant_type: str = "nf4", double_quant: bool = True,
                 blocksize: int = 64, compute_dtype: str = "bfloat16", method: str = "qlora", world_size: int = 1,
                 device_memory: int | str | None = None, device: str = "cuda", lora_dropout: float = 0.05,
-                padded: bool | None = None, _suggest: bool = True) -> MemoryPlan:
+                padded: bool | None = None, target_tokens: int | None = None, _suggest: bool = True) -> MemoryPlan:
     """Predict the peak memory of fine-tuning `model` (a config; see the module docstring).
 
     Extra keywords beyond the shared contract: `device` ("cuda": the question "does it fit my
-    card"; "cpu": what this trainer measures here), `lora_dropout` (> 0 saves a mask per
-    adapter), `padded` (rows padded to a common length, so SDPA gets a mask; default:
-    batch_size > 1).
+    card"; "cpu": what this trainer measures here), `lora_dropout` (recorded; the seeded
+    dropout keeps no mask), `padded` (rows padded to a common length, so SDPA gets a mask;
+    default: batch_size > 1), `target_tokens` (labelled tokens per micro-batch, which go
+    through the fused head; default: all but the first of each row).
     """
     settings = dict(model=str(model) if not isinstance(model, dict) else model.get("_name_or_path", "config"),
                     seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=target_modules, optim=optim,
                     gradient_checkpointing=gradient_checkpointing, quant_type=quant_type, double_quant=double_quant,
                     blocksize=blocksize, compute_dtype=compute_dtype, method=method, world_size=world_size,
-                    device=device, lora_dropout=lora_dropout, padded=padded)
+                    device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens)
     _check(settings)
     if hasattr(model, "to_dict") and not isinstance(model, dict):
         settings["model"] = getattr(model, "_name_or_path", "") or type(model).__name__
@@ -493,7 +494,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     # ---- activations ----
     lora = {k: True for k in lora_on} if method != "full16" else {x[0]: True for x in shape.linears()}
     kw = dict(seq_len=seq_len, batch_size=batch_size, rank=rank if method != "full16" else 0, lora=lora, e=e,
-              dropout=lora_dropout > 0 and method != "full16", cuda=cuda, masked=masked)
+              dropout=lora_dropout > 0 and method != "full16", cuda=cuda, masked=masked, targets=target_tokens)
     if method == "full16":  # a dense Linear saves its input for the weight gradient, like a LoRA A with no dropout
         kw["rank"] = 0
     act = activation_bytes(shape, checkpointing=gradient_checkpointing, **kw)
@@ -577,7 +578,7 @@ def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
     """The cheapest single changes (then pairs) that make the plan fit, with the total each gives."""
     base = {k: st[k] for k in ("seq_len", "batch_size", "rank", "target_modules", "optim", "gradient_checkpointing",
                                "quant_type", "double_quant", "blocksize", "compute_dtype", "method", "world_size",
-                               "device", "lora_dropout", "padded")}
+                               "device", "lora_dropout", "padded", "target_tokens")}
     changes: list[tuple[str, dict]] = []
     if not st["gradient_checkpointing"]:
         changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
@@ -633,12 +634,13 @@ def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
 
 
 # ---- the trainer's side: plan before, measure after -----------------------------------------------
-def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None) -> MemoryPlan:
+def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None,
+                 target_tokens: int | None = None) -> MemoryPlan:
     """The plan of a TrainConfig run on this machine (device, compute dtype resolved); rows of
-    `seq_len` tokens (default cfg.max_length)."""
-    import torch
+    `seq_len` tokens (default cfg.max_length), `target_tokens` labelled per micro-batch."""
+    from .train.config import device as resolve_device
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if resolve_device(cfg).type == "cuda" else "cpu"
     optim = {"paged_adamw_32bit": "paged_adamw", "paged_adamw_8bit": "paged_adamw8bit", "adamw_32bit": "adamw",
              "adamw_8bit": "adamw8bit"}[cfg.optim]
     method = "lora16" if cfg.quant_type == "none" else "qlora"
@@ -647,7 +649,8 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
                        gradient_checkpointing=cfg.gradient_checkpointing,
                        quant_type="nf4" if method == "lora16" else cfg.quant_type, double_quant=cfg.double_quant,
                        blocksize=cfg.blocksize, compute_dtype=str(compute_dtype).replace("torch.", ""), method=method,
-                       device=device, lora_dropout=cfg.lora_dropout, padded=not cfg.packing and cfg.batch_size > 1)
+                       device=device, lora_dropout=cfg.lora_dropout, padded=not cfg.packing and cfg.batch_size > 1,
+                       target_tokens=target_tokens)
 
 
 def start_measure(model_path: str | None = None, release_host_memory: bool = False) -> tuple[int, int]:
@@ -784,7 +787,7 @@ def plan_run(cfg, model_path: str, rows: list | None = None) -> MemoryPlan | Non
     longest = max((len(r.input_ids) for r in rows or []), default=0) or cfg.max_length
     multiple = getattr(cfg, "pad_to_multiple", 1)
     seq_len = -(-min(longest, cfg.max_length) // multiple) * multiple  # as data.collate pads it
-    try:
+    try:  # every token counted as a target of the loss: the head's share is an upper bound
         plan = plan_for_run(cfg, model_path, compute_dtype, seq_len)
     except (MemoryPlanError, OSError, KeyError, ValueError) as e:
         print(f"memory: no plan for this model ({e}); memory.json will hold only the measured peak")

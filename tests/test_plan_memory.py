@@ -202,3 +202,15 @@ def test_prediction_within_15_percent_of_the_trainer(case, tmp_path):
     run = tmp_path / ("run-" + case)
     assert json.loads((run / "memory.json").read_text())["parts"] == record["parts"]
     assert (run / "memory.png").exists()
+
+
+def test_target_tokens_shrink_the_head_where_it_sets_the_peak():
+    config = tiny_config("llama", vocab_size=100_000)  # the fused head's chunk of logits dominates
+    every = plan_memory(config, seq_len=256, batch_size=2, compute_dtype="float32", device="cpu")
+    half = plan_memory(config, seq_len=256, batch_size=2, compute_dtype="float32", device="cpu", target_tokens=100)
+    assert half.parts["activations"] < every.parts["activations"]
+    from qlora.model.loss import CHUNK_BYTES
+
+    chunk_rows = CHUNK_BYTES // (4 * 100_000)  # 167: the fused loss's chunk at this vocabulary
+    # (chunk_rows - 100) fewer rows of float32 logits at the head's peak, plus their d/dh rows
+    assert every.parts["activations"] - half.parts["activations"] >= (chunk_rows - 100) * 100_000 * 4
