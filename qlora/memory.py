@@ -289,7 +289,7 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
         ug = linear("mlp.c_fc", "n2", h, g)
         if ug:  # gelu(tanh) saves its input
             keep("fc_out", n * i * e)
-        dg = linear("mlp.c_proj", "act", i, ug)
+        linear("mlp.c_proj", "act", i, ug)
     else:
         if s.family == "phi3":
             gg = ug = linear("mlp.gate_up_proj", "n2", h, g)
@@ -302,7 +302,7 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
             keep("act", n * i * e)
         if gg:  # ... and up
             keep("up", n * i * e)
-        dg = linear("mlp.down_proj", "prod", i, gg or ug)
+        linear("mlp.down_proj", "prod", i, gg or ug)
     return saved
 
 
