@@ -8,7 +8,7 @@ dropped input) for backward. LoRA's dropout feeds a rank-r matmul, so keeping dr
 costs a full copy of each adapted layer's input per layer: q, k and v each keep their own.
 With a counter-based mask, LoraLinear keeps only x (shared by q, k and v) and the seed.
 
-Definition (bit-exact in the C kernel and in `seeded_dropout_ref`): element i (row-major) is
+Definition (bit-exact in the C and Triton kernels and in `seeded_dropout_ref`): element i (row-major) is
 kept when the 16-bit half (i & 1) of fmix32((i >> 1) mod 2^32 XOR key) is >= threshold,
 key = fmix32(seed_hi XOR (i >> 33)) XOR seed_lo, fmix32 being MurmurHash3's finalizer and
 threshold = round(p * 65536). The drop probability is threshold / 65536 (p rounded to
@@ -20,10 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..quant import kernels
-from ..quant.kernels import cpu
 
 M32 = 0xFFFFFFFF
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def threshold_and_scale(p: float) -> tuple[int, float]:
@@ -64,22 +62,12 @@ def seeded_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Dropout of x with the mask of (seed, index): Triton on CUDA, the C kernel on CPU (when
-    they load), else the reference."""
-    if x.device.type in kernels.TRITON_DEVICE_TYPES and x.dtype in DTYPES and kernels.triton_module():
-        from ..quant.kernels import triton_dropout
-
-        threshold, scale = threshold_and_scale(p)
-        return triton_dropout.seeded_dropout(x.contiguous(), threshold, scale, seed)
-    lib = cpu.load() if x.device.type == "cpu" and x.dtype in DTYPES else None
-    if lib is None:
-        return seeded_dropout_ref(x, p, seed)
+    """Dropout of x with the mask of (seed, index): a fast kernel where kernels.seeded_dropout
+    has one (Triton on CUDA, C on CPU; QLORA_KERNELS applies), else the reference."""
     threshold, scale = threshold_and_scale(p)
     x = x.contiguous()
     out = torch.empty_like(x)
-    lib.qlora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), DTYPES[x.dtype], seed, threshold, scale,
-                      torch.get_num_threads())
-    return out
+    return out if kernels.seeded_dropout(x, out, threshold, scale, seed) else seeded_dropout_ref(x, p, seed)
 
 
 def new_seed() -> int:

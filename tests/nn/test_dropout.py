@@ -7,11 +7,15 @@ from qlora import Linear4bit, LoraLinear
 from qlora.nn.dropout import keep_mask, new_seed, seeded_dropout, seeded_dropout_ref, threshold_and_scale
 
 
+@pytest.mark.parametrize("mode", ["native", "scalar"])  # QLORA_KERNELS: AVX2, or the C kernel without SIMD
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (33, 9), (2, 129, 65)])
-def test_native_equals_reference(dtype, shape):
+def test_native_equals_reference(mode, dtype, shape, monkeypatch):
+    monkeypatch.setenv("QLORA_KERNELS", mode)
+    from qlora.quant import kernels
     x = (torch.randn(*shape) * 37).to(dtype)  # rounding to bf16/fp16 after the scale matters
     x.view(-1)[-1] = float("inf")
+    assert kernels.seeded_dropout(x, torch.empty_like(x), *threshold_and_scale(0.5), 1)  # the C kernel ran
     for seed in (0, 1, 2**32 + 3, 2**63 + 5, 2**64 - 1):
         for p in (0.0, 0.05, 0.5, 0.9):
             got, ref = seeded_dropout(x, p, seed), seeded_dropout_ref(x, p, seed)

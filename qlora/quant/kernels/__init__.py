@@ -2,6 +2,7 @@
 
     kernels.decode_4bit(qt, out)          -> True if a native kernel wrote `out`
     kernels.quantize_4bit(x, code, bs)    -> (packed uint8, float32 absmax)
+    kernels.seeded_dropout(x, out, threshold, scale, seed) -> True if a kernel wrote `out`
 
 CPU tensors use the C kernels in qlora_cpu.c (AVX2 decode where the CPU has AVX2 and F16C,
 a portable scalar path elsewhere). CUDA tensors decode with the Triton kernel in
@@ -124,3 +125,21 @@ def quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[
         packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
     )
     return None if nonfinite else (packed, absmax)
+
+
+def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: float, seed: int) -> bool:
+    """Seeded dropout (qlora/nn/dropout.py) of contiguous `x` into `out` with Triton (CUDA) or the
+    C kernel (CPU); False when the reference must do it."""
+    if x.dtype not in _DTYPE_CODES:
+        return False
+    if x.device.type in TRITON_DEVICE_TYPES and triton_module():
+        from . import triton_dropout
+
+        triton_dropout.seeded_dropout(x, out, threshold, scale, seed)
+        return True
+    lib = _native()
+    if lib is None or not _usable(x, out):
+        return False
+    lib.qlora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], seed, threshold, scale,
+                      torch.get_num_threads(), int(has_simd()))
+    return True

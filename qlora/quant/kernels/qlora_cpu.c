@@ -320,7 +320,7 @@ typedef struct {
     int64_t i0, i1;
     uint32_t seed_lo, seed_hi, threshold;
     float scale;
-    int dtype;
+    int dtype, simd;
 } dropout_args;
 
 static inline uint32_t fmix32(uint32_t h) {
@@ -381,12 +381,11 @@ __attribute__((target("avx2"))) static void dropout_avx2(const void* x, void* ou
 
 static void* dropout_range(void* arg) {
     dropout_args* a = (dropout_args*)arg;
-    int simd = qlora_has_simd();
     for (int64_t s = a->i0; s < a->i1;) {
         int64_t span_end = ((s >> 33) + 1) << 33;
         int64_t e = span_end < a->i1 ? span_end : a->i1;
         uint32_t key = fmix32(a->seed_hi ^ (uint32_t)(s >> 33)) ^ a->seed_lo;
-        if ((a->dtype == OUT_F32 || a->dtype == OUT_BF16) && simd) {
+        if ((a->dtype == OUT_F32 || a->dtype == OUT_BF16) && a->simd) {
             dropout_avx2(a->x, a->out, s, e, a->dtype, key, a->threshold, a->scale);
         } else {
             for (int64_t i = s; i < e; i++)
@@ -398,13 +397,14 @@ static void* dropout_range(void* arg) {
 }
 
 void qlora_dropout(const void* x, void* out, int64_t n, int dtype, uint64_t seed, uint32_t threshold, float scale,
-                   int threads) {
+                   int threads, int simd) {
     int64_t chunks = (n + 65535) / 65536;
     threads = clamp_threads(threads, chunks);
     dropout_args args[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         int64_t i0 = (chunks * t / threads) * 65536, i1 = (chunks * (t + 1) / threads) * 65536;
-        dropout_args a = {x, out, i0, i1 < n ? i1 : n, (uint32_t)seed, (uint32_t)(seed >> 32), threshold, scale, dtype};
+        dropout_args a = {x, out, i0, i1 < n ? i1 : n, (uint32_t)seed, (uint32_t)(seed >> 32), threshold, scale, dtype,
+                          simd};
         args[t] = a;
     }
     run_threads(dropout_range, args, sizeof(dropout_args), threads);

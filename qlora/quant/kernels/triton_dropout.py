@@ -1,6 +1,6 @@
 """Seeded dropout on the GPU: the mask of qlora/nn/dropout.py (a hash of seed and index), in Triton.
 
-    triton_dropout.seeded_dropout(x, threshold, scale, seed)   # x contiguous, float32/float16/bfloat16
+    triton_dropout.seeded_dropout(x, out, threshold, scale, seed)   # contiguous float32/float16/bfloat16
 
 The same definition, bit for bit, as the C kernel and the PyTorch reference: element i is kept
 when the 16-bit half (i & 1) of fmix32((i >> 1) mod 2^32 XOR key) is >= threshold, with key =
@@ -44,12 +44,10 @@ def _dropout_kernel(x_ptr, out_ptr, n, seed_lo, seed_hi, threshold, scale, BF16:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def seeded_dropout(x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
-    """Dropout of contiguous `x` with the (threshold, scale) of dropout.threshold_and_scale(p)."""
-    out = torch.empty_like(x)
+def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: float, seed: int) -> None:
+    """Dropout of contiguous `x` into `out` with the (threshold, scale) of dropout.threshold_and_scale(p)."""
     n = x.numel()
     if n:
         # seed halves as int64 scalars (kernel arguments above 2^31 would change the argument type)
         _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, seed & 0xFFFFFFFF, seed >> 32, threshold, scale,
                                                    BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
-    return out
