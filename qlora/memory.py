@@ -207,7 +207,7 @@ def _selected(name: str, target: str | list[str] | tuple[str, ...]) -> bool:
 
 
 # ---- activations: what autograd keeps --------------------------------------------------------
-def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: int, dropout: bool, cuda: bool,
+def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: int,
                  masked: bool, stream_grad: bool) -> int:
     """Bytes autograd saves for one decoder layer, walked op by op as HF runs it.
 
@@ -317,13 +317,13 @@ def _backward_transient(s: Shape, b: int, t: int, e: int) -> int:
 
 
 def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora: dict[str, bool], e: int,
-                     dropout: bool, checkpointing: bool, cuda: bool, masked: bool, targets: int | None = None) -> dict[str, int]:
+                     checkpointing: bool, masked: bool, targets: int | None = None) -> dict[str, int]:
     """The activation memory at the peak of backward, and its pieces (bytes)."""
     n = batch_size * seq_len
-    full = _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, dropout=dropout, cuda=cuda, masked=masked,
+    full = _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked,
                         stream_grad=True)
-    first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, dropout=dropout,
-                                                    cuda=cuda, masked=masked, stream_grad=False)
+    first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked,
+                                                    stream_grad=False)
     rope = 0 if s.family == "gpt2" else 2 * seq_len * s.head_dim * e  # cos, sin: shared by all layers
     # the head (model/loss.py, fused and chunked): the final norm saves its input (+ rstd); the
     # fused loss saves only d loss / d h for the target rows (n - b: the labels shift by one),
@@ -493,10 +493,9 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
 
     # ---- activations ----
     lora = {k: True for k in lora_on} if method != "full16" else {x[0]: True for x in shape.linears()}
+    # full16: a dense Linear saves its input for the weight gradient, like a LoRA's A (rank 0: no xa)
     kw = dict(seq_len=seq_len, batch_size=batch_size, rank=rank if method != "full16" else 0, lora=lora, e=e,
-              dropout=lora_dropout > 0 and method != "full16", cuda=cuda, masked=masked, targets=target_tokens)
-    if method == "full16":  # a dense Linear saves its input for the weight gradient, like a LoRA A with no dropout
-        kw["rank"] = 0
+              masked=masked, targets=target_tokens)
     act = activation_bytes(shape, checkpointing=gradient_checkpointing, **kw)
     other = activation_bytes(shape, checkpointing=not gradient_checkpointing, **kw)
     parts["activations"] = act["peak"]

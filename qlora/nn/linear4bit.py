@@ -26,7 +26,7 @@ Design:
   any element count shard and gather exactly, and mixed precision never casts a scale
   (it only casts floating-point parameters). `weight` rebuilds the QuantizedTensor from the
   gathered (unsharded) parameters at every forward; the code books stay replicated buffers.
-Tests: tests/nn/test_linear4bit.py, tests/nn/test_linear4bit_flat.py.
+Tests: tests/nn/test_linear4bit.py; flat mode: tests/model/test_shard.py.
 """
 from __future__ import annotations
 
@@ -146,6 +146,8 @@ def _view_as(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     if t.storage_offset() * t.element_size() % torch.empty(0, dtype=dtype).element_size():
         t = t.clone()  # a view of bytes at an unaligned offset cannot be reinterpreted in place
     return t.view(dtype)
+
+
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

@@ -13,8 +13,9 @@
 - The base may be a Linear4bit (QLoRA) or a frozen nn.Linear / transformers Conv1D
   (16-bit LoRA, the baseline the paper compares with). Submodule names match PEFT's
   (`base_layer`, `lora_A`, `lora_B`), so state-dict keys read like a PEFT model's.
-- On CUDA with triton, a Linear4bit base takes the fused path (fused_lora.py: W decoded
-  inside the GEMM, the LoRA product in its epilogue); this module's code is the reference.
+- With QLORA_FUSED_LORA=1 on CUDA, a Linear4bit base takes the fused path (fused_lora.py:
+  W decoded inside the GEMM, the LoRA product in its epilogue); this module's code is the
+  default and the reference.
 - `merge()` folds the update into a 16-bit weight: into the dequantized weight for a
   Linear4bit (the 4-bit weight is kept aside, untouched, so `unmerge()` is exact), in place
   for a dense base (`unmerge()` subtracts again, exact up to the weight dtype's rounding).
@@ -135,7 +136,7 @@ class LoraLinear(nn.Module):
         return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_lora.usable(self, x):  # CUDA + triton: one fused GEMM per direction (fused_lora.py)
+        if fused_lora.usable(self, x):  # opt-in on CUDA: one fused GEMM per direction (fused_lora.py)
             return fused_lora.forward(self, x)
         out = self.base_layer(x)
         if self.merged:

@@ -166,6 +166,7 @@ def train(cfg: TrainConfig) -> dict:
         torch.manual_seed(cfg.seed + ranks.rank)  # the same init everywhere, then dropout masks of its own
     demo = demo_generations(model, tokenizer) if cfg.demo and cfg.data is None and not ranks.active else None
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
     optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       state_bits=8 if cfg.optim.endswith("8bit") else 32, paged=cfg.optim.startswith("paged"))
     warmup = round(cfg.warmup_ratio * total_steps) if cfg.schedule != "constant" else 0
@@ -194,7 +195,6 @@ def train(cfg: TrainConfig) -> dict:
             if ranks.active:  # HF's loss there: FSDP2's root hooks gather the head (distributed.py)
                 loss_sum = dist_.forward_backward(model, micro, ranks)
             else:
-                device = next(model.parameters()).device
                 micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
                 n_step = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in micro)
                 loss_sum = torch.zeros((), dtype=torch.float32)
