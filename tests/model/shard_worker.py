@@ -12,6 +12,7 @@ seed), each rank holds about 1/world of the bytes, and the logits agree.
 Exits non-zero on failure.
 """
 import copy
+import os
 import sys
 
 import torch
@@ -107,5 +108,9 @@ for path in sys.argv[1:]:
 
 dist.barrier()
 dist.destroy_process_group()
-print(f"rank {rank}/{world}: ok")
-sys.exit(0)
+print(f"rank {rank}/{world}: ok", flush=True)
+# Skip interpreter finalization: once in CI a rank aborted there after all of the above
+# ("terminate called without an active exception", gloo/FSDP2 teardown in C++, not
+# reproduced in 35 runs since); every check has run and printed by now.
+sys.stderr.flush()
+os._exit(0)
