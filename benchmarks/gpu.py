@@ -10,20 +10,24 @@ Sections, each printed as it finishes (a failing section prints its error; the r
    (forward, grad_x, grad_A, grad_B) vs the PyTorch path of the same layer.
 1. decode: NF4 + DQ, 8192 x 8192 -> bf16 into a preallocated buffer; bandwidth = (packed
    codes + scales read + bf16 written) / time, as a fraction of a bf16 device-to-device
-   copy's (read + written) / time. Goal: at least 0.80. bitsandbytes' dequantize_4bit
-   under the same timer when importable.
+   copy's (read + written) / time. Goal: at least 0.80. Then a sweep of the launch
+   (bytes per program x warps; the result is bit-identical). bitsandbytes'
+   dequantize_4bit under the same timer when importable.
 2. layer: forward + backward (grad_x and the LoRA gradients) of 4096 x 4096, x = [8, 2048,
    4096] bf16, LoRA r = 16 (alpha 32, B random), against a frozen bf16 nn.Linear + the
-   same LoRA. qlora runs three ways: "fused" (Triton GEMM decoding W in the K loop, LoRA
-   in the epilogue, the default on CUDA), "workspace" (Triton decode once + cuBLAS) and the
-   PyTorch path (the oracle). Goal: fused at most 1.10x the bf16 layer. bitsandbytes +
-   peft under the same harness when importable. Interleaved rounds, medians. Then bf16,
-   fused and decode + cuBLAS at 16, 256 and 2048 rows: where each strategy wins.
+   same LoRA. qlora runs three ways: the default (LoraLinear over Linear4bit: Triton decode
+   into the shared workspace, then cuBLAS, autograd through the modules), "fused" (opt-in,
+   QLORA_FUSED_LORA=1: a Triton GEMM decoding W in the K loop, LoRA in the epilogue) and
+   fused_lora's "workspace" strategy (one Function: decode once, cuBLAS). Goal: the default
+   at most 1.10x the bf16 layer. bitsandbytes + peft under the same harness when
+   importable. Interleaved rounds, medians. Then bf16, fused and decode + cuBLAS at 16,
+   256 and 2048 rows: where each strategy wins.
 3. train: a TinyLlama-shaped ~1.1B config (hidden 2048, 22 layers, vocab 32000), random
    bf16 weights (qlora/model/random_checkpoint.py), batch 4 x 1024, LoRA r 64 / alpha 16 /
    dropout 0.05 on all linear layers, gradient checkpointing, paged AdamW 32-bit; qlora vs
    transformers + peft + bitsandbytes (nf4 + DQ), each in a fresh subprocess; tokens/s and
-   peak device memory (torch.cuda.max_memory_allocated).
+   peak device memory (torch.cuda.max_memory_allocated). With --profile, one more step of
+   each under torch.profiler: device busy time / wall time, kernel launches, top kernels.
 4. optim: benchmarks/optim_gpu.py --params-gb 1 --steps 3 (a spike that plain AdamW does
    not survive, the paged one does), in a subprocess; its output is echoed.
 A table of the goals closes the run. Without CUDA and without --smoke it prints one line.
@@ -156,6 +160,18 @@ def decode(args) -> None:
     print(f"decode bandwidth / copy bandwidth: {frac:.2f} (goal >= 0.80); decode time / copy time: "
           f"{t_dec / t_copy:.2f}")
     summary("decode bandwidth / copy bandwidth", f"{frac:.2f}", ">= 0.80", None if SMOKE else frac >= 0.80)
+    if DEVICE.type == "cuda" or SMOKE:  # launch settings: bytes per program x warps (the result is the same)
+        from qlora.quant.kernels import triton_decode as td
+
+        sweep = {}
+        for nbytes in ((256, 2048) if SMOKE else (512, 1024, 2048, 4096, 8192)):
+            for warps in ((4,) if SMOKE else (2, 4, 8, 16)):
+                t = per_call(lambda: td.decode_4bit(qt, out, bytes_per_program=nbytes, num_warps=warps), iters)
+                sweep[nbytes, warps] = moved_dec / t / bw_copy
+        print("launch sweep, bandwidth / copy bandwidth (bytes per program x warps; default "
+              f"{td.DECODE_BYTES} x {td.DECODE_WARPS}): " + ", ".join(f"{b}x{w} {f:.2f}" for (b, w), f in sweep.items()))
+        (b, w), best = max(sweep.items(), key=lambda kv: kv[1])
+        summary("decode, best launch in the sweep", f"{best:.2f}", f"({b} B x {w} warps)")
     if not SMOKE:
         small = qlora.quantize(torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16), "nf4", 64, True)
         ws = torch.empty(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
@@ -196,9 +212,9 @@ def layer(args) -> None:
 
     cases = {
         "bf16 nn.Linear (frozen) + qlora LoRA": lambda: fwd_bwd(base, x, g),
-        "qlora Linear4bit + LoRA, fused Triton": with_strategy("fused"),
-        "qlora Linear4bit + LoRA, decode + cuBLAS": with_strategy("workspace"),
-        "qlora Linear4bit + LoRA, PyTorch modules": with_strategy(None),
+        "qlora Linear4bit + LoRA, default": with_strategy(None),
+        "qlora, fused Triton GEMM (opt-in)": with_strategy("fused"),
+        "qlora, fused Function: decode + cuBLAS": with_strategy("workspace"),
     }
     if peer_available() and DEVICE.type == "cuda":
         import bitsandbytes as bnb
@@ -234,11 +250,10 @@ def layer(args) -> None:
         med = statistics.median(times[name])
         paired = statistics.median(t / b for t, b in zip(times[name], times[base_name]))
         print(f"{name:<46}{med * 1e3:>11.2f}{med / statistics.median(times[base_name]):>10.3f}x{paired:>10.3f}x")
-    ratio = statistics.median(times[names[1]]) / statistics.median(times[base_name])
-    ratio_ws = statistics.median(times[names[2]]) / statistics.median(times[base_name])
-    print(f"faster qlora strategy at this shape: {'fused' if ratio <= ratio_ws else 'workspace (decode + cuBLAS)'}")
-    summary("layer fwd+bwd, fused / bf16 nn.Linear", f"{ratio:.3f}x", "<= 1.10x", None if SMOKE else ratio <= 1.10)
-    summary("layer fwd+bwd, decode+cuBLAS / bf16", f"{ratio_ws:.3f}x", "(alternative)")
+    ratio, ratio_fused, ratio_ws = (statistics.median(times[n]) / statistics.median(times[base_name]) for n in names[1:4])
+    summary("layer fwd+bwd, default / bf16 nn.Linear", f"{ratio:.3f}x", "<= 1.10x", None if SMOKE else ratio <= 1.10)
+    summary("layer fwd+bwd, fused GEMM / bf16", f"{ratio_fused:.3f}x", "(opt-in)")
+    summary("layer fwd+bwd, decode+cuBLAS Fn / bf16", f"{ratio_ws:.3f}x", "(alternative)")
 
     # fewer rows per call (smaller batches, inference): where does each strategy win?
     print("\nby rows (same layer; ms per forward + backward; ratio to bf16):")
@@ -313,6 +328,30 @@ CHILD = textwrap.dedent("""
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_bytes() - start
+    if os.environ.get("QLORA_BENCH_PROFILE") == "1":  # one more step under the profiler: where the time goes
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t = time.perf_counter()
+            with autocast:
+                inputs = {"input_ids": data[-1], "labels": data[-1]}
+                loss = causal_lm_loss(model, inputs) if setup.startswith("qlora") else model(**inputs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        ev = prof.key_averages()
+        kernels = [e for e in ev if e.device_type == DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        launches = sum(e.count for e in ev if "LaunchKernel" in e.key)
+        syncs = sum(e.count for e in ev if "Synchronize" in e.key or e.key in ("cudaMemcpy", "aten::item", "aten::_local_scalar_dense"))
+        print(f"[{setup}] profiled step {wall * 1e3:.0f} ms (profiler on); device busy {busy * 1e3:.0f} ms "
+              f"({busy / wall:.0%}); {launches} kernel launches, {sum(e.count for e in ev if e.key.startswith('aten::'))} "
+              f"aten calls, {syncs} sync points")
+        print(ev.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25,
+                       max_name_column_width=60))
     print(json.dumps({"tokens_per_s": batch * seq / med, "step_s": med, "peak_mb": peak / 2**20, "loss": float(loss)}))
 """)
 
@@ -349,7 +388,9 @@ def train(args) -> None:
         if out.returncode:
             print(f"{setup} failed:\n{out.stderr[-3000:]}")
             continue
-        results[setup] = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+        lines = out.stdout.strip().splitlines()
+        print("\n".join(lines[:-1]))  # the profile, with --profile
+        results[setup] = __import__("json").loads(lines[-1])
         print(f"{setup}: done in {time.perf_counter() - t:.0f} s", flush=True)
     peak_name = "peak MiB (device)" if DEVICE.type == "cuda" else "peak MiB (RSS)"
     print(f"{'setup':<40}{'tokens/s':>10}{'step s':>9}{peak_name:>19}{'loss':>8}")
@@ -406,7 +447,11 @@ def main() -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     ap.add_argument("--workdir", default="/tmp/qlora-gpu-bench", help="where the random checkpoints go")
     ap.add_argument("--timeout", type=int, default=300, help="seconds for each subprocess")
+    ap.add_argument("--profile", action="store_true",
+                    help="train: profile one more step of each setup (device busy time, launches, top kernels)")
     args = ap.parse_args()
+    if args.profile:
+        os.environ["QLORA_BENCH_PROFILE"] = "1"
     if not SMOKE and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA device here; run it on a GPU (or --smoke for a CPU dry run)")
         return 0

@@ -54,6 +54,18 @@ def test_triton_decode_is_bit_exact(quant_type, double_quant, blocksize):
         assert torch.equal(out, reference(qt, dtype)), (dtype, int((out != reference(qt, dtype)).sum()))
 
 
+def test_triton_decode_launch_settings_change_nothing_but_the_launch():
+    """benchmarks/gpu.py sweeps bytes per program and warps: every setting decodes bit for bit."""
+    qt = qlora.quantize(torch.randn(5 * 1024 + 77), "nf4", 64, True)
+    want = reference(qt, torch.bfloat16)
+    for nbytes, warps in ((64, 1), (512, 4), (4096, 8), (8192, 16)):
+        out = torch.full((qt.numel(),), float("nan"), dtype=torch.bfloat16)
+        triton_decode.decode_4bit(qt, out, bytes_per_program=nbytes, num_warps=warps)
+        assert torch.equal(out, want), (nbytes, warps)
+    with pytest.raises(ValueError, match="power of two >= 64"):
+        triton_decode.decode_4bit(qt, out, bytes_per_program=96)
+
+
 def test_triton_bf16_rounding_ties_go_to_even():
     # x = absmax decodes as code 15 (1.0) * absmax = absmax: pick absmax halfway between two bf16 values
     bits = [0x3F808000, 0x3F818000, 0xBF808000 - 2**32, 0x3F80FFFF]  # the third is negative

@@ -120,8 +120,12 @@ def _nested_args(qt: "QuantizedTensor") -> tuple[torch.Tensor, torch.Tensor, flo
     return qt.absmax, qt.code, 0.0  # unused by the kernel (DQ=False); any valid pointers
 
 
-def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> None:
-    """Decode `qt` into the contiguous float tensor `out` (same device, qt.numel() elements)."""
+def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor, *, bytes_per_program: int = DECODE_BYTES,
+                num_warps: int = DECODE_WARPS) -> None:
+    """Decode `qt` into the contiguous float tensor `out` (same device, qt.numel() elements).
+
+    `bytes_per_program` (a power of two >= 64) and `num_warps` only change the launch
+    (benchmarks/gpu.py sweeps them), never the result."""
     check(qt, "triton decode_4bit")
     if out.dtype not in OUT_DTYPES or not out.is_contiguous() or out.device != qt.data.device:
         raise ValueError(f"triton decode_4bit: out must be a contiguous float32/float16/bfloat16 tensor on "
@@ -131,10 +135,12 @@ def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> None:
         raise ValueError(f"triton decode_4bit: out has {out.numel()} elements, the weight {tuple(qt.shape)} has {n}")
     nbytes = (n + 1) // 2
     nested, nested_code, offset = _nested_args(qt)
-    _decode_kernel[(triton.cdiv(nbytes, DECODE_BYTES),)](
+    if bytes_per_program < 64 or bytes_per_program & (bytes_per_program - 1):
+        raise ValueError(f"triton decode_4bit: bytes_per_program must be a power of two >= 64, got {bytes_per_program}")
+    _decode_kernel[(triton.cdiv(nbytes, bytes_per_program),)](
         qt.data, qt.absmax, nested, nested_code, offset, qt.code, out, n, nbytes,
-        HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=DECODE_BYTES,
-        MANUAL_BF16=True, num_warps=DECODE_WARPS, **LAUNCH,
+        HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=bytes_per_program,
+        MANUAL_BF16=True, num_warps=num_warps, **LAUNCH,
     )
 
 
