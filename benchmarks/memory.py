@@ -49,6 +49,16 @@ CASES = {
     "v4096-h1024-s1024-L4-ckpt": (dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                                        num_attention_heads=16, vocab_size=4096),
                                   dict(max_length=1024, batch_size=2, gradient_checkpointing=True)),
+    # under torchrun, 2 ranks (gloo): the plan of one rank (batch 4 = 2 rows per rank), the
+    # largest measured peak over the ranks
+    "fsdp2-h512-s512-ckpt": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
+                             dict(max_length=512, batch_size=4, gradient_checkpointing=True, nproc=2)),
+    "fsdp2-v4096-h1024-s512-ckpt": (dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                         num_attention_heads=16, vocab_size=4096),
+                                    dict(max_length=512, batch_size=4, gradient_checkpointing=True, nproc=2)),
+    "ddp2-h512-s512-ckpt": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
+                            dict(max_length=512, batch_size=4, gradient_checkpointing=True, nproc=2,
+                                 distributed="ddp")),
 }
 # the two small cases tests/test_plan_memory.py runs (not in the default table)
 TEST_CASES = {
@@ -104,10 +114,17 @@ def run_case(name: str, workdir: Path, timeout: int = 900) -> dict:
                grad_accum=2, packing=True, compute_dtype="float32", eval_split=0.0, demo=False, lora_dropout=0.05,
                warmup_ratio=0.0, release_host_memory=True)  # live tensors, as the planner counts
     cfg.update(train_cfg)
+    nproc = cfg.pop("nproc", 1)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
                TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    if nproc > 1:  # torchrun runs a script file
+        child = workdir / "child.py"
+        child.write_text(CHILD)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                  str(child)]
+    else:
+        launch = [sys.executable, "-c", CHILD]
+    proc = subprocess.run(launch + [json.dumps(cfg)], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"case {name}: the trainer failed:\n{proc.stderr[-3000:]}")
     record = json.loads((output / "memory.json").read_text())

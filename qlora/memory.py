@@ -29,7 +29,9 @@ fitted to measurements; where a term is an estimate the comment says so.
   Not modelled on CPU: first-call library buffers (oneDNN/MKL scratch, ~5 MiB) and the
   small-object heap, which is why small models measure 2-10% above the plan.
 - world_size N (FSDP): parameters, gradients and optimizer state divided by N (rounded up);
-  activations, workspace and overhead stay per rank; + two all-gathered layers (overhead).
+  activations, workspace and overhead stay per rank; + two all-gathered layers, and the
+  root's embeddings and head whole (they stay gathered through the step) with their
+  all-gather buffers (overhead).
 - method "full16": every weight trainable in 16 bits, AdamW state on all of them; each linear
   saves its input; the norms' and head's extra saves for their weight gradients are not
   counted (small). Paged state on CUDA is counted at its minimum (two staging pages): on a
@@ -523,6 +525,11 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
         # each rank all-gathers one decoder layer's shards for compute and prefetches the next
         # (FSDP2's default): two unsharded layers beside the shards (estimate: per-layer average)
         gathered = 2 * layer_bytes * (world_size - 1) // world_size
+        # the root (embeddings, head) is gathered once and stays unsharded through forward and
+        # backward; its all-gather holds a copy-in shard and a whole output buffer beside the
+        # unsharded tensors while it copies out (counted too, though it ends before backward)
+        root = store * (embed + head)
+        gathered += root * (world_size - 1) // world_size + root + -(-root // world_size)
         parts["runtime_overhead"] += gathered
         details["fsdp_all_gather_bytes"] = gathered
     total = sum(parts.values())
@@ -634,21 +641,26 @@ def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
 
 # ---- the trainer's side: plan before, measure after -----------------------------------------------
 def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None,
-                 target_tokens: int | None = None) -> MemoryPlan:
-    """The plan of a TrainConfig run on this machine (device, compute dtype resolved); rows of
-    `seq_len` tokens (default cfg.max_length), `target_tokens` labelled per micro-batch."""
+                 target_tokens: int | None = None, world_size: int = 1) -> MemoryPlan:
+    """The plan of one process of a TrainConfig run on this machine (device, compute dtype
+    resolved); rows of `seq_len` tokens (default cfg.max_length), `target_tokens` labelled per
+    micro-batch. Under torchrun (`world_size` > 1) each rank takes batch_size / world_size rows,
+    and FSDP (not DDP) shards the parameters and the optimizer state."""
     from .train.config import device as resolve_device
 
     device = "cuda" if resolve_device(cfg).type == "cuda" else "cpu"
     optim = {"paged_adamw_32bit": "paged_adamw", "paged_adamw_8bit": "paged_adamw8bit", "adamw_32bit": "adamw",
              "adamw_8bit": "adamw8bit"}[cfg.optim]
     method = "lora16" if cfg.quant_type == "none" else "qlora"
-    return plan_memory(model_path, seq_len=seq_len or cfg.max_length, batch_size=cfg.batch_size, rank=cfg.lora_r,
+    sharded = world_size if getattr(cfg, "distributed", "fsdp") == "fsdp" else 1
+    return plan_memory(model_path, seq_len=seq_len or cfg.max_length, batch_size=cfg.batch_size // world_size,
+                       rank=cfg.lora_r, world_size=sharded,
                        target_modules=cfg.target_modules, optim=optim,
                        gradient_checkpointing=cfg.gradient_checkpointing,
                        quant_type="nf4" if method == "lora16" else cfg.quant_type, double_quant=cfg.double_quant,
                        blocksize=cfg.blocksize, compute_dtype=str(compute_dtype).replace("torch.", ""), method=method,
-                       device=device, lora_dropout=cfg.lora_dropout, padded=not cfg.packing and cfg.batch_size > 1,
+                       device=device, lora_dropout=cfg.lora_dropout,
+                       padded=not cfg.packing and cfg.batch_size // world_size > 1,
                        target_tokens=target_tokens)
 
 
@@ -773,7 +785,7 @@ def plot_breakdown(plan: MemoryPlan, path: Path, measured: int | None = None) ->
     return True
 
 
-def plan_run(cfg, model_path: str, rows: list | None = None) -> MemoryPlan | None:
+def plan_run(cfg, model_path: str, rows: list | None = None, world_size: int = 1) -> MemoryPlan | None:
     """plan_for_run for the longest of the tokenized `rows` (the batch that holds it peaks),
     printed; None (with a note) when the config cannot be planned."""
     import warnings
@@ -787,7 +799,7 @@ def plan_run(cfg, model_path: str, rows: list | None = None) -> MemoryPlan | Non
     multiple = getattr(cfg, "pad_to_multiple", 1)
     seq_len = -(-min(longest, cfg.max_length) // multiple) * multiple  # as data.collate pads it
     try:  # every token counted as a target of the loss: the head's share is an upper bound
-        plan = plan_for_run(cfg, model_path, compute_dtype, seq_len)
+        plan = plan_for_run(cfg, model_path, compute_dtype, seq_len, world_size=world_size)
     except (MemoryPlanError, OSError, KeyError, ValueError) as e:
         print(f"memory: no plan for this model ({e}); memory.json will hold only the measured peak")
         return None

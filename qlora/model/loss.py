@@ -14,11 +14,14 @@ is -100 too. Here:
   cross-entropy), so the head costs the same matmuls as before, minus the prompt rows.
 The arithmetic follows transformers': logits in the head's dtype, upcast to float32,
 mean over target tokens. Models whose head does more than a plain frozen linear map
-(soft-capping, logit scaling, LoRA or training on the head) and FSDP2-sharded models use
-`model(**batch).loss`.
+(soft-capping, logit scaling, LoRA or training on the head) use `model(**batch).loss`.
+Under torchrun (DDP, FSDP2) the model's forward is swapped for this loss during the call,
+so the wrappers' hooks run around it (FSDP2's root gathers the head first).
 Tests: tests/model/test_loss.py.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -84,12 +87,14 @@ def fusable(model: nn.Module) -> bool:
         and not any(p.requires_grad for p in head.parameters())
         and not getattr(config, "final_logit_softcapping", None)
         and hasattr(model, getattr(model, "base_model_prefix", "") or "-")
-        and not _sharded(model)
     )
 
 
-def _sharded(model: nn.Module) -> bool:
-    """FSDP2-sharded: calling the base model directly would skip the root's all-gather hooks."""
+def _wrapped(model: nn.Module) -> bool:
+    """DDP-wrapped or FSDP2-sharded: the loss must be computed inside the model's own forward,
+    so that DDP sees the call and FSDP2's root hooks gather the head (and the embeddings)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return True
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -97,13 +102,38 @@ def _sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
-    """Mean next-token loss over the labelled tokens of `batch` (input_ids, attention_mask, labels)."""
-    if not fusable(model):
-        return model(**batch).loss
+def _fused_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None) -> torch.Tensor:
     base = getattr(model, model.base_model_prefix)
     out = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
     hidden = out[0][:, :-1]
     labels = batch["labels"][:, 1:].to(hidden.device)
     keep = labels != IGNORE
     return head_cross_entropy(hidden[keep], model.get_output_embeddings(), labels[keep], chunk_tokens)
+
+
+@contextmanager
+def _loss_as_forward(model: nn.Module, chunk_tokens: int | None):
+    """While open, `model(**batch)` returns the fused loss (the hooks around forward still run)."""
+    model.forward = lambda input_ids, attention_mask=None, labels=None, **_: _fused_loss(
+        model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, chunk_tokens)
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean next-token loss over the labelled tokens of `batch` (input_ids, attention_mask, labels).
+
+    A DDP-wrapped or FSDP2-sharded model computes it inside its own forward. A batch without
+    labelled tokens gives a zero loss (zero gradients), not NaN."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if not fusable(inner):
+        out = model(**batch)
+        if not bool((batch["labels"][:, 1:] != IGNORE).any()):
+            return out.logits.float().sum() * 0.0  # still through the graph: collectives, if any, run
+        return out.loss
+    if not _wrapped(model):
+        return _fused_loss(model, batch, chunk_tokens)
+    with _loss_as_forward(inner, chunk_tokens):
+        return model(**batch)

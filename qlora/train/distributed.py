@@ -23,7 +23,9 @@ Tested by tests/train/test_distributed.py (2 ranks, gloo, CPU).
   (`rng-rank{r}.safetensors`); trainer_state.json records the world size, and `--resume`
   requires the same one. Every rank writes into rank 0's temporary directory, which is
   renamed into place after a barrier: a checkpoint is complete or absent.
-- Only rank 0 prints, shows progress bars, and writes metrics, config and summary.
+- Only rank 0 prints, shows progress bars, and writes metrics, config and summary; it prints
+  the memory plan of one rank (qlora memory --world-size N, or 1 with DDP) and writes
+  memory.json with the largest measured peak over the ranks (each rank's in rank_peak_bytes).
   Every rank runs the (small) eval set whole; the demo generations run only in one process.
 - Dropout: the same seed on every rank for the initial LoRA weights, then rank r reseeds
   with seed + r so that ranks draw different dropout masks.
@@ -44,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model.adapter import PREFIX, adapter_tensors, read_adapter, save_adapter
+from ..model.loss import causal_lm_loss
 from ..model.save import atomic_directory
 from ..model.shard import load_sharded, shard_rows, wrap_ddp
 from ..nn.lora import LoraConfig
@@ -103,6 +106,18 @@ def setup(cfg) -> Ranks:
     return Ranks(rank, world, local_rank, cfg.distributed, device, mesh)
 
 
+def peak_over_ranks(measured: dict[str, int], ranks: Ranks) -> dict[str, int]:
+    """The `memory.measure` dict of the rank with the largest peak, plus `peak_rank` and every
+    rank's peak in `rank_peak_bytes` (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    every: list = [None] * ranks.world_size
+    dist.all_gather_object(every, measured)
+    peaks = [m["measured_peak_bytes"] for m in every]
+    top = peaks.index(max(peaks))
+    return dict(every[top], peak_rank=top, rank_peak_bytes=peaks)
+
+
 def shutdown(ranks: Ranks) -> None:
     if ranks.active:
         import torch.distributed as dist
@@ -159,9 +174,8 @@ def forward_backward(model: nn.Module, micro: list[dict[str, torch.Tensor]], ran
         last = i == len(mine) - 1
         sync = model.no_sync() if ranks.mode == "ddp" and not last else _null()
         with sync:
-            out = model(**b)
             # a share without target tokens still runs backward (collectives), with a zero loss
-            loss = out.loss.float() * (n / max(n_step, 1)) if n else out.logits.float().sum() * 0.0
+            loss = causal_lm_loss(model, b).float() * (n / max(n_step, 1))
             (loss * ranks.world_size).backward()
         loss_sum += loss.detach().cpu()
     return all_reduce_sum(loss_sum, ranks)

@@ -159,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
     # model, optimizer, schedule; the memory plan first, then the peak is measured from here
-    plan = M.plan_run(cfg, model_path, train_rows) if not ranks.active else None  # one process: see memory.py
+    plan = M.plan_run(cfg, model_path, train_rows, ranks.world_size) if ranks.main else None  # per process
     baseline = M.start_measure(model_path, cfg.release_host_memory)
     model = _build_model(cfg, model_path) if not ranks.active else dist_.build_model(cfg, ranks, model_path, _build_model)
     if ranks.rank > 0:
@@ -192,7 +192,7 @@ def train(cfg: TrainConfig) -> dict:
             step = state["step"] + 1
             micro = [batches.batch(state["micro"] + i) for i in range(cfg.grad_accum)]
             state["micro"] += cfg.grad_accum  # the data position moves on even if the step is skipped
-            if ranks.active:  # HF's loss there: FSDP2's root hooks gather the head (distributed.py)
+            if ranks.active:  # each rank its share; the loss inside the wrapper's forward (distributed.py)
                 loss_sum = dist_.forward_backward(model, micro, ranks)
             else:
                 micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
@@ -245,9 +245,11 @@ def train(cfg: TrainConfig) -> dict:
     save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     if ranks.active:
         dist_.save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=cfg.model)
+        measured = dist_.peak_over_ranks(M.measure(baseline), ranks)
         dist_.shutdown(ranks)
         if not ranks.main:
             return {"steps": state["step"], "rank": ranks.rank}
+        M.write_run_memory(output, plan, measured)
         return write_summary(output, cfg, state, eval_loss, skipped, None, None)
     with atomic_directory(output / "adapter") as tmp:
         save_adapter(model, tmp, base_model_name_or_path=cfg.model)

@@ -79,3 +79,52 @@ def test_trainable_or_capped_heads_fall_back_to_the_model():
     assert not fusable(model)
     batch = _batch()
     torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss)
+
+
+def test_ddp_and_fsdp2_models_compute_the_fused_loss_inside_their_forward():
+    """Under torchrun the trainer's model is DDP-wrapped or FSDP2-sharded: the fused loss runs in
+    the model's own forward (the wrappers' hooks around it), gives the plain model's loss and
+    LoRA gradients, and never calls the head on all positions. One gloo rank here."""
+    import copy
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from qlora.model.shard import transformer_blocks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = prepare_model(tiny_model("llama", torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+                              compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        batch = _batch()
+        ref = causal_lm_loss(model, batch)
+        ref_grads = _grads(model, ref)
+        sharded = copy.deepcopy(model)
+        for block in transformer_blocks(sharded):
+            fully_shard(block)
+        fully_shard(sharded)
+        wrapped = {"ddp": DistributedDataParallel(copy.deepcopy(model)), "fsdp2": sharded}
+        for name, m in wrapped.items():
+            inner = m.module if name == "ddp" else m
+            head_calls = []
+            inner.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+            loss = causal_lm_loss(m, batch)
+            grads = {n.removeprefix("module."): g.full_tensor() if hasattr(g, "full_tensor") else g
+                     for n, g in _grads(m, loss).items()}
+            assert head_calls == [], name  # the fused head: F.linear on labelled rows, chunk by chunk
+            assert "forward" not in vars(inner), name  # the model's own forward is back
+            torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+            assert grads.keys() == ref_grads.keys(), name
+            for k in grads:
+                torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()

@@ -91,6 +91,12 @@ def test_two_ranks_follow_the_single_process_run(model_dir, alpaca_file, tmp_pat
         "adapter_config.json", "adapter_model.safetensors", "optimizer-rank0.safetensors",
         "optimizer-rank1.safetensors", "rng-rank0.safetensors", "rng-rank1.safetensors", "trainer_state.json"]
     assert json.loads((step3 / "trainer_state.json").read_text())["world_size"] == 2
+    # rank 0 plans one rank (FSDP shards the model, DDP does not) and records every rank's peak
+    for mode, sharded in (("fsdp", 2), ("ddp", 1)):
+        memory = json.loads((tmp_path / mode / "memory.json").read_text())
+        assert (memory["settings"]["world_size"], memory["settings"]["batch_size"]) == (sharded, 2), mode
+        assert len(memory["rank_peak_bytes"]) == 2 and memory["measured_peak_bytes"] == max(memory["rank_peak_bytes"])
+        assert memory["predicted_peak_bytes"] > 0
     one3 = tmp_path / "one" / "checkpoints" / "step-0000003"  # the single process's adapter after 3 steps
     _same_adapter(tmp_path / "fsdp" / "adapter", one3)
     _same_adapter(tmp_path / "ddp" / "adapter", one3)
