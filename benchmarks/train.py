@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of each setup")
     ap.add_argument("--workdir", default="/tmp/qlora-train-bench")
     ap.add_argument("--setups", default="qlora,qlora-norecompute,qlora-release,peer-qlora,peer-lora16")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the setups this many times, interleaved; each row is the median run (by tokens/s)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="compute dtype of every setup (float32 on CPUs that emulate bf16)")
     args = ap.parse_args()
@@ -105,17 +107,22 @@ def main() -> None:
     labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "qlora-norecompute": "qlora QLoRA, no checkpointing",
               "qlora-release": "qlora QLoRA, --release-host-memory", "peer-qlora": "transformers+peft+bnb QLoRA",
               "peer-lora16": "transformers+peft 16-bit LoRA"}
-    results = {}
-    for setup in args.setups.split(","):
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps), str(args.warmup),
-                              str(args.seq), str(args.batch), args.dtype], capture_output=True, text=True, env=env)
-        if out.returncode:
-            print(f"{setup} failed:\n{out.stderr[-3000:]}")
-            continue
-        results[setup] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits every setup alike
+        for setup in args.setups.split(","):
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps), str(args.warmup),
+                                  str(args.seq), str(args.batch), args.dtype], capture_output=True, text=True, env=env)
+            if out.returncode:
+                print(f"{setup} failed:\n{out.stderr[-3000:]}")
+                continue
+            runs.setdefault(setup, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {k: sorted(v, key=lambda r: r["tokens_per_s"])[len(v) // 2] for k, v in runs.items()}
     print(f"\nbatch {args.batch} x {args.seq} tokens, {args.dtype} compute, median of {args.steps} steps after "
-          f"{args.warmup} warm-up")
+          f"{args.warmup} warm-up" + (f"; median of {args.repeat} interleaved runs" if args.repeat > 1 else ""))
+    if args.repeat > 1:
+        for setup, rs in runs.items():
+            print(f"  {setup}: tokens/s of each run " + ", ".join(f"{r['tokens_per_s']:.0f}" for r in rs))
     print(f"{'setup':<34}{'tokens/s':>10}{'step s':>9}{'peak MiB':>10}{'tok/s vs peer QLoRA':>22}{'peak vs peer':>14}")
     base = results.get("peer-qlora")
     for setup, r in results.items():

@@ -20,7 +20,8 @@ fitted to measurements; where a term is an estimate the comment says so.
   device; the rest can live on the host (`paged_bytes`). On CPU paged state stays in place.
 - activations: what autograd saves, per decoder layer, walked op by op (see `_layer_saves`),
   plus the transient gradients at the peak of backward; with checkpointing one layer is
-  saved (recomputed) and every layer keeps only its input.
+  saved (recomputed) and every layer keeps only its input and its attention kernel's
+  output and logsumexp (selective checkpointing, model/prepare.py).
 - decode_workspace: one buffer of the largest quantized weight in the compute dtype; twice on
   CPUs whose 16-bit backward uses a transposed copy (linear4bit.transposed_backward).
 - runtime_overhead: CUDA: context + cuBLAS workspace (estimates: CUDA_CONTEXT_BYTES). CPU:
@@ -339,9 +340,12 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
     head_peak = rows * s.vocab * (4 + (e if e < 4 else 0)) + targets * s.hidden * e  # + the gathered rows
     transient = _backward_transient(s, batch_size, seq_len, e)
     if checkpointing:
-        inputs = s.layers * n * s.hidden * e  # each checkpointed layer keeps its input
-        at_head = inputs + rope + head_saved + head_peak
-        in_layer = inputs + rope + full + transient  # the last layer recomputed, then its backward
+        # each checkpointed layer keeps its input and what its attention kernel returned (the
+        # output and the fp32 logsumexp: prepare.keep_attention), so the recompute skips it
+        kept = n * s.hidden * e + n * s.heads * s.head_dim * e + n * s.heads * 4
+        at_head = s.layers * kept + rope + head_saved + head_peak
+        # the last layer recomputed (its kept attention output counted in `full`), then its backward
+        in_layer = s.layers * kept - (kept - n * s.hidden * e) + rope + full + transient
     else:
         layers = first + (s.layers - 1) * full + rope
         at_head = layers + head_saved + head_peak

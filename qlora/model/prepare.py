@@ -17,7 +17,9 @@ What it does, in order (formats.md section 7, the QLoRA recipe):
 4. wraps each layer selected by `lora.target_modules` in a LoraLinear (the only trainable
    parameters);
 5. enables non-reentrant gradient checkpointing and input gradients, and turns off the
-   generation cache (which checkpointing cannot use).
+   generation cache (which checkpointing cannot use). The checkpoints are selective: the
+   attention kernel's output and logsumexp (a few % of a layer's activations) are kept,
+   so the recompute in backward skips the attention kernel.
 Works on any architecture built of nn.Linear / Conv1D layers; tested on tiny Llama,
 Qwen2, Mistral, Gemma, Phi-3 (fused qkv_proj / gate_up_proj) and GPT-2 (Conv1D) in
 tests/model/test_prepare.py.
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraConfig, LoraLinear
@@ -156,15 +160,29 @@ def prepare_model(
     return model
 
 
+ATTENTION_OPS = frozenset(
+    op.default for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if (op := getattr(torch.ops.aten, name, None)) is not None
+)
+"""SDPA's fused kernels (CPU flash; CUDA flash, memory-efficient, cuDNN): their outputs are kept."""
+
+
+def keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing policy: save what the attention kernels return, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
     """Non-reentrant gradient checkpointing of every `every`-th decoder layer + input gradients.
 
+    Selective: attention's outputs are kept (`keep_attention`), everything else is recomputed.
     Checkpointing all layers (every=1) keeps the least; each layer left out keeps its
     activations and skips its recompute in backward (about a fifth of a step's matmuls).
     """
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {every!r}")
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": False, "context_fn": partial(create_selective_checkpoint_contexts, keep_attention)}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
     elif every != 1:

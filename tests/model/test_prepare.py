@@ -164,3 +164,42 @@ def test_checkpoint_every_n_layers_recomputes_only_those():
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False, True, False]
     with pytest.raises(ValueError, match="checkpoint_every"):
         qlora.prepare_model(tiny_model("llama"), checkpoint_every=0, verbose=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing_and_skips_attention(arch):
+    """Checkpointed layers recompute everything but the attention kernel, whose outputs are kept;
+    with seeded LoRA dropout the recomputed forward draws the same masks, so the gradients equal
+    those of a run without checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qlora.model.prepare import ATTENTION_OPS
+
+    class CountAttention(TorchDispatchMode):  # sees an op only when no checkpoint cache answered it
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountAttention.calls += func in ATTENTION_OPS
+            return func(*args, **(kwargs or {}))
+
+    grads, calls = {}, {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = qlora.prepare_model(tiny_model(arch, torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.2),
+                                    compute_dtype=torch.float32, gradient_checkpointing=ckpt, verbose=False)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        model.train()
+        ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)  # the dropout seeds
+        CountAttention.calls = 0
+        with CountAttention():
+            model(input_ids=ids, labels=ids).loss.backward()
+        calls[ckpt] = CountAttention.calls
+        grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    layers = model.config.num_hidden_layers
+    assert calls == {False: layers, True: layers}, calls  # without the policy: 2 x layers when checkpointed
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-7)

@@ -337,44 +337,57 @@ static inline float dropout1(float v, int64_t i, uint32_t key, uint32_t threshol
     return ((r >> ((uint32_t)(i & 1) * 16u)) & 0xffffu) >= threshold ? v * scale : 0.0f;
 }
 
-// 8 keep flags (all ones / zero per 32-bit lane) for elements i..i+7, i even: 4 hashes, each used twice.
-__attribute__((target("avx2"))) static inline __m256i keep8(int64_t i, __m256i vkey, __m256i below) {
-    const __m256i pair = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), shift = _mm256_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16);
-    __m256i h = _mm256_xor_si256(_mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(i >> 1)), pair), vkey);
+// 16 keep flags (all ones / zero per 32-bit lane) for elements i..i+15, i even: 8 hashes, one
+// per pair, whose low halves decide the even elements and high halves the odd ones.
+__attribute__((target("avx2"))) static inline void keep16(int64_t i, __m256i vkey, __m256i below, __m256i* k0,
+                                                          __m256i* k1) {
+    __m256i h = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(i >> 1)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    h = _mm256_xor_si256(h, vkey);
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x85ebca6bu));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0xc2b2ae35u));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-    __m256i half = _mm256_and_si256(_mm256_srlv_epi32(h, shift), _mm256_set1_epi32(0xffff));
-    return _mm256_cmpgt_epi32(half, below);  // half >= threshold (both < 2^16)
+    __m256i lo = _mm256_and_si256(h, _mm256_set1_epi32(0xffff)), hi = _mm256_srli_epi32(h, 16);
+    __m256i a = _mm256_unpacklo_epi32(lo, hi);  // elements 0-3 | 8-11
+    __m256i b = _mm256_unpackhi_epi32(lo, hi);  // elements 4-7 | 12-15
+    *k0 = _mm256_cmpgt_epi32(_mm256_permute2x128_si256(a, b, 0x20), below);  // half >= threshold (both < 2^16)
+    *k1 = _mm256_cmpgt_epi32(_mm256_permute2x128_si256(a, b, 0x31), below);
 }
 
-// One 2^33-element span (one key), fp32 or bf16, 8 elements a step; bf16 rounds like f32_to_bf16.
+// out[i..i+7] = keep ? x * scale : 0, fp32 or bf16 (rounded like f32_to_bf16).
+__attribute__((target("avx2"))) static inline void apply8(const void* x, void* out, int64_t i, int dtype, __m256i keepi,
+                                                         __m256 vscale) {
+    __m256 keep = _mm256_castsi256_ps(keepi);
+    if (dtype == OUT_F32) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps((const float*)x + i), vscale);
+        _mm256_storeu_ps((float*)out + i, _mm256_and_ps(keep, v));
+        return;
+    }
+    __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i)));
+    __m256 v = _mm256_and_ps(keep, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), vscale));
+    __m256i u = _mm256_castps_si256(v);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    __m256i r = _mm256_blendv_epi8(rounded, quiet, nan);
+    r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128((__m128i*)((uint16_t*)out + i), _mm256_castsi256_si128(r));
+}
+
+// One 2^33-element span (one key), fp32 or bf16, 16 elements a step.
 __attribute__((target("avx2"))) static void dropout_avx2(const void* x, void* out, int64_t i0, int64_t i1, int dtype,
                                                         uint32_t key, uint32_t threshold, float scale) {
     int64_t i = i0;
-    for (; i < i1 && (i & 7); i++) store1(out, i, dropout1(load1(x, i, dtype), i, key, threshold, scale), dtype);
+    for (; i < i1 && (i & 15); i++) store1(out, i, dropout1(load1(x, i, dtype), i, key, threshold, scale), dtype);
     const __m256i vkey = _mm256_set1_epi32((int)key), below = _mm256_set1_epi32((int)threshold - 1);
     const __m256 vscale = _mm256_set1_ps(scale);
-    for (; i + 8 <= i1; i += 8) {
-        __m256 keep = _mm256_castsi256_ps(keep8(i, vkey, below));
-        if (dtype == OUT_F32) {
-            __m256 v = _mm256_mul_ps(_mm256_loadu_ps((const float*)x + i), vscale);
-            _mm256_storeu_ps((float*)out + i, _mm256_and_ps(keep, v));
-        } else {
-            __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i)));
-            __m256 v = _mm256_and_ps(keep, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), vscale));
-            __m256i u = _mm256_castps_si256(v);
-            __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                             _mm256_set1_epi32(0x7f800000));
-            __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-            __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-            __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-            __m256i r = _mm256_blendv_epi8(rounded, quiet, nan);
-            r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-            _mm_storeu_si128((__m128i*)((uint16_t*)out + i), _mm256_castsi256_si128(r));
-        }
+    for (; i + 16 <= i1; i += 16) {
+        __m256i k0, k1;
+        keep16(i, vkey, below, &k0, &k1);
+        apply8(x, out, i, dtype, k0, vscale);
+        apply8(x, out, i + 8, dtype, k1, vscale);
     }
     for (; i < i1; i++) store1(out, i, dropout1(load1(x, i, dtype), i, key, threshold, scale), dtype);
 }
