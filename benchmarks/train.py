@@ -9,8 +9,9 @@ layers; gradient checkpointing; paged AdamW 32-bit; the same random token batche
 Each setup runs in a fresh subprocess; peak = growth of VmHWM over the process after
 its imports (model code included); tokens/s = batch x seq / median step time.
 Setups: qlora QLoRA (nf4 + DQ; what `qlora train` runs: fused head + cross-entropy, seeded
-LoRA dropout), the same without gradient checkpointing (no recompute, paid for with the
-memory the rest saves), the same with --release-host-memory (glibc's mmap threshold fixed:
+LoRA dropout), the same with --keep-attention (checkpointed layers keep their attention
+output: no attention recompute), the same without gradient checkpointing (no recompute, paid
+for with the memory the rest saves), the same with --release-host-memory (glibc's mmap threshold fixed:
 freed tensors leave the resident set, at the price of page faults), peer QLoRA (bnb nf4 +
 DQ, prepare_model_for_kbit_training, bf16 autocast, PagedAdamW32bit), peer 16-bit LoRA (bf16
 base, peft, bf16 autocast).
@@ -45,7 +46,8 @@ CHILD = textwrap.dedent("""
     if setup.startswith("qlora"):
         model = qlora.load_model(path, compute_dtype=dtype, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
-                                    gradient_checkpointing=setup != "qlora-norecompute", verbose=False)
+                                    gradient_checkpointing=setup != "qlora-norecompute",
+                                    keep_attention=setup == "qlora-keepattn", verbose=False)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
         autocast = torch.autocast("cpu", enabled=False)
     else:
@@ -89,7 +91,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of each setup")
     ap.add_argument("--workdir", default="/tmp/qlora-train-bench")
-    ap.add_argument("--setups", default="qlora,qlora-norecompute,qlora-release,peer-qlora,peer-lora16")
+    ap.add_argument("--setups", default="qlora,qlora-keepattn,qlora-norecompute,qlora-release,peer-qlora,peer-lora16")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the setups this many times, interleaved; each row is the median run (by tokens/s)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -104,7 +106,8 @@ def main() -> None:
         config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                              vocab_size=32000, tie_word_embeddings=False)
         write_random_checkpoint(config, path)
-    labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "qlora-norecompute": "qlora QLoRA, no checkpointing",
+    labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "qlora-keepattn": "qlora QLoRA, --keep-attention",
+              "qlora-norecompute": "qlora QLoRA, no checkpointing",
               "qlora-release": "qlora QLoRA, --release-host-memory", "peer-qlora": "transformers+peft+bnb QLoRA",
               "peer-lora16": "transformers+peft 16-bit LoRA"}
     runs: dict[str, list[dict]] = {}

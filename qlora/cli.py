@@ -66,7 +66,8 @@ def _memory(args: argparse.Namespace) -> None:
     optim = args.optim or ("paged_adamw" if args.method == "qlora" else "adamw")  # the paper's baselines: AdamW
     plan = plan_memory(args.model, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                        target_modules=args.target_modules, optim=optim,
-                       gradient_checkpointing=args.gradient_checkpointing, quant_type=args.quant_type,
+                       gradient_checkpointing=args.gradient_checkpointing, keep_attention=args.keep_attention,
+                       quant_type=args.quant_type,
                        double_quant=args.double_quant, blocksize=args.blocksize, compute_dtype=args.compute_dtype,
                        method=args.method, world_size=args.world_size, device_memory=args.device_memory,
                        device=args.device, lora_dropout=args.lora_dropout)
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer (default: paged_adamw for qlora, adamw for the 16-bit methods)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward (default on)")
+    p.add_argument("--keep-attention", action="store_true",
+                   help="with checkpointing: keep each layer's attention output instead of recomputing it")
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4"], help="4-bit code book (default nf4)")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize the block scales too (default on)")

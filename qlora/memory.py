@@ -20,8 +20,8 @@ fitted to measurements; where a term is an estimate the comment says so.
   device; the rest can live on the host (`paged_bytes`). On CPU paged state stays in place.
 - activations: what autograd saves, per decoder layer, walked op by op (see `_layer_saves`),
   plus the transient gradients at the peak of backward; with checkpointing one layer is
-  saved (recomputed) and every layer keeps only its input and its attention kernel's
-  output and logsumexp (selective checkpointing, model/prepare.py).
+  saved (recomputed) and every layer keeps only its input (and, with keep_attention, its
+  attention kernel's output and logsumexp: selective checkpointing, model/prepare.py).
 - decode_workspace: one buffer of the largest quantized weight in the compute dtype; twice on
   CPUs whose 16-bit backward uses a transposed copy (linear4bit.transposed_backward).
 - runtime_overhead: CUDA: context + cuBLAS workspace (estimates: CUDA_CONTEXT_BYTES). CPU:
@@ -320,7 +320,8 @@ def _backward_transient(s: Shape, b: int, t: int, e: int) -> int:
 
 
 def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora: dict[str, bool], e: int,
-                     checkpointing: bool, masked: bool, targets: int | None = None) -> dict[str, int]:
+                     checkpointing: bool, masked: bool, targets: int | None = None,
+                     keep_attention: bool = False) -> dict[str, int]:
     """The activation memory at the peak of backward, and its pieces (bytes)."""
     n = batch_size * seq_len
     full = _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked,
@@ -340,9 +341,9 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
     head_peak = rows * s.vocab * (4 + (e if e < 4 else 0)) + targets * s.hidden * e  # + the gathered rows
     transient = _backward_transient(s, batch_size, seq_len, e)
     if checkpointing:
-        # each checkpointed layer keeps its input and what its attention kernel returned (the
-        # output and the fp32 logsumexp: prepare.keep_attention), so the recompute skips it
-        kept = n * s.hidden * e + n * s.heads * s.head_dim * e + n * s.heads * 4
+        # each checkpointed layer keeps its input and, with keep_attention, what its attention
+        # kernel returned (the output and the fp32 logsumexp), which the recompute then skips
+        kept = n * s.hidden * e + (n * s.heads * s.head_dim * e + n * s.heads * 4 if keep_attention else 0)
         at_head = s.layers * kept + rope + head_saved + head_peak
         # the last layer recomputed (its kept attention output counted in `full`), then its backward
         in_layer = s.layers * kept - (kept - n * s.hidden * e) + rope + full + transient
@@ -380,7 +381,8 @@ class MemoryPlan:
         head = (f"memory plan: {st['model']} ({st['method']}, {st['quant_type'] if st['method'] == 'qlora' else '16-bit'}"
                 f"{' + DQ' if st['method'] == 'qlora' and st['double_quant'] else ''}), seq {st['seq_len']} x batch "
                 f"{st['batch_size']}, r={st['rank']}, {st['optim']}, checkpointing "
-                f"{'on' if st['gradient_checkpointing'] else 'off'}, {st['compute_dtype']} on {st['device']}"
+                f"{('on, keeping attention' if st.get('keep_attention') else 'on') if st['gradient_checkpointing'] else 'off'}"
+                f", {st['compute_dtype']} on {st['device']}"
                 + (f", world size {st['world_size']}" if st["world_size"] > 1 else ""))
         lines = [head, f"  {'part':<56} {'MiB':>12} {'GB':>9}"]
         full = st["method"] == "full16"
@@ -411,7 +413,8 @@ class MemoryPlan:
 
 def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: int = 64,
                 target_modules: str | list[str] = "all-linear", optim: str = "paged_adamw",
-                gradient_checkpointing: bool = True, quant_type: str = "nf4", double_quant: bool = True,
+                gradient_checkpointing: bool = True, keep_attention: bool = False, quant_type: str = "nf4",
+                double_quant: bool = True,
                 blocksize: int = 64, compute_dtype: str = "bfloat16", method: str = "qlora", world_size: int = 1,
                 device_memory: int | str | None = None, device: str = "cuda", lora_dropout: float = 0.05,
                 padded: bool | None = None, target_tokens: int | None = None, _suggest: bool = True) -> MemoryPlan:
@@ -425,7 +428,8 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     """
     settings = dict(model=str(model) if not isinstance(model, dict) else model.get("_name_or_path", "config"),
                     seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=target_modules, optim=optim,
-                    gradient_checkpointing=gradient_checkpointing, quant_type=quant_type, double_quant=double_quant,
+                    gradient_checkpointing=gradient_checkpointing, keep_attention=keep_attention,
+                    quant_type=quant_type, double_quant=double_quant,
                     blocksize=blocksize, compute_dtype=compute_dtype, method=method, world_size=world_size,
                     device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens)
     _check(settings)
@@ -502,7 +506,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     # full16: a dense Linear saves its input for the weight gradient, like a LoRA's A (rank 0: no xa)
     kw = dict(seq_len=seq_len, batch_size=batch_size, rank=rank if method != "full16" else 0, lora=lora, e=e,
               masked=masked, targets=target_tokens)
-    act = activation_bytes(shape, checkpointing=gradient_checkpointing, **kw)
+    act = activation_bytes(shape, checkpointing=gradient_checkpointing, keep_attention=keep_attention, **kw)
     other = activation_bytes(shape, checkpointing=not gradient_checkpointing, **kw)
     parts["activations"] = act["peak"]
     details.update(activations_per_layer=act["per_layer"], activations_saved=act["saved"],
@@ -587,11 +591,13 @@ def _param_sizes(s: Shape) -> list[int]:
 def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
     """The cheapest single changes (then pairs) that make the plan fit, with the total each gives."""
     base = {k: st[k] for k in ("seq_len", "batch_size", "rank", "target_modules", "optim", "gradient_checkpointing",
-                               "quant_type", "double_quant", "blocksize", "compute_dtype", "method", "world_size",
+                               "keep_attention", "quant_type", "double_quant", "blocksize", "compute_dtype", "method", "world_size",
                                "device", "lora_dropout", "padded", "target_tokens")}
     changes: list[tuple[str, dict]] = []
     if not st["gradient_checkpointing"]:
         changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+    elif st["keep_attention"]:
+        changes.append(("without --keep-attention", {"keep_attention": False}))
     if st["method"] == "qlora" and not st["double_quant"]:
         changes.append(("--double-quant", {"double_quant": True}))
     if not st["optim"].startswith("paged") and st["device"] == "cuda":
@@ -660,7 +666,7 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
     return plan_memory(model_path, seq_len=seq_len or cfg.max_length, batch_size=cfg.batch_size // world_size,
                        rank=cfg.lora_r, world_size=sharded,
                        target_modules=cfg.target_modules, optim=optim,
-                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       gradient_checkpointing=cfg.gradient_checkpointing, keep_attention=cfg.keep_attention,
                        quant_type="nf4" if method == "lora16" else cfg.quant_type, double_quant=cfg.double_quant,
                        blocksize=cfg.blocksize, compute_dtype=str(compute_dtype).replace("torch.", ""), method=method,
                        device=device, lora_dropout=cfg.lora_dropout,

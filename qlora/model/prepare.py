@@ -17,9 +17,9 @@ What it does, in order (formats.md section 7, the QLoRA recipe):
 4. wraps each layer selected by `lora.target_modules` in a LoraLinear (the only trainable
    parameters);
 5. enables non-reentrant gradient checkpointing and input gradients, and turns off the
-   generation cache (which checkpointing cannot use). The checkpoints are selective: the
-   attention kernel's output and logsumexp (a few % of a layer's activations) are kept,
-   so the recompute in backward skips the attention kernel.
+   generation cache (which checkpointing cannot use). With `keep_attention` the
+   checkpoints are selective: each layer also keeps its attention kernel's output and
+   logsumexp ([tokens, hidden] more per layer), so the recompute skips attention.
 Works on any architecture built of nn.Linear / Conv1D layers; tested on tiny Llama,
 Qwen2, Mistral, Gemma, Phi-3 (fused qkv_proj / gate_up_proj) and GPT-2 (Conv1D) in
 tests/model/test_prepare.py.
@@ -121,6 +121,7 @@ def prepare_model(
     compute_dtype: torch.dtype = torch.bfloat16,
     gradient_checkpointing: bool = True,
     checkpoint_every: int = 1,
+    keep_attention: bool = False,
     blocksize: int = 64,
     quant_modules: str | list[str] = "all-linear",
     verbose: bool = True,
@@ -153,7 +154,7 @@ def prepare_model(
             _replace(model, name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout,
                                              lora.use_rslora, lora.dtype))
     if gradient_checkpointing:
-        enable_checkpointing(model, checkpoint_every)
+        enable_checkpointing(model, checkpoint_every, keep_attention)
     model.qlora_report = memory_report(model)
     if verbose:
         print(model.qlora_report)
@@ -168,21 +169,24 @@ ATTENTION_OPS = frozenset(
 """SDPA's fused kernels (CPU flash; CUDA flash, memory-efficient, cuDNN): their outputs are kept."""
 
 
-def keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def _keep_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Selective checkpointing policy: save what the attention kernels return, recompute the rest."""
     return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
+def enable_checkpointing(model: nn.Module, every: int = 1, keep_attention: bool = False) -> None:
     """Non-reentrant gradient checkpointing of every `every`-th decoder layer + input gradients.
 
-    Selective: attention's outputs are kept (`keep_attention`), everything else is recomputed.
     Checkpointing all layers (every=1) keeps the least; each layer left out keeps its
     activations and skips its recompute in backward (about a fifth of a step's matmuls).
+    `keep_attention`: checkpointed layers keep what the attention kernel returned (selective
+    checkpointing), so only the rest is recomputed; it costs [tokens, hidden] per layer.
     """
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {every!r}")
-    kwargs = {"use_reentrant": False, "context_fn": partial(create_selective_checkpoint_contexts, keep_attention)}
+    kwargs: dict = {"use_reentrant": False}
+    if keep_attention:
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention_policy)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
     elif every != 1:

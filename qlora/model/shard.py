@@ -122,6 +122,7 @@ def load_sharded(
     compute_dtype: torch.dtype = torch.bfloat16,
     target_modules: str | list[str] = "all-linear",
     gradient_checkpointing: bool = True,
+    keep_attention: bool = False,
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """A QLoRA model sharded with FSDP2 per transformer block, loaded shard by shard (see the
@@ -157,7 +158,7 @@ def load_sharded(
         _swap(model, name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout, lora.use_rslora,
                                       lora.dtype, device="cpu"))
     if gradient_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, keep_attention=keep_attention)
     model.config.use_cache = False
 
     for block in transformer_blocks(model):

@@ -60,6 +60,7 @@ class TrainConfig:
     release_host_memory: bool = False  # CPU: freed tensors go back to the OS at once (lower peak; up to 2x slower steps)
     pad_to_multiple: int = 16  # pad each batch's length up to a multiple of N (fewer shapes: less memory, faster)
     checkpoint_every: int = 1  # with checkpointing: recompute every N-th decoder layer only (faster, more memory)
+    keep_attention: bool = False  # with checkpointing: keep attention outputs, skip their recompute (faster, more memory)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     # data
     max_length: int = 512  # tokens per row (longer rows are truncated)

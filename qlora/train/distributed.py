@@ -140,7 +140,8 @@ def build_model(cfg, ranks: Ranks, model_path: str, build_single) -> nn.Module:
     return load_sharded(model_path, lora, rank=ranks.rank, world_size=ranks.world_size, device=ranks.device,
                         mesh=ranks.mesh, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                         blocksize=cfg.blocksize, compute_dtype=resolve_compute_dtype(cfg), target_modules=cfg.targets(),
-                        gradient_checkpointing=cfg.gradient_checkpointing, trust_remote_code=cfg.trust_remote_code)
+                        gradient_checkpointing=cfg.gradient_checkpointing, keep_attention=cfg.keep_attention,
+                        trust_remote_code=cfg.trust_remote_code)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

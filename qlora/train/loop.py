@@ -72,6 +72,7 @@ def _build_model(cfg: TrainConfig, model_path: str):
                       use_rslora=cfg.use_rslora)
     return prepare_model(model, lora=lora, quant_type=None, compute_dtype=compute_dtype,
                          gradient_checkpointing=cfg.gradient_checkpointing, checkpoint_every=cfg.checkpoint_every,
+                         keep_attention=cfg.keep_attention,
                          verbose=False)
 
 

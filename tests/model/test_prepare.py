@@ -167,10 +167,10 @@ def test_checkpoint_every_n_layers_recomputes_only_those():
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
-def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing_and_skips_attention(arch):
-    """Checkpointed layers recompute everything but the attention kernel, whose outputs are kept;
-    with seeded LoRA dropout the recomputed forward draws the same masks, so the gradients equal
-    those of a run without checkpointing."""
+def test_checkpointing_gives_the_gradients_of_no_checkpointing_and_keep_attention_skips_attention(arch):
+    """With seeded LoRA dropout the recomputed forward draws the same masks, so checkpointed
+    gradients equal those of a run without checkpointing; with keep_attention the recompute
+    skips the attention kernel, whose outputs were kept."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from qlora.model.prepare import ATTENTION_OPS
@@ -183,10 +183,11 @@ def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing_and_ski
             return func(*args, **(kwargs or {}))
 
     grads, calls = {}, {}
-    for ckpt in (False, True):
+    for ckpt in ("none", "full", "keep_attention"):
         torch.manual_seed(0)
         model = qlora.prepare_model(tiny_model(arch, torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.2),
-                                    compute_dtype=torch.float32, gradient_checkpointing=ckpt, verbose=False)
+                                    compute_dtype=torch.float32, gradient_checkpointing=ckpt != "none",
+                                    keep_attention=ckpt == "keep_attention", verbose=False)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -200,6 +201,7 @@ def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing_and_ski
         calls[ckpt] = CountAttention.calls
         grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     layers = model.config.num_hidden_layers
-    assert calls == {False: layers, True: layers}, calls  # without the policy: 2 x layers when checkpointed
-    for n, g in grads[False].items():
-        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-7)
+    assert calls == {"none": layers, "full": 2 * layers, "keep_attention": layers}, calls
+    for ckpt in ("full", "keep_attention"):
+        for n, g in grads["none"].items():
+            torch.testing.assert_close(grads[ckpt][n], g, rtol=1e-5, atol=1e-7)
