@@ -311,8 +311,8 @@ CHILD = textwrap.dedent("""
         opt = bitsandbytes.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
         autocast = torch.autocast(device, dtype=dtype)
     model.train()
-    times = []
-    for i, ids in enumerate(data):
+
+    def step(ids):  # one optimizer step, timed to the end of its device work
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -324,32 +324,29 @@ CHILD = textwrap.dedent("""
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+        return loss, time.perf_counter() - t
+
+    times = []
+    for i, ids in enumerate(data):
+        loss, seconds = step(ids)
         if i >= warmup:
-            times.append(time.perf_counter() - t)
+            times.append(seconds)
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_bytes() - start
     if os.environ.get("QLORA_BENCH_PROFILE") == "1":  # one more step under the profiler: where the time goes
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            t = time.perf_counter()
-            with autocast:
-                inputs = {"input_ids": data[-1], "labels": data[-1]}
-                loss = causal_lm_loss(model, inputs) if setup.startswith("qlora") else model(**inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - t
+            _, wall = step(data[-1])
         ev = prof.key_averages()
         kernels = [e for e in ev if e.device_type == DeviceType.CUDA]
         busy = sum(e.self_device_time_total for e in kernels) / 1e6
         launches = sum(e.count for e in ev if "LaunchKernel" in e.key)
-        syncs = sum(e.count for e in ev if "Synchronize" in e.key or e.key in ("cudaMemcpy", "aten::item", "aten::_local_scalar_dense"))
+        syncs = sum(e.count for e in ev if "Synchronize" in e.key or e.key == "cudaMemcpy")
+        items = sum(e.count for e in ev if e.key == "aten::_local_scalar_dense")  # .item(), float(t), int(t)
         print(f"[{setup}] profiled step {wall * 1e3:.0f} ms (profiler on); device busy {busy * 1e3:.0f} ms "
               f"({busy / wall:.0%}); {launches} kernel launches, {sum(e.count for e in ev if e.key.startswith('aten::'))} "
-              f"aten calls, {syncs} sync points")
+              f"aten calls, {syncs} synchronizing CUDA calls, {items} tensor-to-Python reads (CPU or device)")
         print(ev.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25,
                        max_name_column_width=60))
     print(json.dumps({"tokens_per_s": batch * seq / med, "step_s": med, "peak_mb": peak / 2**20, "loss": float(loss)}))
