@@ -591,8 +591,8 @@ def _param_sizes(s: Shape) -> list[int]:
 def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
     """The cheapest single changes (then pairs) that make the plan fit, with the total each gives."""
     base = {k: st[k] for k in ("seq_len", "batch_size", "rank", "target_modules", "optim", "gradient_checkpointing",
-                               "keep_attention", "quant_type", "double_quant", "blocksize", "compute_dtype", "method", "world_size",
-                               "device", "lora_dropout", "padded", "target_tokens")}
+                               "keep_attention", "quant_type", "double_quant", "blocksize", "compute_dtype", "method",
+                               "world_size", "device", "lora_dropout", "padded", "target_tokens")}
     changes: list[tuple[str, dict]] = []
     if not st["gradient_checkpointing"]:
         changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
