@@ -29,14 +29,18 @@ Tested by tests/train/test_distributed.py (2 ranks, gloo, CPU).
   Every rank runs the (small) eval set whole; the demo generations run only in one process.
 - Dropout: the same seed on every rank for the initial LoRA weights, then rank r reseeds
   with seed + r so that ranks draw different dropout masks.
-- Ctrl-C under torchrun does not write a checkpoint (ranks stop at different points; a
-  collective save could hang): --resume continues from the last periodic one.
+- Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) under torchrun: `StopRequest` turns
+  the signal into a flag; at the start of every step the ranks agree on it (one all-reduce
+  of a flag), so all of them stop at the same step and write one checkpoint together, then
+  exit; --resume continues from it. torchrun kills its workers 30 s after passing the signal
+  on, so a step must finish within that.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +184,33 @@ def forward_backward(model: nn.Module, micro: list[dict[str, torch.Tensor]], ran
             (loss * ranks.world_size).backward()
         loss_sum += loss.detach().cpu()
     return all_reduce_sum(loss_sum, ranks)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM under torchrun: set a flag instead of raising, so that the ranks can
+    agree to stop at the same step (`agreed`, a collective). One process: does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, ranks: Ranks):
+        self.ranks, self.requested, self._saved = ranks, False, {}
+        if ranks.active:
+            for sig in self.SIGNALS:
+                self._saved[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank got a signal (call it at the same point on all)."""
+        if not self.ranks.active:
+            return False
+        return bool(all_reduce_sum(torch.tensor([float(self.requested)]), self.ranks).item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved = {}
 
 
 class _null:

@@ -188,8 +188,19 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
                disable=not ranks.main)
     start, eval_loss = time.perf_counter() - state["elapsed"], None
+    stop = dist_.StopRequest(ranks)  # under torchrun: a signal stops every rank at the same step
+    step_start = (state["micro"], torch.get_rng_state())  # where an interrupted step restarts
     try:
         while state["step"] < total_steps:
+            step_start = (state["micro"], torch.get_rng_state())
+            if stop.agreed():
+                bar.close()
+                where = save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
+                if ranks.main:
+                    print(f"\nstopped by a signal at step {state['step']}: saved {where}; continue with the same "
+                          "command and --resume")
+                dist_.shutdown(ranks)
+                raise KeyboardInterrupt
             step = state["step"] + 1
             micro = [batches.batch(state["micro"] + i) for i in range(cfg.grad_accum)]
             state["micro"] += cfg.grad_accum  # the data position moves on even if the step is skipped
@@ -221,6 +232,7 @@ def train(cfg: TrainConfig) -> dict:
             sched.step()
             optimizer.zero_grad(set_to_none=True)
             state.update(step=step, bad_steps=0, tokens=state["tokens"] + sum(int(b["attention_mask"].sum()) for b in micro))
+            step_start = (state["micro"], torch.get_rng_state())  # the step is done: the next one starts here
             state["elapsed"] = time.perf_counter() - start
             row = {"step": step, "loss": float(loss_sum), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
@@ -235,11 +247,16 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     except KeyboardInterrupt:
         bar.close()
-        if ranks.active:  # no collective save from ranks stopped at different points
+        if ranks.active:  # saved above, by every rank at the same step
             raise
+        if state["micro"] != step_start[0]:  # mid-step: save the data position and RNG it started from
+            state["micro"] = step_start[0]
+            torch.set_rng_state(step_start[1])
         where = save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
         print(f"\ninterrupted at step {state['step']}: saved {where}; continue with the same command and --resume")
         raise
+    finally:
+        stop.restore()
     bar.close()
     if eval_rows:
         eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)

@@ -37,7 +37,7 @@ def _free_ports(n):
     return ports
 
 
-def _torchrun(model_dir, data, out, steps, *extra, port):
+def _torchrun(model_dir, data, out, steps, *extra, port, new_session=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "-m", "qlora",
            "train", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--max-steps", str(steps)]
@@ -45,7 +45,8 @@ def _torchrun(model_dir, data, out, steps, *extra, port):
         flag = "--" + key.replace("_", "-")
         cmd += ([flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)])
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.Popen(cmd + list(extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd + list(extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session)
 
 
 def _wait(proc):
@@ -121,3 +122,33 @@ def test_settings_that_cannot_be_split_are_refused_clearly(model_dir, monkeypatc
     ranks = distributed.Ranks(rank=0, world_size=2, mode="fsdp")
     with pytest.raises(ValueError, match="use --distributed ddp"):
         distributed.build_model(TrainConfig(model=str(model_dir), quant_type="none"), ranks, str(model_dir), None)
+
+
+def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_that_resumes(model_dir, alpaca_file, tmp_path):
+    """Ctrl-C on torchrun (SIGINT to the whole process group, as a terminal sends it): the ranks
+    agree to stop at the same step, write one checkpoint together, and --resume continues the
+    single-process curve."""
+    import signal
+    import time
+
+    single = tmp_path / "one"
+    train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(single), max_steps=6, **FLAGS))
+    ports = _free_ports(2)
+    out = tmp_path / "fsdp"
+    flags = ("--save-every", "0")  # no periodic checkpoint: the one found is the signal's
+    proc = _torchrun(model_dir, alpaca_file, out, 8, *flags, port=ports[0], new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "metrics.jsonl").exists() and _curve(out)):  # the first step is done
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the run finished before the signal"
+    stopped = _curve(out)[-1][0]
+    assert f"stopped by a signal at step {stopped}" in log, log[-3000:]
+    saved = out / "checkpoints" / f"step-{stopped:07d}"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [saved.name]
+    assert {"optimizer-rank0.safetensors", "optimizer-rank1.safetensors"} <= {p.name for p in saved.iterdir()}
+    assert stopped < 6, "stopped too late to check the resumed steps"
+    _wait(_torchrun(model_dir, alpaca_file, out, 8, *flags, "--resume", port=ports[1]))
+    _same_curve(_curve(out)[:6], _curve(single))

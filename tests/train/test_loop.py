@@ -129,3 +129,28 @@ def test_generate_with_adapter(model_dir, alpaca_file, tmp_path, capsys):
     assert isinstance(sampled, str)
     with pytest.raises(ValueError, match="temperature"):
         generate(str(model_dir), "x", temperature=-1)
+
+
+def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(model_dir, alpaca_file, tmp_path, monkeypatch):
+    """Ctrl-C inside a step (after its micro-batches were drawn and dropout seeds taken) saves
+    the position and RNG the step started from, so --resume repeats that step exactly."""
+    flags = dict(max_steps=6, lora_dropout=0.1, **FAST)
+    train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "full"), **flags))
+    full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+
+    real, calls = loop.causal_lm_loss, {"n": 0}
+
+    def interrupted(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 8:  # the second micro-batch of step 4
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "causal_lm_loss", interrupted)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(out), **flags))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003"]
+    monkeypatch.setattr(loop, "causal_lm_loss", real)
+    train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(out), resume=True, **flags))
+    assert [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == full
