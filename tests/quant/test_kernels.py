@@ -13,6 +13,37 @@ def test_native_library_builds_here():
     assert cpu.load() is not None, cpu.error()
 
 
+def test_the_kernels_share_torchs_openmp_runtime():
+    """Built with OpenMP, the library binds to the libgomp torch loaded: one OpenMP runtime, one
+    thread pool (two would fight over the cores)."""
+    assert cpu.load() is not None, cpu.error()
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) == 1, gomp
+
+
+def test_the_pthread_build_decodes_and_drops_like_the_reference():
+    """The fallback where -fopenmp does not build: the same results on pthreads."""
+    import ctypes
+
+    from qlora.nn.dropout import seeded_dropout_ref, threshold_and_scale
+
+    lib = cpu.declare(ctypes.CDLL(str(cpu.build(cpu.FLAGS))))
+    qt = qlora.quantize(torch.randn(300 * 64 + 17), "nf4", 64, True)
+    out = torch.empty(qt.numel(), dtype=torch.bfloat16)
+    lib.qlora_decode_4bit(qt.data.data_ptr(), None, qt.absmax.data_ptr(), qt.nested_absmax.data_ptr(),
+                          qt.nested_code.data_ptr(), float(qt.nested_offset), qt.code.data_ptr(), out.data_ptr(),
+                          qt.numel(), 64, 2, 2, int(kernels.has_simd()), 0)
+    assert torch.equal(out, blockwise.dequantize_4bit_ref(qt.data, qt.scales(), qt.code, 64, qt.numel(),
+                                                          torch.bfloat16))
+    x = torch.randn(3 * 65536 + 5, dtype=torch.bfloat16)
+    dropped = torch.empty_like(x)
+    threshold, scale = threshold_and_scale(0.1)
+    lib.qlora_dropout(x.data_ptr(), dropped.data_ptr(), x.numel(), 2, 12345, threshold, scale, 2,
+                      int(kernels.has_simd()))
+    assert torch.equal(dropped, seeded_dropout_ref(x, 0.1, 12345))
+
+
 @pytest.fixture(params=["native", "scalar"])
 def mode(request, monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS", request.param)

@@ -7,7 +7,8 @@
 //         (exact, denormals kept); fp16 via F16C. Other CPUs: a portable scalar loop.
 // quantize: per block absmax, x * (1/absmax) (the partial last block divides), clamp,
 //         nearest code by counting thresholds below the value (ties go low), pack.
-// Threads: the block range is split over `threads` pthreads.
+// Threads: the block range is split over `threads` threads: OpenMP's when built with -fopenmp
+// (then torch's own pool, see cpu.py), else pthreads.
 // Build flags keep IEEE semantics: no -ffast-math, -ffp-contract=off.
 #include <immintrin.h>
 #include <math.h>
@@ -208,6 +209,11 @@ static int clamp_threads(int threads, int64_t nblocks) {
 }
 
 static void run_threads(void* (*fn)(void*), void* args, size_t size, int threads) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) fn((char*)args + t * size);
+    return;
+#endif
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int t = 1; t < threads; t++) started[t] = pthread_create(&tid[t], NULL, fn, (char*)args + t * size) == 0;
