@@ -1,4 +1,6 @@
 """Native kernels (AVX2 and scalar) against the pure-PyTorch reference, bit for bit."""
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +15,7 @@ def test_native_library_builds_here():
     assert cpu.load() is not None, cpu.error()
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc (Linux)")
 def test_the_kernels_share_torchs_openmp_runtime():
     """Built with OpenMP, the library binds to the libgomp torch loaded: one OpenMP runtime, one
     thread pool (two would fight over the cores)."""
