@@ -113,13 +113,18 @@ def _fused_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
 
 @contextmanager
 def _loss_as_forward(model: nn.Module, chunk_tokens: int | None):
-    """While open, `model(**batch)` returns the fused loss (the hooks around forward still run)."""
+    """While open, `model(**batch)` returns the fused loss (the hooks around forward still run).
+    A forward set on the instance before (e.g. by accelerate's hooks) is put back after."""
+    own = vars(model).get("forward")
     model.forward = lambda input_ids, attention_mask=None, labels=None, **_: _fused_loss(
         model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, chunk_tokens)
     try:
         yield
     finally:
-        del model.forward
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
