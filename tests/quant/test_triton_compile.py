@@ -4,7 +4,8 @@ ptxas that ships in the triton wheel, in a subprocess without TRITON_INTERPRET.
 
 Also checked in the PTX: the decode kernels contain no fused multiply-add (the scale
 nested_code * nested_absmax + offset must round the product, as blockwise.py does), the
-GEMMs use Hopper's wgmma, and on 16-byte-aligned sizes decode stores are 16-byte vectors.
+GEMMs use Hopper's wgmma, on 16-byte-aligned sizes decode stores are 16-byte vectors, and
+each thread loads its block's scale once (not once per byte).
 """
 import os
 import subprocess
@@ -30,12 +31,12 @@ CHILD = textwrap.dedent("""
         return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                               options=options).asm["ptx"]
 
-    ops = lambda text: collections.Counter(re.findall(r"\\b(fma\\.rn\\.f32|wgmma\\.mma_async|st\\.global[\\w.]*)", text))
+    ops = lambda text: collections.Counter(re.findall(r"\\b(fma\\.rn\\.f32|wgmma\\.mma_async|[ls][dt]\\.global[\\w.]*)", text))
     out = {}
     for dtype in ("bf16", "fp32"):
         sig = dict(data_ptr="*u8", absmax_ptr="*u8", nested_ptr="*fp32", nested_code_ptr="*fp32", offset="fp32",
                    code_ptr="*fp32", out_ptr="*" + dtype, n="i32", nbytes="i32")
-        consts = dict(HALF_BLOCK=32, DQ=True, BYTES=td.DECODE_BYTES, MANUAL_BF16=True)
+        consts = dict(HALF_BLOCK=32, DQ=True, BYTES=td.DECODE_BYTES, COLS=32, MANUAL_BF16=True)
         out["decode_" + dtype] = ops(ptx(td._decode_kernel, sig, consts, aligned=range(9), num_warps=td.DECODE_WARPS,
                                          **td.LAUNCH))
     sig = dict(absmax_ptr="*u8", nested_ptr="*fp32", nested_code_ptr="*fp32", offset="fp32", out_ptr="*fp32", nblocks="i32")
@@ -72,5 +73,7 @@ def test_triton_kernels_compile_for_sm90():
         assert ops[name].get("fma.rn.f32", 0) == 0, (name, ops[name])
     for dtype in ("bf16", "fp32"):
         assert ops[f"decode_{dtype}"].get("st.global.v4.b32", 0) > 0, ops[f"decode_{dtype}"]
+        # a thread's bytes lie in one block: one load of its block's 8-bit scale code, not one per byte
+        assert ops[f"decode_{dtype}"].get("ld.global.b8", 0) == 1, ops[f"decode_{dtype}"]
     assert ops["fwd_bf16"].get("wgmma.mma_async", 0) > 0 and ops["bwd_bf16"].get("wgmma.mma_async", 0) > 0, ops
     assert set(ops) == {"decode_bf16", "decode_fp32", "scales", "fwd_bf16", "bwd_bf16"}

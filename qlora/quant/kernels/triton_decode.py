@@ -38,7 +38,7 @@ except AttributeError:  # triton < 3.4 has no knobs; it reads the variable the s
 """True when the kernels below were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
 
 DECODE_BYTES = 2048
-"""Packed bytes (4096 outputs) per decode program; 8 warps on a GPU: 16 bytes in, 64 out per thread."""
+"""Packed bytes (4096 outputs) per decode program; with 8 warps, 8 bytes in and 16 values out per thread."""
 DECODE_WARPS = 8
 LAUNCH = {"enable_fp_fusion": False}
 """Launch options of the decode kernels: no FMA contraction (exact scales; checked in the PTX by a test)."""
@@ -78,16 +78,19 @@ def block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, blk, mask, DQ: 
 
 @triton.jit
 def _decode_kernel(data_ptr, absmax_ptr, nested_ptr, nested_code_ptr, offset, code_ptr, out_ptr, n, nbytes,
-                   HALF_BLOCK: tl.constexpr, DQ: tl.constexpr, BYTES: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BYTES + tl.arange(0, BYTES)
-    mask = byte < nbytes
-    packed = tl.load(data_ptr + byte, mask=mask, other=0).to(tl.int32)
-    scale = block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, byte // HALF_BLOCK, mask, DQ)
-    hi = tl.load(code_ptr + (packed >> 4)) * scale
-    lo = tl.load(code_ptr + (packed & 15)) * scale
-    values = tl.interleave(hi, lo)  # element 2j, 2j+1, ...
-    idx = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+                   HALF_BLOCK: tl.constexpr, DQ: tl.constexpr, BYTES: tl.constexpr, COLS: tl.constexpr,
+                   MANUAL_BF16: tl.constexpr):
+    # The program's BYTES bytes as a [BYTES // COLS, COLS] tile, COLS = min(HALF_BLOCK, BYTES):
+    # every row lies in one block, so each row's scale is loaded once, not once per byte.
+    row = tl.program_id(0).to(tl.int64) * (BYTES // COLS) + tl.arange(0, BYTES // COLS)
+    start = row * COLS
+    byte = start[:, None] + tl.arange(0, COLS)[None, :]
+    packed = tl.load(data_ptr + byte, mask=byte < nbytes, other=0).to(tl.int32)
+    scale = block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, start // HALF_BLOCK, start < nbytes, DQ)
+    hi = tl.load(code_ptr + (packed >> 4)) * scale[:, None]
+    lo = tl.load(code_ptr + (packed & 15)) * scale[:, None]
+    values = tl.interleave(hi, lo)  # row r holds elements 2 * start[r] ... 2 * start[r] + 2 * COLS - 1
+    idx = 2 * start[:, None] + tl.arange(0, 2 * COLS)[None, :]
     tl.store(out_ptr + idx, cast_out(values, out_ptr.dtype.element_ty, MANUAL_BF16), mask=idx < n)
 
 
@@ -140,7 +143,7 @@ def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor, *, bytes_per_program: 
     _decode_kernel[(triton.cdiv(nbytes, bytes_per_program),)](
         qt.data, qt.absmax, nested, nested_code, offset, qt.code, out, n, nbytes,
         HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=bytes_per_program,
-        MANUAL_BF16=True, num_warps=num_warps, **LAUNCH,
+        COLS=min(qt.blocksize // 2, bytes_per_program), MANUAL_BF16=True, num_warps=num_warps, **LAUNCH,
     )
 
 
