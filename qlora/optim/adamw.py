@@ -5,7 +5,7 @@
 
 Tested by `pytest tests/optim` (torch.optim.AdamW is the oracle for 32-bit state).
 
-- Decoupled weight decay, exactly torch.optim.AdamW's single-tensor arithmetic:
+- Decoupled weight decay, exactly torch.optim.AdamW's arithmetic (its multi-tensor ops):
   p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
 - state_bits=32: m and v in float32 (also for bf16 parameters: the math runs in float32
@@ -141,36 +141,66 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, group: dict, step: int) -> None:
-    """torch.optim.AdamW's single-tensor update, in place, float32 p/g/m/v of one shape."""
+def _adamw_(p: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
+            group: dict, step: int) -> None:
+    """torch.optim.AdamW's update, op for op its multi-tensor (foreach) arithmetic, in place on
+    lists of float32 p/g/m/v (pairwise of one shape): a few kernel launches for any number of
+    tensors. On the CPU the same bits as its single-tensor loop (tests/optim compare both)."""
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if wd != 0:
-        p.mul_(1 - lr * wd)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    denom = v.sqrt().div_(bias_correction2**0.5).add_(eps)
-    p.addcdiv_(m, denom, value=-(lr / bias_correction1))
+        torch._foreach_mul_(p, 1 - lr * wd)
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, m, denom, value=-(lr / (1 - beta1**step)))
+
+
+def _update(p: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
+            group: dict, step: int) -> None:
+    """_adamw_ on parameter and gradient slices of any float dtype: float32 math, p rounded once."""
+    p32 = [t if t.dtype == torch.float32 else t.float() for t in p]
+    g32 = [t if t.dtype == torch.float32 else t.float() for t in g]
+    _adamw_(p32, g32, m, v, group, step)
+    for t, t32 in zip(p, p32):
+        if t32 is not t:
+            t.copy_(t32)
 
 
 def _update_chunk(
     p: torch.Tensor, g: torch.Tensor, state: list[torch.Tensor], eight_bit: bool, group: dict, step: int
 ) -> None:
     """Update flat slices `p`, `g` and their state slices (m, v or mq, ma, vq, va) in place."""
-    p32 = p if p.dtype == torch.float32 else p.float()
-    g32 = g if g.dtype == torch.float32 else g.float()
-    if eight_bit:
-        mq, ma, vq, va = state
-        m, v = dequantize_8bit(mq, ma, signed=True), dequantize_8bit(vq, va, signed=False)
-        _adamw_(p32, g32, m, v, group, step)
-        quantize_8bit(m, True, mq, ma)
-        quantize_8bit(v, False, vq, va)
-    else:
-        m, v = state
-        _adamw_(p32, g32, m, v, group, step)
-    if p32 is not p:
-        p.copy_(p32)
+    if not eight_bit:
+        _update([p], [g], state[:1], state[1:], group, step)
+        return
+    mq, ma, vq, va = state
+    m, v = dequantize_8bit(mq, ma, signed=True), dequantize_8bit(vq, va, signed=False)
+    _update([p], [g], [m], [v], group, step)
+    quantize_8bit(m, True, mq, ma)
+    quantize_8bit(v, False, vq, va)
+
+
+class _Batch:
+    """Resident float32-state chunks of one group at one step (at most MATH_CHUNK elements),
+    updated by one _update call: about eight kernel launches for all of them, not per chunk."""
+
+    def __init__(self, group: dict, step: int) -> None:
+        self.group, self.step, self.numel = group, step, 0
+        self.p: list[torch.Tensor] = []
+        self.g: list[torch.Tensor] = []
+        self.m: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def add(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        for items, t in ((self.p, p), (self.g, g), (self.m, m), (self.v, v)):
+            items.append(t)
+        self.numel += p.numel()
+
+    def run(self, _: list[torch.Tensor]) -> None:
+        _update(self.p, self.g, self.m, self.v, self.group, self.step)
 
 
 def _state_slices(state: dict[str, torch.Tensor], eight_bit: bool, start: int, end: int) -> list[torch.Tensor]:
@@ -336,6 +366,7 @@ class AdamW(torch.optim.Optimizer):
             largest = max(_chunk_page_bytes(self.is_8bit(p, g), local(p).numel()) for p, g in held)
             pager.place({p: self.state[p] for p, _ in held}, largest)
         jobs: list[Job] = []
+        batches: dict[tuple[int, int], _Batch] = {}  # resident 32-bit chunks, by (group, step)
         for p, group in items:
             state = self.state[p]
             state["step"] += 1
@@ -350,13 +381,16 @@ class AdamW(torch.optim.Optimizer):
             flat_p, writeback = _flat(local(p))
             flat_g = local(p.grad).reshape(-1)
             for start, end in chunks(local(p).numel(), size):
-                jobs.append(
-                    Job(
-                        _state_slices(state, eight_bit, start, end),
-                        _chunk_runner(flat_p[start:end], flat_g[start:end], eight_bit, group, step),
-                        paged,
-                    )
-                )
+                tensors = _state_slices(state, eight_bit, start, end)
+                if paged or eight_bit:
+                    runner = _chunk_runner(flat_p[start:end], flat_g[start:end], eight_bit, group, step)
+                    jobs.append(Job(tensors, runner, paged))
+                    continue
+                batch = batches.get((id(group), step))
+                if batch is None or batch.numel + end - start > MATH_CHUNK:
+                    batch = batches[id(group), step] = _Batch(group, step)
+                    jobs.append(Job([], batch.run, False))
+                batch.add(flat_p[start:end], flat_g[start:end], *tensors)
             if writeback is not None:
                 jobs.append(Job([], writeback, False))
         if pager is not None:

@@ -32,8 +32,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("paged", [False, True])
-def test_matches_torch_adamw_over_100_steps(monkeypatch, paged):
+def test_matches_torch_adamw_over_100_steps(monkeypatch, paged, foreach):
+    """Bit for bit: torch's single-tensor loop and its multi-tensor (foreach) variant alike."""
     monkeypatch.setattr(adamw_mod, "MATH_CHUNK", 1024)  # exercise chunked updates
     ours, ref = _params(), None
     ref = _clone(ours)
@@ -42,7 +44,7 @@ def test_matches_torch_adamw_over_100_steps(monkeypatch, paged):
         {"params": ps[2:], "lr": 1e-2, "weight_decay": 0.0, "betas": (0.8, 0.99)},
     ]
     opt = AdamW(groups(ours), eps=1e-6, paged=paged)
-    oracle = torch.optim.AdamW(groups(ref), eps=1e-6)
+    oracle = torch.optim.AdamW(groups(ref), eps=1e-6, foreach=foreach)
     for step in range(100):
         _set_grads(step, ours, ref)
         opt.step()
@@ -53,6 +55,31 @@ def test_matches_torch_adamw_over_100_steps(monkeypatch, paged):
     for p, q in zip(ours, ref):
         assert torch.equal(opt.state[p]["exp_avg"], oracle.state[q]["exp_avg"].reshape(-1))
         assert torch.equal(opt.state[p]["exp_avg_sq"], oracle.state[q]["exp_avg_sq"].reshape(-1))
+
+
+def test_resident_float32_state_is_updated_by_one_multi_tensor_call_per_group(monkeypatch):
+    """About eight launches per group and step on a GPU, not eight per parameter (or chunk)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func.overloadpacket.__name__ == "_foreach_addcdiv_"
+            return func(*args, **(kwargs or {}))
+
+    ours = _params()
+    opt = AdamW([{"params": ours[:2]}, {"params": ours[2:], "lr": 0.1}], paged=False)
+    _set_grads(0, ours)
+    with Count():
+        opt.step()
+    assert Count.calls == 2
+    monkeypatch.setattr(adamw_mod, "MATH_CHUNK", 1024)  # batches hold at most MATH_CHUNK elements
+    Count.calls = 0
+    with Count():
+        opt.step()
+    want = sum(-(-p.numel() // 1024) for p in ours)  # at most one chunk of a parameter per batch here
+    assert 2 < Count.calls <= want, (Count.calls, [p.numel() for p in ours])
 
 
 def test_lambda_lr_scheduler_and_closure():
