@@ -11,7 +11,8 @@ Sections, each printed as it finishes (a failing section prints its error; the r
 1. decode: NF4 + DQ, 8192 x 8192 -> bf16 into a preallocated buffer; bandwidth = (packed
    codes + scales read + bf16 written) / time, as a fraction of a bf16 device-to-device
    copy's (read + written) / time. Goal: at least 0.80. Then a sweep of the launch
-   (bytes per program x warps; the result is bit-identical). bitsandbytes'
+   (bytes per program x warps; the result is bit-identical), and the kernel as timed on the
+   H200 before its scale loads went per row (`_decode_before`). bitsandbytes'
    dequantize_4bit under the same timer when importable.
 2. layer: forward + backward (grad_x and the LoRA gradients) of 4096 x 4096, x = [8, 2048,
    4096] bf16, LoRA r = 16 (alpha 32, B random), against a frozen bf16 nn.Linear + the
@@ -50,11 +51,14 @@ if SMOKE:  # before triton is imported: kernels are built for the CPU interprete
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qlora  # noqa: E402
 from qlora.nn import fused_lora  # noqa: E402
 from qlora.quant import blockwise, kernels  # noqa: E402
+from qlora.quant.kernels import triton_decode as td  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY: list[tuple[str, str, str, str]] = []  # (measure, value, goal, met)
@@ -161,8 +165,6 @@ def decode(args) -> None:
           f"{t_dec / t_copy:.2f}")
     summary("decode bandwidth / copy bandwidth", f"{frac:.2f}", ">= 0.80", None if SMOKE else frac >= 0.80)
     if DEVICE.type == "cuda" or SMOKE:  # launch settings: bytes per program x warps (the result is the same)
-        from qlora.quant.kernels import triton_decode as td
-
         sweep = {}
         for nbytes in ((256, 2048) if SMOKE else (512, 1024, 2048, 4096, 8192)):
             for warps in ((4,) if SMOKE else (2, 4, 8, 16)):
@@ -172,6 +174,12 @@ def decode(args) -> None:
               f"{td.DECODE_BYTES} x {td.DECODE_WARPS}): " + ", ".join(f"{b}x{w} {f:.2f}" for (b, w), f in sweep.items()))
         (b, w), best = max(sweep.items(), key=lambda kv: kv[1])
         summary("decode, best launch in the sweep", f"{best:.2f}", f"({b} B x {w} warps)")
+        before = torch.empty_like(out)
+        t_before = per_call(lambda: _decode_before(qt, before), iters)
+        print(f"the kernel as of the H200 runs (scales loaded per byte): {moved_dec / t_before / bw_copy:.2f} of the "
+              f"copy bandwidth, {t_before / t_dec:.2f}x the time of today's; same bits: "
+              f"{torch.equal(before, qt.dequantize(out=out))}")
+        summary("decode time, previous kernel / today's", f"{t_before / t_dec:.2f}x")
     if not SMOKE:
         small = qlora.quantize(torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16), "nf4", 64, True)
         ws = torch.empty(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
@@ -184,6 +192,29 @@ def decode(args) -> None:
         print(f"bitsandbytes dequantize_4bit (fresh output): {t_bnb * 1e6:.1f} us = {moved_dec / t_bnb / 1e9:.0f} GB/s; "
               f"qlora is {t_bnb / t_dec:.2f}x faster")
         summary("decode time, bitsandbytes / qlora", f"{t_bnb / t_dec:.2f}x")
+
+
+@triton.jit
+def _decode_before_kernel(data_ptr, absmax_ptr, nested_ptr, nested_code_ptr, offset, code_ptr, out_ptr, n, nbytes,
+                          HALF_BLOCK: tl.constexpr, BYTES: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * BYTES + tl.arange(0, BYTES)
+    mask = byte < nbytes
+    packed = tl.load(data_ptr + byte, mask=mask, other=0).to(tl.int32)
+    scale = td.block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, byte // HALF_BLOCK, mask, True)
+    hi = tl.load(code_ptr + (packed >> 4)) * scale
+    lo = tl.load(code_ptr + (packed & 15)) * scale
+    idx = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + idx, td.cast_out(tl.interleave(hi, lo), out_ptr.dtype.element_ty, True), mask=idx < n)
+
+
+def _decode_before(qt, out: torch.Tensor) -> None:
+    """triton_decode's kernel as timed on the H200 (2026-11-28: a 1-D tile, the scale loaded per
+    byte), NF4 + DQ at 2048 bytes x 8 warps, for a side-by-side comparison with today's."""
+    nbytes = (qt.numel() + 1) // 2
+    _decode_before_kernel[(triton.cdiv(nbytes, 2048),)](
+        qt.data, qt.absmax, qt.nested_absmax, qt.nested_code, float(qt.nested_offset), qt.code, out, qt.numel(),
+        nbytes, HALF_BLOCK=qt.blocksize // 2, BYTES=2048, num_warps=8, **td.LAUNCH)
 
 
 # ---- 2. one layer --------------------------------------------------------------------------------
@@ -459,8 +490,6 @@ def main() -> int:
         fused_lora.DEVICE_TYPES = {"cuda"}
         props = torch.cuda.get_device_properties(0)
         where = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-    import triton
-
     print(f"{where}; torch {torch.__version__}, triton {triton.__version__}\n", flush=True)
     start = time.perf_counter()
     for name in args.sections.split(","):
