@@ -34,7 +34,7 @@ def _label(op: str, attr: str, t: torch.Tensor, layer: LoraLinear) -> str:
     shape = tuple(t.shape)
     if shape == (r, n_in):
         return "A (compute-dtype copy)"
-    if shape == (n_out, r):
+    if shape in ((n_out, r), (r, n_out)):  # addmm saves B^T, a view
         return "B (compute-dtype copy)"
     if shape[-1] == n_in:
         return "X itself (dropout(X) is regenerated from the seed)"

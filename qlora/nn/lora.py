@@ -6,7 +6,9 @@
 - A [r, in] starts kaiming-uniform (a = sqrt(5), bound 1/sqrt(in)), B [out, r] at zero, so
   a fresh adapter changes nothing. `use_rslora` scales by alpha / sqrt(r) instead.
 - Dropout (training only) is seeded by element index (dropout.py), so backward regenerates
-  the mask: the branch keeps x, not a dropped copy of it (`_DropoutLora`).
+  the mask: the branch keeps x, not a dropped copy of it (`_DropoutA`).
+- The update is added inside the second GEMM (addmm: base output + s xa B^T, rounded once)
+  where the base output is in the compute dtype: one pass over the output.
 - The adapters are stored in fp32 by default (`dtype=torch.bfloat16` halves them) and cast
   to the base layer's compute dtype for the two small matmuls, as PEFT does under autocast;
   gradients flow back through the cast to the fp32 parameters.
@@ -81,30 +83,28 @@ def _features(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"LoraLinear wraps Linear4bit, nn.Linear or transformers Conv1D, got {type(base).__name__}")
 
 
-class _DropoutLora(torch.autograd.Function):
-    """u = dropout(x) A^T B^T, the adapter branch in training, with seeded dropout (dropout.py).
-
-    Gradients, with g_xa = g B: dB = g^T xa, dA = g_xa^T dropout(x), dx = dropout(g_xa A)
-    (the same mask). Saves x (the layer's input itself, not a copy: q, k and v share it), A,
-    B, xa = dropout(x) A^T [..., r] and the seed; dropout(x) is regenerated in backward.
+class _DropoutA(torch.autograd.Function):
+    """xa = dropout(x) A^T [..., r], the adapter's first product in training, with seeded
+    dropout (dropout.py). Gradients, with g = d xa: dA = g^T dropout(x), dx = dropout(g A)
+    (the same mask). Saves x (the layer's input itself, not a copy: q, k and v share it), A
+    and the seed; dropout(x) is regenerated in backward.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        xa = F.linear(seeded_dropout(x, p, seed), a)
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         ctx.p, ctx.seed = p, seed
-        ctx.save_for_backward(x, a, b, xa)
-        return F.linear(xa, b)
+        ctx.save_for_backward(x, a)
+        return F.linear(seeded_dropout(x, p, seed), a)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, a, b, xa = ctx.saved_tensors
-        g_xa = g @ b
-        grad_x = seeded_dropout(g_xa @ a, ctx.p, ctx.seed) if ctx.needs_input_grad[0] else None
-        g_xa = g_xa.reshape(-1, g_xa.shape[-1])
-        grad_a = g_xa.t() @ seeded_dropout(x, ctx.p, ctx.seed).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_b = g.reshape(-1, g.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1]) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_a, grad_b, None, None
+        x, a = ctx.saved_tensors
+        grad_x = seeded_dropout(g @ a, ctx.p, ctx.seed) if ctx.needs_input_grad[0] else None
+        grad_a = None
+        if ctx.needs_input_grad[1]:
+            dropped = seeded_dropout(x, ctx.p, ctx.seed).reshape(-1, x.shape[-1])
+            grad_a = g.reshape(-1, g.shape[-1]).t() @ dropped
+        return grad_x, grad_a, None, None
 
 
 class LoraLinear(nn.Module):
@@ -144,8 +144,12 @@ class LoraLinear(nn.Module):
         dt = self.compute_dtype
         x, a, b = x.to(dt), self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
         p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        lora = _DropoutLora.apply(x, a, b, p, new_seed()) if p > 0 else F.linear(F.linear(x, a), b)
-        return torch.add(out, lora.to(out.dtype), alpha=self.scaling)
+        xa = _DropoutA.apply(x, a, p, new_seed()) if p > 0 else F.linear(x, a)
+        if out.dtype != dt:
+            return torch.add(out, F.linear(xa, b).to(out.dtype), alpha=self.scaling)
+        # out + s xa B^T in one GEMM: one pass over the output instead of three (write, read, add)
+        y = torch.addmm(out.reshape(-1, self.out_features), xa.reshape(-1, self.r), b.t(), alpha=self.scaling)
+        return y.view(out.shape)
 
     # ---- merging ---------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

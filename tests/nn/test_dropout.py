@@ -1,5 +1,5 @@
 """Seeded dropout (native == reference, bit for bit; the keep rate) and LoRA's dropout branch
-(_DropoutLora: gradients vs autograd through the explicit mask; what it keeps for backward)."""
+(_DropoutA: gradients vs autograd through the explicit mask; what it keeps for backward)."""
 import pytest
 import torch
 

@@ -43,8 +43,11 @@ def test_output_is_bit_identical_to_the_same_dense_bf16_ops():
     w = layer.base_layer.weight.dequantize(torch.bfloat16)
     b = layer.base_layer.bias.bfloat16()
     x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
-    lora = F.linear(F.linear(x, layer.lora_A.weight.bfloat16()), layer.lora_B.weight.bfloat16())
-    assert torch.equal(layer(x), torch.add(F.linear(x, w, b), lora, alpha=layer.scaling))
+    xa = F.linear(x, layer.lora_A.weight.bfloat16())
+    # the update is added inside the second GEMM: base + s xa B^T, rounded once
+    want = torch.addmm(F.linear(x, w, b).view(10, 96), xa.view(10, 8), layer.lora_B.weight.bfloat16().t(),
+                       alpha=layer.scaling)
+    assert torch.equal(layer(x), want.view(2, 5, 96))
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -80,7 +83,7 @@ def test_bf16_adapters_and_16bit_lora_over_a_frozen_linear():
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     layer(x).sum().backward()
     assert base.weight.grad is None and layer.lora_A.weight.grad is not None
-    ref = torch.add(base(x), F.linear(F.linear(x, layer.lora_A.weight), layer.lora_B.weight), alpha=2.0)
+    ref = torch.addmm(base(x), F.linear(x, layer.lora_A.weight), layer.lora_B.weight.t(), alpha=2.0)
     assert torch.equal(layer(x), ref)
 
 
