@@ -3,7 +3,7 @@ a ~1B Llama training step against transformers + peft + bitsandbytes, the paged 
 
     python benchmarks/gpu.py             # one CUDA device; under 8 minutes on an H200
     python benchmarks/gpu.py --smoke     # every section on tiny shapes, CPU, TRITON_INTERPRET=1 (~1-2 min)
-    python benchmarks/gpu.py --sections decode,layer   # a subset: decode, layer, train, optim
+    python benchmarks/gpu.py --sections decode,layer   # a subset: correct, decode, layer, train, optim, resume
 
 Sections, each printed as it finishes (a failing section prints its error; the rest still run):
 0. correctness on the device: Triton decode bit for bit vs blockwise.py; the fused layer
@@ -31,6 +31,10 @@ Sections, each printed as it finishes (a failing section prints its error; the r
    each under torch.profiler: device busy time / wall time, kernel launches, top kernels.
 4. optim: benchmarks/optim_gpu.py --params-gb 1 --steps 3 (a spike that plain AdamW does
    not survive, the paged one does), in a subprocess; its output is echoed.
+5. resume: `qlora.finetune` on the device, a small GPT-2 with dropout in the model (drawn
+   from the device's generator): runs resumed from a step-3 checkpoint reproduce steps 4-6
+   of the uninterrupted run (goal: within 1e-4 relative; kernels such as attention's
+   backward need not be bit-deterministic); a control resumes without the device RNG.
 A table of the goals closes the run. Without CUDA and without --smoke it prints one line.
 """
 from __future__ import annotations
@@ -466,7 +470,52 @@ def optim(args) -> None:
         summary("paged AdamW survives a full device", str(survived), "True", survived)
 
 
-SECTIONS = {"correct": correctness, "decode": decode, "layer": layer, "train": train, "optim": optim}
+# ---- 5. the trainer on the device: exact resume with the model's own dropout ---------------------
+def resume(args) -> None:
+    """qlora.finetune end to end on the device: a GPT-2 with dropout on its residuals and attention
+    (drawn from the device's generator) runs 6 steps; runs resumed from its step-3 checkpoint must
+    give the same losses for steps 4-6. A control drops the device RNG from the checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config
+
+    from qlora.assets import asset_path
+    from qlora.model.random_checkpoint import write_random_checkpoint
+    from qlora.train.report import read_metrics
+
+    print("\n## 5. trainer: resume on the device with the model's own dropout (GPT-2)", flush=True)
+    work = Path(args.workdir) / "resume"
+    shutil.rmtree(work, ignore_errors=True)
+    model = write_random_checkpoint(GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=4096, n_positions=256,
+                                               resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1), work / "model")
+    for f in asset_path("tiny-llama").iterdir():  # a tokenizer whose ids fit the vocab
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, model / f.name)
+    common = dict(model=str(model), data=str(asset_path("instructions.jsonl")), max_steps=6, save_every=3, keep_last=5,
+                  batch_size=4, grad_accum=1, max_length=128, lora_r=8, lr=1e-3, device=DEVICE.type, demo=False)
+    losses = lambda out: {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}  # noqa: E731
+    fused_lora.DEVICE_TYPES = set()  # the default layer path, as `qlora train` takes it (main() opts in for 0-2)
+    qlora.finetune(qlora.TrainConfig(output=str(work / "full"), **common))
+    full = losses(work / "full")
+    diffs = {}
+    for name, keep_device_rng in (("resumed", True), ("resumed, control: no device RNG in the checkpoint", False)):
+        out = work / name.split(",")[0].replace(" ", "-") / ("control" if not keep_device_rng else "run")
+        shutil.copytree(work / "full" / "checkpoints" / "step-0000003", out / "checkpoints" / "step-0000003")
+        if not keep_device_rng:
+            rng = out / "checkpoints" / "step-0000003" / "rng.safetensors"
+            save_file({"torch": load_file(str(rng))["torch"]}, str(rng))
+        qlora.finetune(qlora.TrainConfig(output=str(out), resume=True, **common))
+        got = losses(out)
+        diffs[name] = max(abs(got[s] - full[s]) / abs(full[s]) for s in (4, 5, 6))
+        print(f"{name}: steps 4-6 loss {[round(got[s], 5) for s in (4, 5, 6)]} vs uninterrupted "
+              f"{[round(full[s], 5) for s in (4, 5, 6)]}: max rel. diff {diffs[name]:.1e}", flush=True)
+    d = diffs["resumed"]
+    summary("resume with model dropout, rel. loss diff", f"{d:.1e}", "< 1e-4", d < 1e-4)
+
+
+SECTIONS = {"correct": correctness, "decode": decode, "layer": layer, "train": train, "optim": optim,
+            "resume": resume}
 
 
 def main() -> int:

@@ -264,7 +264,7 @@ def save_adapter_gathered(model: nn.Module, directory: Path, ranks: Ranks, base_
 
 def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_last: int, ranks: Ranks) -> Path:
     """Adapter (rank 0), optimizer shard and RNG (each rank), trainer state; atomic; collective."""
-    from .loop import checkpoints
+    from .loop import checkpoints, rng_state
 
     target = output / "checkpoints" / f"step-{state['step']:07d}"
     tensors = gathered_adapter(model, ranks)
@@ -274,7 +274,7 @@ def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_las
             name = f"optimizer-rank{ranks.rank}.safetensors" if ranks.mode == "fsdp" else "optimizer.safetensors"
             flat, meta = state_dict_to_tensors(optimizer.state_dict())
             save_file(flat, str(tmp / name), metadata=meta)
-        save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-rank{ranks.rank}.safetensors"))
+        save_file(rng_state(ranks.device), str(tmp / f"rng-rank{ranks.rank}.safetensors"))
 
     if ranks.main:
         with atomic_directory(target) as tmp:
@@ -307,7 +307,9 @@ def load_checkpoint(path: Path, model, optimizer, sched, ranks: Ranks) -> dict:
         meta = f.metadata()
     optimizer.load_state_dict(state_dict_from_tensors(load_file(str(path / name)), meta))
     sched.load_state_dict(state.pop("scheduler"))
-    torch.set_rng_state(load_file(str(path / f"rng-rank{ranks.rank}.safetensors"))["torch"])
+    from .loop import set_rng_state
+
+    set_rng_state(load_file(str(path / f"rng-rank{ranks.rank}.safetensors")), ranks.device)
     return state
 
 

@@ -82,6 +82,22 @@ def checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators a step draws from: torch's CPU one (the LoRA dropout seeds) and, on CUDA,
+    the device's (the model's own dropout, e.g. GPT-2's, runs there)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Inverse of rng_state (a checkpoint without a CUDA state leaves the device's as it is)."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_last: int,
                     ranks: dist_.Ranks | None = None) -> Path:
     """Adapter, optimizer, schedule, RNG and trainer state for `state["step"]`, atomically."""
@@ -92,7 +108,7 @@ def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_las
         save_adapter(model, tmp)
         tensors, meta = state_dict_to_tensors(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_file(rng_state(_device(model)), str(tmp / "rng.safetensors"))
         full = dict(state, scheduler=sched.state_dict())
         (tmp / "trainer_state.json").write_text(json.dumps(full, indent=2))
     for old in checkpoints(output)[:-keep_last]:
@@ -116,8 +132,12 @@ def load_checkpoint(path: Path, model, optimizer, sched, ranks: dist_.Ranks | No
     optimizer.load_state_dict(state_dict_from_tensors(tensors, meta))
     state = json.loads((path / "trainer_state.json").read_text())
     sched.load_state_dict(state.pop("scheduler"))
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    set_rng_state(load_file(str(path / "rng.safetensors")), _device(model))
     return state
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -189,10 +209,10 @@ def train(cfg: TrainConfig) -> dict:
                disable=not ranks.main)
     start, eval_loss = time.perf_counter() - state["elapsed"], None
     stop = dist_.StopRequest(ranks)  # under torchrun: a signal stops every rank at the same step
-    step_start = (state["micro"], torch.get_rng_state())  # where an interrupted step restarts
+    step_start = (state["micro"], rng_state(device))  # where an interrupted step restarts
     try:
         while state["step"] < total_steps:
-            step_start = (state["micro"], torch.get_rng_state())
+            step_start = (state["micro"], rng_state(device))
             if stop.agreed():
                 bar.close()
                 where = save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
@@ -232,7 +252,7 @@ def train(cfg: TrainConfig) -> dict:
             sched.step()
             optimizer.zero_grad(set_to_none=True)
             state.update(step=step, bad_steps=0, tokens=state["tokens"] + sum(int(b["attention_mask"].sum()) for b in micro))
-            step_start = (state["micro"], torch.get_rng_state())  # the step is done: the next one starts here
+            step_start = (state["micro"], rng_state(device))  # the step is done: the next one starts here
             state["elapsed"] = time.perf_counter() - start
             row = {"step": step, "loss": float(loss_sum), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
@@ -251,7 +271,7 @@ def train(cfg: TrainConfig) -> dict:
             raise
         if state["micro"] != step_start[0]:  # mid-step: save the data position and RNG it started from
             state["micro"] = step_start[0]
-            torch.set_rng_state(step_start[1])
+            set_rng_state(step_start[1], device)
         where = save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
         print(f"\ninterrupted at step {state['step']}: saved {where}; continue with the same command and --resume")
         raise

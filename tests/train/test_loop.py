@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import qlora.train.loop as loop
 from qlora.train import TrainConfig, TrainingError, train
@@ -154,3 +155,15 @@ def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(model_dir, alpa
     monkeypatch.setattr(loop, "causal_lm_loss", real)
     train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(out), resume=True, **flags))
     assert [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == full
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu.py --sections resume checks it end to end)")
+def test_checkpoint_rng_includes_the_cuda_generator():
+    """The model's own dropout (e.g. GPT-2's) draws from the device's generator: a checkpoint
+    restores it, so the draws after a resume are those of the uninterrupted run."""
+    device = torch.device("cuda")
+    state = loop.rng_state(device)
+    assert set(state) == {"torch", "cuda"}
+    want = (torch.rand(4), torch.rand(4, device=device))
+    loop.set_rng_state(state, device)
+    assert torch.equal(torch.rand(4), want[0]) and torch.equal(torch.rand(4, device=device), want[1])
