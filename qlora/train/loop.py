@@ -224,14 +224,15 @@ def train(cfg: TrainConfig) -> dict:
             step = state["step"] + 1
             micro = [batches.batch(state["micro"] + i) for i in range(cfg.grad_accum)]
             state["micro"] += cfg.grad_accum  # the data position moves on even if the step is skipped
+            step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)  # counted on the host: no device sync
             if ranks.active:  # each rank its share; the loss inside the wrapper's forward (distributed.py)
                 loss_sum = dist_.forward_backward(model, micro, ranks)
             else:
-                micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
-                n_step = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in micro)
-                loss_sum = torch.zeros((), dtype=torch.float32)
-                for b in micro:
-                    n = int((b["labels"][:, 1:] != D.IGNORE).sum())
+                targets = [int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in micro]
+                n_step = sum(targets)
+                loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # a CPU sum += a CUDA loss fails
+                for b, n in zip(micro, targets):
+                    b = {k: v.to(device) for k, v in b.items()}
                     loss = causal_lm_loss(model, b).float() * (n / max(n_step, 1))
                     loss.backward()
                     loss_sum += loss.detach()
@@ -251,7 +252,7 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
-            state.update(step=step, bad_steps=0, tokens=state["tokens"] + sum(int(b["attention_mask"].sum()) for b in micro))
+            state.update(step=step, bad_steps=0, tokens=state["tokens"] + step_tokens)
             step_start = (state["micro"], rng_state(device))  # the step is done: the next one starts here
             state["elapsed"] = time.perf_counter() - start
             row = {"step": step, "loss": float(loss_sum), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
