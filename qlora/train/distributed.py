@@ -227,6 +227,9 @@ class NoMetrics:
     def write(self, row: dict) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 # ---- checkpoints --------------------------------------------------------------------------------
 def gathered_adapter(model: nn.Module, ranks: Ranks) -> dict[str, torch.Tensor] | None:

@@ -268,6 +268,7 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     except KeyboardInterrupt:
         bar.close()
+        metrics.close()
         if ranks.active:  # saved above, by every rank at the same step
             raise
         if state["micro"] != step_start[0]:  # mid-step: save the data position and RNG it started from
@@ -276,11 +277,15 @@ def train(cfg: TrainConfig) -> dict:
         where = save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
         print(f"\ninterrupted at step {state['step']}: saved {where}; continue with the same command and --resume")
         raise
+    except BaseException:
+        metrics.close()
+        raise
     finally:
         stop.restore()
     bar.close()
     if eval_rows:
         eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
+    metrics.close()
     save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     if ranks.active:
         dist_.save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=cfg.model)

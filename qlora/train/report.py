@@ -51,6 +51,12 @@ class Metrics:
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, row["step"])
 
+    def close(self) -> None:
+        """Flush the TensorBoard events (its writer buffers them on a thread)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl file."""

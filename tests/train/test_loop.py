@@ -167,3 +167,29 @@ def test_checkpoint_rng_includes_the_cuda_generator():
     want = (torch.rand(4), torch.rand(4, device=device))
     loop.set_rng_state(state, device)
     assert torch.equal(torch.rand(4), want[0]) and torch.equal(torch.rand(4, device=device), want[1])
+
+
+def test_tensorboard_events_are_flushed_at_the_end(model_dir, alpaca_file, tmp_path, monkeypatch):
+    """With tensorboard installed, every metrics row also goes to a SummaryWriter, which
+    buffers on a thread: the run closes it (flushes) before it returns."""
+    import types
+
+    writers = []
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            self.logdir, self.scalars, self.closed = logdir, [], False
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            assert not self.closed, "written after close"
+            self.scalars.append((tag, step))
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "run"), max_steps=2, **FAST))
+    (writer,) = writers
+    assert writer.closed and writer.logdir == str(tmp_path / "run" / "tensorboard")
+    assert {("loss", 1), ("loss", 2), ("eval_loss", 2)} <= set(writer.scalars)
