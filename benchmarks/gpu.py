@@ -495,21 +495,24 @@ def resume(args) -> None:
     common = dict(model=str(model), data=str(asset_path("instructions.jsonl")), max_steps=6, save_every=3, keep_last=5,
                   batch_size=4, grad_accum=1, max_length=128, lora_r=8, lr=1e-3, device=DEVICE.type, demo=False)
     losses = lambda out: {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}  # noqa: E731
-    fused_lora.DEVICE_TYPES = set()  # the default layer path, as `qlora train` takes it (main() opts in for 0-2)
-    qlora.finetune(qlora.TrainConfig(output=str(work / "full"), **common))
-    full = losses(work / "full")
-    diffs = {}
-    for name, keep_device_rng in (("resumed", True), ("resumed, control: no device RNG in the checkpoint", False)):
-        out = work / name.split(",")[0].replace(" ", "-") / ("control" if not keep_device_rng else "run")
-        shutil.copytree(work / "full" / "checkpoints" / "step-0000003", out / "checkpoints" / "step-0000003")
-        if not keep_device_rng:
-            rng = out / "checkpoints" / "step-0000003" / "rng.safetensors"
-            save_file({"torch": load_file(str(rng))["torch"]}, str(rng))
-        qlora.finetune(qlora.TrainConfig(output=str(out), resume=True, **common))
-        got = losses(out)
-        diffs[name] = max(abs(got[s] - full[s]) / abs(full[s]) for s in (4, 5, 6))
-        print(f"{name}: steps 4-6 loss {[round(got[s], 5) for s in (4, 5, 6)]} vs uninterrupted "
-              f"{[round(full[s], 5) for s in (4, 5, 6)]}: max rel. diff {diffs[name]:.1e}", flush=True)
+    saved, fused_lora.DEVICE_TYPES = fused_lora.DEVICE_TYPES, set()  # the default layer path, as `qlora train`
+    try:
+        qlora.finetune(qlora.TrainConfig(output=str(work / "full"), **common))
+        full = losses(work / "full")
+        diffs = {}
+        for name, keep_device_rng in (("resumed", True), ("resumed, control: no device RNG in the checkpoint", False)):
+            out = work / ("resumed" if keep_device_rng else "control")
+            shutil.copytree(work / "full" / "checkpoints" / "step-0000003", out / "checkpoints" / "step-0000003")
+            if not keep_device_rng:
+                rng = out / "checkpoints" / "step-0000003" / "rng.safetensors"
+                save_file({"torch": load_file(str(rng))["torch"]}, str(rng))
+            qlora.finetune(qlora.TrainConfig(output=str(out), resume=True, **common))
+            got = losses(out)
+            diffs[name] = max(abs(got[s] - full[s]) / abs(full[s]) for s in (4, 5, 6))
+            print(f"{name}: steps 4-6 loss {[round(got[s], 5) for s in (4, 5, 6)]} vs uninterrupted "
+                  f"{[round(full[s], 5) for s in (4, 5, 6)]}: max rel. diff {diffs[name]:.1e}", flush=True)
+    finally:
+        fused_lora.DEVICE_TYPES = saved
     d = diffs["resumed"]
     summary("resume with model dropout, rel. loss diff", f"{d:.1e}", "< 1e-4", d < 1e-4)
 
