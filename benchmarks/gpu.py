@@ -1,7 +1,7 @@
 """One prepared GPU run (issue 9): Triton decode bandwidth, the fused Linear4bit + LoRA layer,
 a ~1B Llama training step against transformers + peft + bitsandbytes, the paged optimizer.
 
-    python benchmarks/gpu.py             # one CUDA device; under 8 minutes on an H200
+    python benchmarks/gpu.py             # one CUDA device; about 9 minutes on an H200
     python benchmarks/gpu.py --smoke     # every section on tiny shapes, CPU, TRITON_INTERPRET=1 (~1-2 min)
     python benchmarks/gpu.py --sections decode,layer   # a subset: correct, decode, layer, train, optim, resume
 
