@@ -171,18 +171,18 @@ def forward_backward(model: nn.Module, micro: list[dict[str, torch.Tensor]], ran
 
     Each rank's loss is (its token-loss sum) / (global target tokens) x world_size: the
     gradient average FSDP2 / DDP take then equals the single process's gradient."""
-    mine = [share(b, ranks) for b in micro]
-    counts = torch.tensor([int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in mine], dtype=torch.float64)
-    n_step = float(all_reduce_sum(counts.sum(), ranks))
-    loss_sum = torch.zeros((), dtype=torch.float32)
-    for i, (b, n) in enumerate(zip(mine, counts.tolist())):
-        last = i == len(mine) - 1
+    # target counts from the host-side rows: no device sync per micro-batch
+    counts = [int((shard_rows(b["labels"], ranks.rank, ranks.world_size)[:, 1:] != D.IGNORE).sum()) for b in micro]
+    n_step = float(all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64), ranks))
+    loss_sum = torch.zeros((), dtype=torch.float32, device=ranks.device)
+    for i, (b, n) in enumerate(zip(micro, counts)):
+        last = i == len(micro) - 1
         sync = model.no_sync() if ranks.mode == "ddp" and not last else _null()
         with sync:
             # a share without target tokens still runs backward (collectives), with a zero loss
-            loss = causal_lm_loss(model, b).float() * (n / max(n_step, 1))
+            loss = causal_lm_loss(model, share(b, ranks)).float() * (n / max(n_step, 1))
             (loss * ranks.world_size).backward()
-        loss_sum += loss.detach().cpu()
+        loss_sum += loss.detach()
     return all_reduce_sum(loss_sum, ranks)
 
 
