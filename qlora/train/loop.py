@@ -145,7 +145,7 @@ def evaluate(model, examples: list[D.Example], batch_size: int, pad: int, multip
     """(mean token loss, perplexity) over the eval rows."""
     model.eval()
     total, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = _device(model)
     for batch in D.eval_batches(examples, batch_size, pad, multiple):
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
