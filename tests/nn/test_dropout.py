@@ -104,7 +104,16 @@ def test_triton_seeded_dropout_equals_reference(dtype, monkeypatch):
     kernel = triton_dropout.seeded_dropout
     monkeypatch.setattr(triton_dropout, "seeded_dropout", lambda *a: calls.append(1) or kernel(*a))
     x = (torch.randn(3, 4099) * 37).to(dtype)
-    for seed in (0, 2**32 + 3, 2**64 - 1):
+    for seed in (0, 2**32 + 3, 0x12345678_9ABCDEF0, 2**64 - 1):  # each 32-bit half below and above 2^31
         for p in (0.05, 0.5):
             assert torch.equal(seeded_dropout(x, p, seed), seeded_dropout_ref(x, p, seed)), (seed, p)
-    assert len(calls) == 6
+    assert len(calls) == 8
+
+
+def test_triton_seed_halves_are_int32_arguments():
+    pytest.importorskip("triton", reason="triton is not installed")
+    from qlora.quant.kernels import triton_dropout
+
+    for half in (0, 1, 16, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5):
+        v = triton_dropout._int32(half)
+        assert -2**31 <= v < 2**31 and v & 0xFFFFFFFF == half & 0xFFFFFFFF, half

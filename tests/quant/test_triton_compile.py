@@ -4,8 +4,9 @@ ptxas that ships in the triton wheel, in a subprocess without TRITON_INTERPRET.
 
 Also checked in the PTX: the decode kernels contain no fused multiply-add (the scale
 nested_code * nested_absmax + offset must round the product, as blockwise.py does), the
-GEMMs use Hopper's wgmma, on 16-byte-aligned sizes decode stores are 16-byte vectors, and
-each thread loads its block's scale once (not once per byte).
+GEMMs use Hopper's wgmma, on 16-byte-aligned sizes decode stores are 16-byte vectors,
+each thread loads its block's scale once (not once per byte), and seeded dropout reads and
+writes 16-byte vectors.
 """
 import os
 import re
@@ -22,7 +23,7 @@ CHILD = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from qlora.quant.kernels import triton_decode as td, triton_matmul as tm
+    from qlora.quant.kernels import triton_decode as td, triton_dropout as tdo, triton_matmul as tm
     assert not td.INTERPRET
     target = GPUTarget("cuda", 90, 32)
 
@@ -54,6 +55,10 @@ CHILD = textwrap.dedent("""
     sig = dict(dy_ptr=a, data_ptr="*u8", scale_ptr="*fp32", code_ptr="*fp32", g_ptr=a, a_ptr=a, dx_ptr=a,
                M="i32", N="i32", K="i32", R="i32", scaling="fp32")
     out["bwd_bf16"] = ops(ptx(tm._bwd_kernel.fn, sig, dict(common, ROWS_ALIGNED=False), num_warps=8, num_stages=3))
+    # seeded dropout, with the argument types its launcher passes (seed halves as int32), n % 16 == 0
+    sig = dict(x_ptr="*bf16", out_ptr="*bf16", n="i32", seed_lo="i32", seed_hi="i32", threshold="i32", scale="fp32")
+    out["dropout_bf16"] = ops(ptx(tdo._dropout_kernel, sig, dict(BF16=True, BLOCK=tdo.BLOCK), aligned=range(3),
+                                  num_warps=4))
     print(json.dumps(out))
 """)
 
@@ -78,4 +83,6 @@ def test_triton_kernels_compile_for_sm90():
         byte_loads = sum(n for op, n in ops[f"decode_{dtype}"].items() if re.fullmatch(r"ld\.global\S*\.[bus]8", op))
         assert byte_loads == 1, ops[f"decode_{dtype}"]
     assert ops["fwd_bf16"].get("wgmma.mma_async", 0) > 0 and ops["bwd_bf16"].get("wgmma.mma_async", 0) > 0, ops
-    assert set(ops) == {"decode_bf16", "decode_fp32", "scales", "fwd_bf16", "bwd_bf16"}
+    # dropout: one pass, 16-byte vector loads and stores
+    assert ops["dropout_bf16"].get("ld.global.v4.b32", 0) > 0 and ops["dropout_bf16"].get("st.global.v4.b32", 0) > 0
+    assert set(ops) == {"decode_bf16", "decode_fp32", "scales", "fwd_bf16", "bwd_bf16", "dropout_bf16"}

@@ -29,7 +29,7 @@ def _fmix32(h):
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # one compiled kernel for every seed
 def _dropout_kernel(x_ptr, out_ptr, n, seed_lo, seed_hi, threshold, scale, BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
@@ -48,6 +48,13 @@ def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: fl
     """Dropout of contiguous `x` into `out` with the (threshold, scale) of dropout.threshold_and_scale(p)."""
     n = x.numel()
     if n:
-        # seed halves as int64 scalars (kernel arguments above 2^31 would change the argument type)
-        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, seed & 0xFFFFFFFF, seed >> 32, threshold, scale,
+        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, _int32(seed), _int32(seed >> 32), threshold, scale,
                                                    BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
+
+
+def _int32(v: int) -> int:
+    """The low 32 bits of v as a signed int. Triton types an int argument by its value (i32 below
+    2^31, else i64) and specializes on 1 and multiples of 16: seed halves passed as they are would
+    compile some 16 variants of the kernel in a run's first step; as int32 and unspecialized, one."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
