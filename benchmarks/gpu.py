@@ -431,7 +431,8 @@ def train(args) -> None:
     if "qlora" in results and "peer-qlora" in results:
         speed = results["qlora"]["tokens_per_s"] / results["peer-qlora"]["tokens_per_s"]
         mem = results["qlora"]["peak_mb"] / results["peer-qlora"]["peak_mb"]
-        summary("train tokens/s, qlora / peer", f"{speed:.2f}x", ">= 1.5x (issue 6)", speed >= 1.5 and mem <= 1)
+        summary("train tokens/s, qlora / peer", f"{speed:.2f}x", ">= 1.5x (issue 6)",
+                None if SMOKE else speed >= 1.5 and mem <= 1)
         summary("train peak memory, qlora / peer", f"{mem:.2f}x")
         if "qlora-norecompute" in results:
             r = results["qlora-norecompute"]
