@@ -107,3 +107,35 @@ def test_triton_decode_errors_name_the_tensor():
     qt.code = qt.code.double()
     with pytest.raises(ValueError, match="code must be 16 float32"):
         triton_decode.decode_4bit(qt, torch.empty(64))
+
+
+def test_triton_launches_enter_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': every launcher enters its
+    tensors' device first (else a model on cuda:1, current device cuda:0, would fault)."""
+    import contextlib
+    import types
+
+    from qlora.quant.kernels import triton_dropout, triton_matmul
+
+    ctx = triton_decode.on_device(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1  # built without touching CUDA
+    entered = []
+    real = triton_decode.on_device
+
+    @contextlib.contextmanager
+    def spy(t):
+        entered.append(t)
+        with real(t):
+            yield
+
+    monkeypatch.setattr(triton_decode, "on_device", spy)
+    qt = qlora.quantize(torch.randn(32, 64), "nf4", 64, True)
+    out = torch.empty(qt.numel(), dtype=torch.bfloat16)
+    triton_decode.decode_4bit(qt, out)
+    scales = triton_decode.block_scales(qt)
+    x, dropped = torch.randn(16, 64, dtype=torch.bfloat16), torch.empty(16, 64, dtype=torch.bfloat16)
+    triton_dropout.seeded_dropout(x, dropped, 3277, 1 / 0.95, 7)
+    triton_matmul.linear_4bit(x, qt, scales)
+    dy = torch.randn(16, 32, dtype=torch.bfloat16)
+    triton_matmul.linear_4bit_t(dy, qt, scales)
+    assert [id(t) for t in entered] == [id(out), id(scales), id(x), id(x), id(dy)]

@@ -21,6 +21,7 @@ Tests: tests/quant/test_triton_decode.py (`pytest -k triton`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,12 @@ LAUNCH = {"enable_fp_fusion": False}
 """Launch options of the decode kernels: no FMA contraction (exact scales; checked in the PTX by a test)."""
 NESTED_BLOCKSIZE = 256
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context for a launch on t's tensors: Triton launches on the *current* CUDA device, so
+    without it a model on cuda:1 in a process whose current device is cuda:0 would fault."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -140,11 +147,12 @@ def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor, *, bytes_per_program: 
     nested, nested_code, offset = _nested_args(qt)
     if bytes_per_program < 64 or bytes_per_program & (bytes_per_program - 1):
         raise ValueError(f"triton decode_4bit: bytes_per_program must be a power of two >= 64, got {bytes_per_program}")
-    _decode_kernel[(triton.cdiv(nbytes, bytes_per_program),)](
-        qt.data, qt.absmax, nested, nested_code, offset, qt.code, out, n, nbytes,
-        HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=bytes_per_program,
-        COLS=min(qt.blocksize // 2, bytes_per_program), MANUAL_BF16=True, num_warps=num_warps, **LAUNCH,
-    )
+    with on_device(out):
+        _decode_kernel[(triton.cdiv(nbytes, bytes_per_program),)](
+            qt.data, qt.absmax, nested, nested_code, offset, qt.code, out, n, nbytes,
+            HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=bytes_per_program,
+            COLS=min(qt.blocksize // 2, bytes_per_program), MANUAL_BF16=True, num_warps=num_warps, **LAUNCH,
+        )
 
 
 def block_scales(qt: "QuantizedTensor") -> torch.Tensor:
@@ -155,6 +163,7 @@ def block_scales(qt: "QuantizedTensor") -> torch.Tensor:
     nblocks = qt.absmax.numel()
     out = torch.empty(nblocks, dtype=torch.float32, device=qt.data.device)
     nested, nested_code, offset = _nested_args(qt)
-    _scales_kernel[(triton.cdiv(nblocks, 1024),)](qt.absmax, nested, nested_code, offset, out, nblocks,
-                                                   BLOCK=1024, num_warps=4, **LAUNCH)
+    with on_device(out):
+        _scales_kernel[(triton.cdiv(nblocks, 1024),)](qt.absmax, nested, nested_code, offset, out, nblocks,
+                                                       BLOCK=1024, num_warps=4, **LAUNCH)
     return out

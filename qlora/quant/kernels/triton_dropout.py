@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_decode
 from .triton_decode import to_bf16
 
 BLOCK = 4096
@@ -48,8 +49,9 @@ def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: fl
     """Dropout of contiguous `x` into `out` with the (threshold, scale) of dropout.threshold_and_scale(p)."""
     n = x.numel()
     if n:
-        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, _int32(seed), _int32(seed >> 32), threshold, scale,
-                                                   BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
+        with triton_decode.on_device(x):
+            _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, _int32(seed), _int32(seed >> 32), threshold, scale,
+                                                       BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
 
 
 def _int32(v: int) -> int:

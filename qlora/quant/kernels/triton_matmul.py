@@ -187,11 +187,12 @@ def linear_4bit(x: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor, lo
         _check("linear_4bit bias", bias, (n,), x.dtype, x.device)
     y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _fwd_kernel[grid](x, qt.data, scales, qt.code, lora_in if r else x, lora_w if r else x,
-                      bias if bias is not None else x, y, m, n, k, r, float(scaling),
-                      HALF_BLOCK=qt.blocksize // 2, ROWS_ALIGNED=k % qt.blocksize == 0,
-                      HAS_LORA=bool(r), HAS_BIAS=bias is not None, BLOCK_R=block_r,
-                      INTERP=INTERPRET, DOT_PRECISION=precision)
+    with triton_decode.on_device(x):
+        _fwd_kernel[grid](x, qt.data, scales, qt.code, lora_in if r else x, lora_w if r else x,
+                          bias if bias is not None else x, y, m, n, k, r, float(scaling),
+                          HALF_BLOCK=qt.blocksize // 2, ROWS_ALIGNED=k % qt.blocksize == 0,
+                          HAS_LORA=bool(r), HAS_BIAS=bias is not None, BLOCK_R=block_r,
+                          INTERP=INTERPRET, DOT_PRECISION=precision)
     return y
 
 
@@ -206,8 +207,9 @@ def linear_4bit_t(dy: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor,
         _check("linear_4bit_t lora_w", lora_w, (r, k), dy.dtype, dy.device)
     dx = torch.empty(m, k, dtype=out_dtype or dy.dtype, device=dy.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
-    _bwd_kernel[grid](dy, qt.data, scales, qt.code, lora_in if r else dy, lora_w if r else dy, dx, m, n, k, r,
-                      float(scaling), HALF_BLOCK=qt.blocksize // 2, ROWS_ALIGNED=k % qt.blocksize == 0,
-                      HAS_LORA=bool(r), BLOCK_R=block_r,
-                      INTERP=INTERPRET, DOT_PRECISION=precision)
+    with triton_decode.on_device(dy):
+        _bwd_kernel[grid](dy, qt.data, scales, qt.code, lora_in if r else dy, lora_w if r else dy, dx, m, n, k, r,
+                          float(scaling), HALF_BLOCK=qt.blocksize // 2, ROWS_ALIGNED=k % qt.blocksize == 0,
+                          HAS_LORA=bool(r), BLOCK_R=block_r,
+                          INTERP=INTERPRET, DOT_PRECISION=precision)
     return dx
