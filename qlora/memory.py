@@ -50,12 +50,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .optim.adamw import BLOCK as STATE_BLOCK
 from .optim.adamw import MIN_8BIT_SIZE
 from .model.loss import CHUNK_BYTES as CE_CHUNK_BYTES
 from .optim.paging import DEFAULT_PAGE_BYTES
+
+if TYPE_CHECKING:
+    import torch
 
 PART_NAMES = ("weights_4bit", "quant_constants", "unquantized_params", "lora_params", "lora_grads",
               "optimizer_state", "activations", "decode_workspace", "runtime_overhead")
@@ -674,10 +677,11 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
                        target_tokens=target_tokens)
 
 
-def start_measure(model_path: str | None = None, release_host_memory: bool = False) -> tuple[int, int]:
+def start_measure(model_path: str | None = None, release_host_memory: bool = False,
+                  device: torch.device | str = "cpu") -> tuple[int, int]:
     """Import what a run imports lazily (the model's modeling module, the native kernels), then
-    reset the peak. Returns the baseline for `measure`: (RSS, file-backed RSS) on CPU,
-    (allocated, 0) on CUDA, whose allocator peak is reset.
+    reset the peak of the run's `device`. Returns the baseline for `measure`: (RSS, file-backed
+    RSS) on CPU, (allocated, 0) on CUDA, whose allocator peak is reset.
 
     With `release_host_memory` (CPU) it makes glibc return freed tensors to the kernel
     (peak.return_freed_memory), so the resident peak is the peak of live tensors, as CUDA's
@@ -700,9 +704,10 @@ def start_measure(model_path: str | None = None, release_host_memory: bool = Fal
         cpu_kernels.load()
     except Exception:
         pass
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated(), 0
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device), 0
     try:
         from .model.peak import file_bytes, reset_peak, return_freed_memory
 
@@ -713,8 +718,8 @@ def start_measure(model_path: str | None = None, release_host_memory: bool = Fal
         return 0, 0
 
 
-def measure(baseline: tuple[int, int]) -> dict[str, int]:
-    """The run's peak over `baseline` (from start_measure), in bytes.
+def measure(baseline: tuple[int, int], device: torch.device | str = "cpu") -> dict[str, int]:
+    """The peak of a run on `device` over `baseline` (from start_measure), in bytes.
 
     CUDA: max_memory_allocated growth + the device memory outside PyTorch's allocator (the
     context, cuBLAS; other processes on the card count too). CPU: VmHWM growth minus the growth of file-backed
@@ -723,12 +728,13 @@ def measure(baseline: tuple[int, int]) -> dict[str, int]:
     both raw numbers are kept beside it."""
     import torch
 
-    if torch.cuda.is_available():  # + what the device holds outside PyTorch's allocator (context, cuBLAS)
-        free, total = torch.cuda.mem_get_info()
-        context = max(0, total - free - torch.cuda.memory_reserved())
-        allocated = torch.cuda.max_memory_allocated() - baseline[0]
+    device = torch.device(device)
+    if device.type == "cuda":  # + what the device holds outside PyTorch's allocator (context, cuBLAS)
+        free, total = torch.cuda.mem_get_info(device)
+        context = max(0, total - free - torch.cuda.memory_reserved(device))
+        allocated = torch.cuda.max_memory_allocated(device) - baseline[0]
         return {"measured_peak_bytes": allocated + context, "max_allocated_bytes": allocated,
-                "context_bytes": context, "max_reserved_bytes": torch.cuda.max_memory_reserved()}
+                "context_bytes": context, "max_reserved_bytes": torch.cuda.max_memory_reserved(device)}
     try:
         from .model.peak import file_bytes, peak_bytes
 

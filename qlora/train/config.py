@@ -14,9 +14,12 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit")
 
@@ -95,12 +98,12 @@ def device(cfg: TrainConfig):
     return torch.device(cfg.device)
 
 
-def native_bf16() -> bool:
-    """True on CUDA, and on CPUs whose bf16 matmuls are native (AVX512-BF16 / AMX); elsewhere
-    torch emulates them, about 10x slower than fp32 (measured on an AVX2-only EPYC)."""
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """True on CUDA devices, and on CPUs whose bf16 matmuls are native (AVX512-BF16 / AMX);
+    elsewhere torch emulates them, about 10x slower than fp32 (measured on an AVX2-only EPYC)."""
     import torch
 
-    if torch.cuda.is_available():
+    if torch.device(device).type == "cuda":
         return True
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -114,10 +117,10 @@ def compute_dtype(cfg: TrainConfig):
 
     import torch
 
-    name = cfg.compute_dtype
+    name, native = cfg.compute_dtype, native_bf16(device(cfg))
     if name == "auto":
-        name = "bfloat16" if native_bf16() else "float32"
-    elif name == "bfloat16" and not native_bf16():
+        name = "bfloat16" if native else "float32"
+    elif name == "bfloat16" and not native:
         warnings.warn("--compute-dtype bfloat16: this CPU has no native bf16 matmul (torch emulates it, about 10x "
                       "slower than float32); pass --compute-dtype auto or float32 for speed", stacklevel=2)
     return getattr(torch, name)

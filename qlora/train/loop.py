@@ -181,7 +181,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # model, optimizer, schedule; the memory plan first, then the peak is measured from here
     plan = M.plan_run(cfg, model_path, train_rows, ranks.world_size) if ranks.main else None  # per process
-    baseline = M.start_measure(model_path, cfg.release_host_memory)
+    run_device = ranks.device if ranks.active else resolve_device(cfg)
+    baseline = M.start_measure(model_path, cfg.release_host_memory, run_device)
     model = _build_model(cfg, model_path) if not ranks.active else dist_.build_model(cfg, ranks, model_path, _build_model)
     if ranks.rank > 0:
         torch.manual_seed(cfg.seed + ranks.rank)  # the same init everywhere, then dropout masks of its own
@@ -257,7 +258,7 @@ def train(cfg: TrainConfig) -> dict:
             state["elapsed"] = time.perf_counter() - start
             row = {"step": step, "loss": float(loss_sum), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
-                   "elapsed_s": state["elapsed"], "peak_mem_mb": peak_memory_mb()}
+                   "elapsed_s": state["elapsed"], "peak_mem_mb": peak_memory_mb(device)}
             metrics.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
                             peak=f"{row['peak_mem_mb']:.0f}MB")
@@ -289,17 +290,17 @@ def train(cfg: TrainConfig) -> dict:
     save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     if ranks.active:
         dist_.save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=cfg.model)
-        measured = dist_.peak_over_ranks(M.measure(baseline), ranks)
+        measured = dist_.peak_over_ranks(M.measure(baseline, device), ranks)
         dist_.shutdown(ranks)
         if not ranks.main:
             return {"steps": state["step"], "rank": ranks.rank}
         M.write_run_memory(output, plan, measured)
-        return write_summary(output, cfg, state, eval_loss, skipped, None, None)
+        return write_summary(output, cfg, state, eval_loss, skipped, None, None, device)
     with atomic_directory(output / "adapter") as tmp:
         save_adapter(model, tmp, base_model_name_or_path=cfg.model)
     after = demo_generations(model, tokenizer) if demo is not None else None
-    M.write_run_memory(output, plan, M.measure(baseline))
-    return write_summary(output, cfg, state, eval_loss, skipped, demo, after)
+    M.write_run_memory(output, plan, M.measure(baseline, device))
+    return write_summary(output, cfg, state, eval_loss, skipped, demo, after, device)
 
 
 def _eval(model, eval_rows, cfg: TrainConfig, pad: int, state: dict, metrics) -> float:

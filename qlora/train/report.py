@@ -17,10 +17,10 @@ import torch
 from .data import ALPACA
 
 
-def peak_memory_mb() -> float:
-    """Peak memory of this run: CUDA's allocator peak, else the process high-water mark."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of a run on `device`: that GPU's allocator peak, else the process high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     from ..model.peak import peak_bytes
 
     return peak_bytes() / 2**20
@@ -106,7 +106,7 @@ def demo_generations(model, tokenizer, max_new_tokens: int = 48) -> dict[str, st
 
 
 def write_summary(output: Path, cfg, state: dict, eval_loss: float | None, skipped_rows: int,
-                  before: dict | None, after: dict | None) -> dict:
+                  before: dict | None, after: dict | None, device: torch.device) -> dict:
     rows = read_metrics(output / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     summary = {
@@ -117,7 +117,7 @@ def write_summary(output: Path, cfg, state: dict, eval_loss: float | None, skipp
         "final_eval_ppl": math.exp(eval_loss) if eval_loss is not None else None,
         "best_eval_loss": state.get("best_eval"),
         "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
-        "peak_mem_mb": peak_memory_mb(),
+        "peak_mem_mb": peak_memory_mb(device),
         "skipped_rows": skipped_rows,
         "skipped_steps": state["skipped_steps"],
         "adapter": str(output / "adapter"),

@@ -68,3 +68,16 @@ def test_device_flag():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             device(TrainConfig(device="cuda"))
+
+
+def test_auto_compute_dtype_follows_the_run_device(monkeypatch):
+    """--compute-dtype auto: bf16 on a GPU; with --device cpu on a machine that also has a GPU,
+    what this CPU does fast (float32 where its bf16 matmuls are emulated)."""
+    from qlora.train.config import compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # an AVX2-only CPU
+    assert compute_dtype(TrainConfig(device="cuda", compute_dtype="auto")) == torch.bfloat16
+    assert compute_dtype(TrainConfig(device="cpu", compute_dtype="auto")) == torch.float32
+    with pytest.warns(UserWarning, match="no native bf16"):
+        compute_dtype(TrainConfig(device="cpu", compute_dtype="bfloat16"))

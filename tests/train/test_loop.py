@@ -193,3 +193,21 @@ def test_tensorboard_events_are_flushed_at_the_end(model_dir, alpaca_file, tmp_p
     (writer,) = writers
     assert writer.closed and writer.logdir == str(tmp_path / "run" / "tensorboard")
     assert {("loss", 1), ("loss", 2), ("eval_loss", 2)} <= set(writer.scalars)
+
+
+def test_a_cpu_run_on_a_machine_with_a_gpu_measures_the_cpu(model_dir, alpaca_file, tmp_path, monkeypatch):
+    """--device cpu where torch also sees a GPU: the peaks (metrics, summary, memory.json) are
+    the process's, and no CUDA memory counter is read (it would say ~0 for this run)."""
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CUDA memory counter was read for a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("max_memory_allocated", "memory_allocated", "reset_peak_memory_stats", "mem_get_info"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    out = tmp_path / "run"
+    summary = train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(out), max_steps=2,
+                                device="cpu", **FAST))
+    assert summary["peak_mem_mb"] > 10
+    assert all(r["peak_mem_mb"] > 10 for r in read_metrics(out / "metrics.jsonl") if "loss" in r)
+    measured = json.loads((out / "memory.json").read_text())
+    assert "max_allocated_bytes" not in json.dumps(measured), measured  # the CUDA form of the measurement
