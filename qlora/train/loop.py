@@ -181,8 +181,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # model, optimizer, schedule; the memory plan first, then the peak is measured from here
     plan = M.plan_run(cfg, model_path, train_rows, ranks.world_size) if ranks.main else None  # per process
-    run_device = ranks.device if ranks.active else resolve_device(cfg)
-    baseline = M.start_measure(model_path, cfg.release_host_memory, run_device)
+    baseline = M.start_measure(model_path, cfg.release_host_memory, ranks.device if ranks.active else resolve_device(cfg))
     model = _build_model(cfg, model_path) if not ranks.active else dist_.build_model(cfg, ranks, model_path, _build_model)
     if ranks.rank > 0:
         torch.manual_seed(cfg.seed + ranks.rank)  # the same init everywhere, then dropout masks of its own
