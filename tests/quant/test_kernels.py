@@ -121,3 +121,28 @@ def test_nonfinite_rejected_on_every_path(monkeypatch, mode_name):
     x[3, 7] = float("-inf")
     with pytest.raises(ValueError, match=r"1 NaN/Inf value\(s\), first at index \[3, 7\]"):
         qlora.quantize(x)
+
+
+def test_missing_triton_on_a_triton_device_warns_once(monkeypatch):
+    """A CUDA machine without triton would silently run the slow reference decode and dropout:
+    one warning says so (here the CPU stands in for the Triton device)."""
+    import warnings
+
+    from qlora.nn.dropout import seeded_dropout, seeded_dropout_ref
+
+    monkeypatch.setattr(kernels, "TRITON_DEVICE_TYPES", {"cpu"})
+    monkeypatch.setattr(kernels, "_triton_error", "ModuleNotFoundError: No module named 'triton'")
+    monkeypatch.setattr(kernels, "_triton_warned", False)
+    qt, x = qlora.quantize(torch.randn(20, 64)), torch.randn(8, 64)
+    with pytest.warns(UserWarning, match="triton does not import .*No module named 'triton'.*reference"):
+        w = qt.dequantize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(seeded_dropout(x, 0.1, 5), seeded_dropout_ref(x, 0.1, 5))  # no second warning
+    assert torch.equal(w, blockwise.dequantize_4bit_ref(qt.data, qt.scales(), qt.code, qt.blocksize, qt.numel(),
+                                                        torch.float32).view(20, 64))
+    monkeypatch.setattr(kernels, "_triton_warned", False)
+    monkeypatch.setenv("QLORA_KERNELS", "reference")  # asked for: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qt.dequantize()

@@ -7,7 +7,8 @@
 CPU tensors use the C kernels in qlora_cpu.c (AVX2 decode where the CPU has AVX2 and F16C,
 a portable scalar path elsewhere). CUDA tensors decode with the Triton kernel in
 triton_decode.py when triton imports (devices listed in TRITON_DEVICE_TYPES). Anything else,
-or a machine where the kernels cannot be built, uses blockwise.py, after a one-time warning.
+or a machine where the kernels cannot be built or triton does not import, uses blockwise.py
+(dropout.py's reference for dropout), after a one-time warning.
 QLORA_KERNELS selects the path: "native" (default), "scalar" (native, no SIMD) or
 "reference" (pure PyTorch); tests compare all three.
 """
@@ -64,6 +65,7 @@ STREAM_BYTES = 4 << 20
 TRITON_DEVICE_TYPES = {"cuda"}
 """Device types whose tensors decode with Triton (tests add "cpu" under TRITON_INTERPRET=1)."""
 _triton_error: str | None = None
+_triton_warned = False
 
 
 def triton_module():
@@ -84,9 +86,24 @@ def triton_error() -> str | None:
     return _triton_error
 
 
+def _triton_for(t: torch.Tensor):
+    """triton_module() for a tensor on a TRITON_DEVICE_TYPES device, else None; warns once when
+    triton is wanted there but does not import (the reference then runs, several times slower)."""
+    global _triton_warned
+    if t.device.type not in TRITON_DEVICE_TYPES:
+        return None
+    module = triton_module()
+    if module is None and _mode() != "reference" and not _triton_warned:
+        _triton_warned = True
+        warnings.warn(f"qlora: triton does not import ({_triton_error}); {t.device.type} tensors decode and drop out "
+                      "with the PyTorch reference, several times slower. Install triton (pip install triton)",
+                      stacklevel=3)
+    return module
+
+
 def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> bool:
     """Decode `qt` into the contiguous `out` natively; False when the reference must do it."""
-    if out.device.type in TRITON_DEVICE_TYPES and out.dtype in _DTYPE_CODES and (module := triton_module()):
+    if out.dtype in _DTYPE_CODES and (module := _triton_for(out)):
         module.decode_4bit(qt, out)
         return True
     lib = _native()
@@ -132,7 +149,7 @@ def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: fl
     C kernel (CPU); False when the reference must do it."""
     if x.dtype not in _DTYPE_CODES:
         return False
-    if x.device.type in TRITON_DEVICE_TYPES and triton_module():
+    if _triton_for(x):
         from . import triton_dropout
 
         triton_dropout.seeded_dropout(x, out, threshold, scale, seed)
