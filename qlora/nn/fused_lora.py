@@ -47,7 +47,8 @@ DEVICE_TYPES = {"cuda"} if os.environ.get("QLORA_FUSED_LORA") == "1" else set()
 """Input devices that take the fused path: none unless QLORA_FUSED_LORA=1 (tests add "cpu" under
 TRITON_INTERPRET=1). Opt-in because on an H200 (benchmarks/gpu.py, 2026-11-28) the fused GEMMs
 took 10.5x a bf16 nn.Linear + LoRA at x [16384, 4096], while the default path (Triton decode
-into the workspace, then cuBLAS) took 1.04x."""
+into the workspace, then cuBLAS) took 1.04x. The GEMMs have since been restructured (triton_matmul.py:
+W as the register operand, one look-up per byte); not yet timed on a GPU."""
 STRATEGY = "fused"
 """"fused" (decode W tile by tile inside the GEMM) or "workspace" (decode W once, then cuBLAS)."""
 

@@ -4,7 +4,8 @@ ptxas that ships in the triton wheel, in a subprocess without TRITON_INTERPRET.
 
 Also checked in the PTX: the decode kernels contain no fused multiply-add (the scale
 nested_code * nested_absmax + offset must round the product, as blockwise.py does), the
-GEMMs use Hopper's wgmma, on 16-byte-aligned sizes decode stores are 16-byte vectors,
+GEMMs use Hopper's wgmma and keep one MMA group in flight (the decoded W is its register
+operand, triton_matmul.py), on 16-byte-aligned sizes decode stores are 16-byte vectors,
 each thread loads its block's scale once (not once per byte), and seeded dropout reads and
 writes 16-byte vectors.
 """
@@ -33,7 +34,8 @@ CHILD = textwrap.dedent("""
         return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                               options=options).asm["ptx"]
 
-    ops = lambda text: collections.Counter(re.findall(r"\\b(fma\\.rn\\.f32|wgmma\\.mma_async|[ls][dt]\\.global[\\w.]*)", text))
+    ops = lambda text: collections.Counter(re.findall(
+        r"\\b(fma\\.rn\\.f32|wgmma\\.mma_async|wgmma\\.wait_group\\.sync\\.aligned \\d+|[ls][dt]\\.global[\\w.]*)", text))
     out = {}
     for dtype in ("bf16", "fp32"):
         sig = dict(data_ptr="*u8", absmax_ptr="*u8", nested_ptr="*fp32", nested_code_ptr="*fp32", offset="fp32",
@@ -48,13 +50,15 @@ CHILD = textwrap.dedent("""
     cfg = tm._configs()[0].kwargs
     common = dict(HALF_BLOCK=32, HAS_LORA=True, BLOCK_R=16, INTERP=False, DOT_PRECISION="tf32", **cfg)
     a = "*bf16"
-    sig = dict(x_ptr=a, data_ptr="*u8", scale_ptr="*fp32", code_ptr="*fp32", xa_ptr=a, b_ptr=a, bias_ptr=a,
+    sig = dict(x_ptr=a, data_ptr="*u8", scale_ptr="*fp32", pair_ptr="*i64", xa_ptr=a, b_ptr=a, bias_ptr=a,
                y_ptr=a, M="i32", N="i32", K="i32", R="i32", scaling="fp32")
-    out["fwd_bf16"] = ops(ptx(tm._fwd_kernel.fn, sig, dict(common, HAS_BIAS=True, ROWS_ALIGNED=True), num_warps=8,
-                              num_stages=3))
-    sig = dict(dy_ptr=a, data_ptr="*u8", scale_ptr="*fp32", code_ptr="*fp32", g_ptr=a, a_ptr=a, dx_ptr=a,
+    # as launched on torch tensors (16-byte aligned) with M, N, K multiples of 16
+    out["fwd_bf16"] = ops(ptx(tm._fwd_kernel.fn, sig, dict(common, HAS_BIAS=True, ROWS_ALIGNED=True), aligned=range(11),
+                              num_warps=8, num_stages=3))
+    sig = dict(dy_ptr=a, data_ptr="*u8", scale_ptr="*fp32", pair_ptr="*i64", g_ptr=a, a_ptr=a, dx_ptr=a,
                M="i32", N="i32", K="i32", R="i32", scaling="fp32")
-    out["bwd_bf16"] = ops(ptx(tm._bwd_kernel.fn, sig, dict(common, ROWS_ALIGNED=False), num_warps=8, num_stages=3))
+    out["bwd_bf16"] = ops(ptx(tm._bwd_kernel.fn, sig, dict(common, ROWS_ALIGNED=False), aligned=range(10), num_warps=8,
+                              num_stages=3))
     # seeded dropout, with the argument types its launcher passes (seed halves as int32), n % 16 == 0
     sig = dict(x_ptr="*bf16", out_ptr="*bf16", n="i32", seed_lo="i32", seed_hi="i32", threshold="i32", scale="fp32")
     out["dropout_bf16"] = ops(ptx(tdo._dropout_kernel, sig, dict(BF16=True, BLOCK=tdo.BLOCK), aligned=range(3),
@@ -82,7 +86,9 @@ def test_triton_kernels_compile_for_sm90():
         # a thread's bytes lie in one block: one load of its block's 8-bit scale code, not one per byte
         byte_loads = sum(n for op, n in ops[f"decode_{dtype}"].items() if re.fullmatch(r"ld\.global\S*\.[bus]8", op))
         assert byte_loads == 1, ops[f"decode_{dtype}"]
-    assert ops["fwd_bf16"].get("wgmma.mma_async", 0) > 0 and ops["bwd_bf16"].get("wgmma.mma_async", 0) > 0, ops
+    for name in ("fwd_bf16", "bwd_bf16"):
+        # the decoded W is wgmma's register operand: one MMA group stays in flight while the next tile decodes
+        assert ops[name].get("wgmma.mma_async", 0) > 0 and ops[name].get("wgmma.wait_group.sync.aligned 1", 0) > 0, ops
     # dropout: one pass, 16-byte vector loads and stores
     assert ops["dropout_bf16"].get("ld.global.v4.b32", 0) > 0 and ops["dropout_bf16"].get("st.global.v4.b32", 0) > 0
     assert set(ops) == {"decode_bf16", "decode_fp32", "scales", "fwd_bf16", "bwd_bf16", "dropout_bf16"}

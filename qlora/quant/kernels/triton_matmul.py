@@ -4,18 +4,24 @@
     dx = triton_matmul.linear_4bit_t(dy, qt, scales, lora_in=dyB, lora_w=A, scaling=s)      # dy W  + s dyB A
 
 x [M, K] and dy [M, N] in the compute dtype (bf16 / fp16 / fp32), W = dequant(qt) [N, K]
-never materialized: each program decodes the [BLOCK_N, BLOCK_K] tiles of W it multiplies
-(bytes -> two nibbles -> code * block scale in float32 -> the compute dtype, the same
-rounding as triton_decode, so the product uses exactly dequant(W)), accumulates in float32
-and adds the rank-r LoRA product (r padded to at least 16 for tl.dot) and the bias before
-the single rounding to the output dtype. `scales` is the float32 scale per block
-(triton_decode.block_scales: the double quantization decoded once per call, 4 bytes per
-64 weights), gathered per byte, or once per tile row when blocks start every row
-(K % blocksize == 0) and a tile is at most one block wide. Requires an even K (a row starts
-on a byte); callers fall back otherwise.
+never materialized: each program decodes the tiles of W it multiplies (byte -> the codes of
+both nibbles in one look-up of a 256-entry table of float32 pairs, `code_pairs` -> times the
+block scale in float32 -> the compute dtype, the same rounding as triton_decode, so the
+product uses exactly dequant(W)), accumulates in float32 and adds the rank-r LoRA product
+(r padded to at least 16 for tl.dot) and the bias before the single rounding to the output dtype.
+Both kernels compute the transposed product (y^T = W x^T, dx^T = W^T dy^T): the decoded W
+tile is the MMA's first operand, which Hopper's wgmma reads from registers, so the next tile
+decodes while the tensor cores work on this one (the sm_90 PTX keeps one wgmma group in
+flight; with W as the second operand it went through shared memory and waited for every
+group), and the token count M is the MMA's N dimension, which may be as small as 16.
+`scales` is the float32 scale per block (triton_decode.block_scales: the double quantization
+decoded once per call, 4 bytes per 64 weights), gathered per byte, or once per tile row when
+blocks start every row (K % blocksize == 0) and a tile is at most one block wide. Requires
+an even K (a row starts on a byte); callers fall back otherwise.
 On a GPU the tile shapes are autotuned per (M, N, K, dtypes); under the interpreter one
 small config runs (and dot operands are upcast to float32, see triton_decode "bf16 rounding").
-Tests: tests/nn/test_triton_lora.py (`pytest -k triton`).
+Tests: tests/nn/test_triton_lora.py (`pytest -k triton`); the sm_90 build:
+tests/quant/test_triton_compile.py.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import triton_decode
 from .triton_decode import INTERPRET, to_bf16
@@ -35,14 +42,51 @@ if TYPE_CHECKING:
 def _configs() -> list[triton.Config]:
     if INTERPRET:  # one small tile that still exercises every mask on test-sized shapes
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-              (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4)]
+    # BLOCK_M (tokens) is the MMA's N: 16 to 256; the W-side tile (BLOCK_N forward, BLOCK_K backward)
+    # is its M: 64 per warp group. BLOCK_K 64 = one block: one scale per tile row (blocksize 64)
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+              (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (16, 128, 64, 4, 4), (16, 64, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
 
+_PAIRS = WeakTensorKeyDictionary()
+
+
+def code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """The byte -> (code[byte >> 4], code[byte & 15]) table: 256 int64 holding two float32 each
+    (the high nibble's code in the low half), built once per code book (and per in-place change)."""
+    cached = _PAIRS.get(code)
+    if cached is None or cached[0] != code._version:
+        byte = torch.arange(256, device=code.device)
+        pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).float().contiguous().view(torch.int64)
+        cached = _PAIRS[code] = (code._version, pairs.view(256))
+    return cached[1]
+
+
 @triton.jit
-def _w_tile(data_ptr, scale_ptr, code_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+def _decode_bytes(packed, pair_ptr, scale):
+    """The two weights of each packed byte in float32: code[byte >> 4] * scale, code[byte & 15] * scale."""
+    pair = tl.load(pair_ptr + packed)
+    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale
+    lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale
+    return hi, lo
+
+
+@triton.jit
+def _round(w, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """float32 weights rounded once to `dtype` (held as float32 under the interpreter, whose tl.dot cannot read bf16)."""
+    if INTERP:
+        if dtype == tl.bfloat16:
+            w = to_bf16(w)
+        w = w.to(dtype).to(tl.float32)
+    else:
+        w = w.to(dtype)
+    return w
+
+
+@triton.jit
+def _w_tile(data_ptr, scale_ptr, pair_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
             ROWS_ALIGNED: tl.constexpr, dtype: tl.constexpr, INTERP: tl.constexpr):
     """W[offs_n, k0:k0+BLOCK_K] decoded to `dtype` ([BLOCK_N, BLOCK_K]; 0 outside W)."""
     half = K // 2
@@ -55,14 +99,27 @@ def _w_tile(data_ptr, scale_ptr, code_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.cons
         scale = tl.load(scale_ptr + (row + k0 // 2) // HALF_BLOCK, mask=offs_n[:, None] < N, other=0.0)
     else:
         scale = tl.load(scale_ptr + (row + kb[None, :]) // HALF_BLOCK, mask=mask, other=0.0)
-    w = tl.interleave(tl.load(code_ptr + (packed >> 4)) * scale, tl.load(code_ptr + (packed & 15)) * scale)
-    if INTERP:
-        if dtype == tl.bfloat16:
-            w = to_bf16(w)
-        w = w.to(dtype).to(tl.float32)  # the interpreter's tl.dot cannot read bf16: exact upcast
+    hi, lo = _decode_bytes(packed, pair_ptr, scale)
+    return _round(tl.interleave(hi, lo), dtype, INTERP)
+
+
+@triton.jit
+def _wt_tile(data_ptr, scale_ptr, pair_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+             ROWS_ALIGNED: tl.constexpr, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """W[offs_n, k0:k0+BLOCK_K] transposed, decoded to `dtype` ([BLOCK_K, BLOCK_N]; 0 outside W)."""
+    half = K // 2
+    kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    col = offs_n[None, :].to(tl.int64) * half
+    mask = (kb[:, None] < half) & (offs_n[None, :] < N)
+    packed = tl.load(data_ptr + col + kb[:, None], mask=mask, other=0).to(tl.int32)
+    if ROWS_ALIGNED and BLOCK_K <= 2 * HALF_BLOCK:
+        scale = tl.load(scale_ptr + (col + k0 // 2) // HALF_BLOCK, mask=offs_n[None, :] < N, other=0.0)
     else:
-        w = w.to(dtype)
-    return w
+        scale = tl.load(scale_ptr + (col + kb[:, None]) // HALF_BLOCK, mask=mask, other=0.0)
+    hi, lo = _decode_bytes(packed, pair_ptr, scale)
+    # rows 2j and 2j + 1 of the tile are byte j's high and low nibbles
+    w = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (BLOCK_K, offs_n.shape[0]))
+    return _round(w, dtype, INTERP)
 
 
 @triton.jit
@@ -95,62 +152,64 @@ def _store(ptr, acc, mask, INTERP: tl.constexpr):
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "R"])
 @triton.jit
-def _fwd_kernel(x_ptr, data_ptr, scale_ptr, code_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling,
+def _fwd_kernel(x_ptr, data_ptr, scale_ptr, pair_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scaling,
                 HALF_BLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_R: tl.constexpr,
                 INTERP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # output tile y^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, :] x[BLOCK_M, :]^T, reduced over K in steps of BLOCK_K
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_m[:, None].to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tokens = offs_m[None, :].to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + rows * K + (k0 + offs_k)[None, :],
-                    mask=(offs_m[:, None] < M) & ((k0 + offs_k)[None, :] < K), other=0.0)
-        w = _w_tile(data_ptr, scale_ptr, code_ptr, offs_n, k0, N, K, HALF_BLOCK, BLOCK_K, ROWS_ALIGNED,
+        xt = tl.load(x_ptr + tokens * K + (k0 + offs_k)[:, None],
+                     mask=((k0 + offs_k)[:, None] < K) & (offs_m[None, :] < M), other=0.0)
+        w = _w_tile(data_ptr, scale_ptr, pair_ptr, offs_n, k0, N, K, HALF_BLOCK, BLOCK_K, ROWS_ALIGNED,
                     x_ptr.dtype.element_ty, INTERP)
-        acc = tl.dot(_operand(x, INTERP), tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_LORA:  # + scaling * (x A^T) B^T, xa = x A^T precomputed [M, R]
+        acc = tl.dot(w, _operand(xt, INTERP), acc, input_precision=DOT_PRECISION)
+    if HAS_LORA:  # + scaling * B xa^T, xa = x A^T precomputed [M, R]
         offs_r = tl.arange(0, BLOCK_R)
-        xa = tl.load(xa_ptr + rows * R + offs_r[None, :], mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
         b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :],
                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
-        lora = tl.dot(_operand(xa, INTERP), tl.trans(_operand(b, INTERP)), input_precision=DOT_PRECISION)
-        acc += scaling * lora
+        xat = tl.load(xa_ptr + tokens * R + offs_r[:, None], mask=(offs_r[:, None] < R) & (offs_m[None, :] < M),
+                      other=0.0)
+        acc += scaling * tl.dot(_operand(b, INTERP), _operand(xat, INTERP), input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    _store(y_ptr + rows * N + offs_n[None, :], acc, (offs_m[:, None] < M) & (offs_n[None, :] < N), INTERP)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    _store(y_ptr + tokens * N + offs_n[:, None], acc, (offs_n[:, None] < N) & (offs_m[None, :] < M), INTERP)
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "R"])
 @triton.jit
-def _bwd_kernel(dy_ptr, data_ptr, scale_ptr, code_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, scaling,
+def _bwd_kernel(dy_ptr, data_ptr, scale_ptr, pair_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, scaling,
                 HALF_BLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
                 INTERP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # output tile dx[BLOCK_M, BLOCK_K]; the reduction runs over W's rows (N) in steps of BLOCK_N
+    # output tile dx^T[BLOCK_K, BLOCK_M] = W[:, BLOCK_K]^T dy[BLOCK_M, :]^T, reduced over W's rows (N) in steps of BLOCK_N
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
-    rows = offs_m[:, None].to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    tokens = offs_m[None, :].to(tl.int64)
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        dy = tl.load(dy_ptr + rows * N + (n0 + offs_n)[None, :],
-                     mask=(offs_m[:, None] < M) & ((n0 + offs_n)[None, :] < N), other=0.0)
-        w = _w_tile(data_ptr, scale_ptr, code_ptr, n0 + offs_n, k0, N, K, HALF_BLOCK, BLOCK_K, ROWS_ALIGNED,
-                    dy_ptr.dtype.element_ty, INTERP)
-        acc = tl.dot(_operand(dy, INTERP), w, acc, input_precision=DOT_PRECISION)
-    if HAS_LORA:  # + scaling * (dy B) A, g = dy B precomputed [M, R]
+        dyt = tl.load(dy_ptr + tokens * N + (n0 + offs_n)[:, None],
+                      mask=((n0 + offs_n)[:, None] < N) & (offs_m[None, :] < M), other=0.0)
+        wt = _wt_tile(data_ptr, scale_ptr, pair_ptr, n0 + offs_n, k0, N, K, HALF_BLOCK, BLOCK_K, ROWS_ALIGNED,
+                      dy_ptr.dtype.element_ty, INTERP)
+        acc = tl.dot(wt, _operand(dyt, INTERP), acc, input_precision=DOT_PRECISION)
+    if HAS_LORA:  # + scaling * A^T g^T, g = dy B precomputed [M, R]
         offs_r = tl.arange(0, BLOCK_R)
-        g = tl.load(g_ptr + rows * R + offs_r[None, :], mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :],
-                    mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-        acc += scaling * tl.dot(_operand(g, INTERP), _operand(a, INTERP), input_precision=DOT_PRECISION)
-    _store(dx_ptr + rows * K + offs_k[None, :], acc, (offs_m[:, None] < M) & (offs_k[None, :] < K), INTERP)
+        at = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * K + offs_k[:, None],
+                     mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0)
+        gt = tl.load(g_ptr + tokens * R + offs_r[:, None], mask=(offs_r[:, None] < R) & (offs_m[None, :] < M),
+                     other=0.0)
+        acc += scaling * tl.dot(_operand(at, INTERP), _operand(gt, INTERP), input_precision=DOT_PRECISION)
+    _store(dx_ptr + tokens * K + offs_k[:, None], acc, (offs_k[:, None] < K) & (offs_m[None, :] < M), INTERP)
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
@@ -188,7 +247,7 @@ def linear_4bit(x: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor, lo
     y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with triton_decode.on_device(x):
-        _fwd_kernel[grid](x, qt.data, scales, qt.code, lora_in if r else x, lora_w if r else x,
+        _fwd_kernel[grid](x, qt.data, scales, code_pairs(qt.code), lora_in if r else x, lora_w if r else x,
                           bias if bias is not None else x, y, m, n, k, r, float(scaling),
                           HALF_BLOCK=qt.blocksize // 2, ROWS_ALIGNED=k % qt.blocksize == 0,
                           HAS_LORA=bool(r), HAS_BIAS=bias is not None, BLOCK_R=block_r,
@@ -208,8 +267,8 @@ def linear_4bit_t(dy: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor,
     dx = torch.empty(m, k, dtype=out_dtype or dy.dtype, device=dy.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
     with triton_decode.on_device(dy):
-        _bwd_kernel[grid](dy, qt.data, scales, qt.code, lora_in if r else dy, lora_w if r else dy, dx, m, n, k, r,
-                          float(scaling), HALF_BLOCK=qt.blocksize // 2, ROWS_ALIGNED=k % qt.blocksize == 0,
+        _bwd_kernel[grid](dy, qt.data, scales, code_pairs(qt.code), lora_in if r else dy, lora_w if r else dy, dx,
+                          m, n, k, r, float(scaling), HALF_BLOCK=qt.blocksize // 2, ROWS_ALIGNED=k % qt.blocksize == 0,
                           HAS_LORA=bool(r), BLOCK_R=block_r,
                           INTERP=INTERPRET, DOT_PRECISION=precision)
     return dx
