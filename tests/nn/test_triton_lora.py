@@ -237,18 +237,3 @@ def test_triton_fused_lora_with_dropout_on_float32_input(on_cpu):
     expected = dyf @ w + (s * g @ a) * (h != 0) * 2.0  # dropout's backward: mask / (1 - p)
     mag = dyf.abs() @ w.abs() + 2.0 * s * g.abs() @ a.abs()
     assert_close(gx, expected, torch.bfloat16, mag, rounded=mag)
-
-
-def test_triton_code_pairs_table():
-    """Byte b -> (code[b >> 4], code[b & 15]) as two float32 in one int64 (the high nibble's in the
-    low half, as the kernels read it); rebuilt when the code book changes in place."""
-    for quant_type in ("nf4", "fp4", "int4"):
-        code = qlora.quantize(torch.randn(64), quant_type).code.clone()
-        pairs = triton_matmul.code_pairs(code)
-        assert pairs.dtype == torch.int64 and pairs.shape == (256,)
-        as_floats = pairs.view(torch.float32).view(256, 2)
-        byte = torch.arange(256)
-        assert torch.equal(as_floats[:, 0], code[byte >> 4]) and torch.equal(as_floats[:, 1], code[byte & 15])
-        assert triton_matmul.code_pairs(code) is pairs  # cached
-        code[3] = 0.25
-        assert triton_matmul.code_pairs(code).view(torch.float32)[2 * 0x35] == 0.25  # byte 0x35: high nibble 3

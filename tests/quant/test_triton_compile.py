@@ -34,15 +34,16 @@ CHILD = textwrap.dedent("""
         return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                               options=options).asm["ptx"]
 
-    ops = lambda text: collections.Counter(re.findall(
-        r"\\b(fma\\.rn\\.f32|wgmma\\.mma_async|wgmma\\.wait_group\\.sync\\.aligned \\d+|[ls][dt]\\.global[\\w.]*)", text))
+    ops = lambda text: collections.Counter(re.findall(r"\\b(fma\\.rn\\.f32|wgmma\\.mma_async|"
+        r"wgmma\\.wait_group\\.sync\\.aligned \\d+|cvt\\.rn\\.bf16x2\\.f32|[ls][dt]\\.global[\\w.]*)", text))
     out = {}
-    for dtype in ("bf16", "fp32"):
+    for dtype in ("bf16", "fp32"):  # as launched on a GPU: hardware bf16 rounding; full programs and the last one
         sig = dict(data_ptr="*u8", absmax_ptr="*u8", nested_ptr="*fp32", nested_code_ptr="*fp32", offset="fp32",
-                   code_ptr="*fp32", out_ptr="*" + dtype, n="i32", nbytes="i32")
-        consts = dict(HALF_BLOCK=32, DQ=True, BYTES=td.DECODE_BYTES, COLS=32, MANUAL_BF16=True)
-        out["decode_" + dtype] = ops(ptx(td._decode_kernel, sig, consts, aligned=range(9), num_warps=td.DECODE_WARPS,
-                                         **td.LAUNCH))
+                   pair_ptr="*i64", out_ptr="*" + dtype, n="i32", nbytes="i32")
+        for even in (True, False):
+            consts = dict(HALF_BLOCK=32, DQ=True, BYTES=td.DECODE_BYTES, COLS=32, MANUAL_BF16=False, EVEN=even)
+            out["decode_" + dtype + ("" if even else "_masked")] = ops(ptx(
+                td._decode_kernel, sig, consts, aligned=range(9), num_warps=td.DECODE_WARPS, **td.LAUNCH))
     sig = dict(absmax_ptr="*u8", nested_ptr="*fp32", nested_code_ptr="*fp32", offset="fp32", out_ptr="*fp32", nblocks="i32")
     out["scales"] = ops(ptx(td._scales_kernel, sig, dict(BLOCK=1024), num_warps=4, **td.LAUNCH))
     # bf16 GEMMs only (fp32 ones take several times longer to build), both scale paths:
@@ -79,16 +80,18 @@ def test_triton_kernels_compile_for_sm90():
     import json
 
     ops = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("decode_bf16", "decode_fp32", "scales"):
+    for name in ("decode_bf16", "decode_fp32", "decode_bf16_masked", "decode_fp32_masked", "scales"):
         assert ops[name].get("fma.rn.f32", 0) == 0, (name, ops[name])
-    for dtype in ("bf16", "fp32"):
-        assert ops[f"decode_{dtype}"].get("st.global.v4.b32", 0) > 0, ops[f"decode_{dtype}"]
+    for name in ("decode_bf16", "decode_fp32", "decode_bf16_masked", "decode_fp32_masked"):
+        assert ops[name].get("st.global.v4.b32", 0) > 0, (name, ops[name])
         # a thread's bytes lie in one block: one load of its block's 8-bit scale code, not one per byte
-        byte_loads = sum(n for op, n in ops[f"decode_{dtype}"].items() if re.fullmatch(r"ld\.global\S*\.[bus]8", op))
-        assert byte_loads == 1, ops[f"decode_{dtype}"]
+        byte_loads = sum(n for op, n in ops[name].items() if re.fullmatch(r"ld\.global\S*\.[bus]8", op))
+        assert byte_loads == 1, (name, ops[name])
+    assert ops["decode_bf16"].get("cvt.rn.bf16x2.f32", 0) > 0, ops["decode_bf16"]  # round to nearest even in hardware
     for name in ("fwd_bf16", "bwd_bf16"):
         # the decoded W is wgmma's register operand: one MMA group stays in flight while the next tile decodes
         assert ops[name].get("wgmma.mma_async", 0) > 0 and ops[name].get("wgmma.wait_group.sync.aligned 1", 0) > 0, ops
     # dropout: one pass, 16-byte vector loads and stores
     assert ops["dropout_bf16"].get("ld.global.v4.b32", 0) > 0 and ops["dropout_bf16"].get("st.global.v4.b32", 0) > 0
-    assert set(ops) == {"decode_bf16", "decode_fp32", "scales", "fwd_bf16", "bwd_bf16", "dropout_bf16"}
+    assert set(ops) == {"decode_bf16", "decode_fp32", "decode_bf16_masked", "decode_fp32_masked", "scales", "fwd_bf16",
+                        "bwd_bf16", "dropout_bf16"}

@@ -66,6 +66,40 @@ def test_triton_decode_launch_settings_change_nothing_but_the_launch():
         triton_decode.decode_4bit(qt, out, bytes_per_program=96)
 
 
+def test_triton_decode_full_programs_take_the_unmasked_path(monkeypatch):
+    """Sizes that fill every program decode without masks (EVEN); both paths are bit-exact."""
+    kernel, seen = triton_decode._decode_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(kw["EVEN"]) or kernel[grid](*args, **kw)
+
+    monkeypatch.setattr(triton_decode, "_decode_kernel", Spy())
+    for n in (3 * 2 * triton_decode.DECODE_BYTES, 3 * 2 * triton_decode.DECODE_BYTES - 2):
+        for quant_type, double_quant in (("nf4", True), ("fp4", False)):
+            qt = qlora.quantize(torch.randn(n), quant_type, 64, double_quant)
+            for dtype in (torch.bfloat16, torch.float32):
+                out = torch.full((n,), float("nan"), dtype=dtype)
+                triton_decode.decode_4bit(qt, out)
+                assert torch.equal(out, reference(qt, dtype)), (n, quant_type, dtype)
+    assert seen == [True] * 4 + [False] * 4
+
+
+def test_triton_code_pairs_table():
+    """Byte b -> (code[b >> 4], code[b & 15]) as two float32 in one int64 (the high nibble's in the
+    low half, as the kernels read it); rebuilt when the code book changes in place."""
+    for quant_type in ("nf4", "fp4", "int4"):
+        code = qlora.quantize(torch.randn(64), quant_type).code.clone()
+        pairs = triton_decode.code_pairs(code)
+        assert pairs.dtype == torch.int64 and pairs.shape == (256,)
+        as_floats = pairs.view(torch.float32).view(256, 2)
+        byte = torch.arange(256)
+        assert torch.equal(as_floats[:, 0], code[byte >> 4]) and torch.equal(as_floats[:, 1], code[byte & 15])
+        assert triton_decode.code_pairs(code) is pairs  # cached
+        code[3] = 0.25
+        assert triton_decode.code_pairs(code).view(torch.float32)[2 * 0x35] == 0.25  # byte 0x35: high nibble 3
+
+
 def test_triton_bf16_rounding_ties_go_to_even():
     # x = absmax decodes as code 15 (1.0) * absmax = absmax: pick absmax halfway between two bf16 values
     bits = [0x3F808000, 0x3F818000, 0xBF808000 - 2**32, 0x3F80FFFF]  # the third is negative

@@ -4,17 +4,23 @@
     scales = triton_decode.block_scales(qt)  # float32 scale per block (decodes DQ), for the GEMM
 
 Used by kernels.decode_4bit for CUDA tensors; the fused LoRA GEMM (triton_matmul.py) decodes
-its tiles with the same arithmetic and shares `to_bf16` and `block_scales`. Bit for bit the arithmetic of blockwise.py (formats.md 2-3):
+its tiles with the same arithmetic (`code_pairs`, `decode_bytes`, `block_scales`). Bit for bit
+the arithmetic of blockwise.py (formats.md 2-3):
 - byte j holds elements 2j (high nibble) and 2j+1 (low nibble); both lie in block
   j // (blocksize / 2), since blocks have an even size;
 - scale = absmax[b], or with double quant nested_code[q[b]] * nested_absmax[b // 256] +
   nested_offset, a float32 product rounded before the add (launched with
   enable_fp_fusion=False, so the compiler may not contract it into an FMA);
-- out = code[nibble] * scale in float32, rounded once to the output dtype.
+- out = code[nibble] * scale in float32, rounded once to the output dtype; both codes of a
+  byte come from one look-up in a 256-entry table of float32 pairs (`code_pairs`).
+Instructions count: at ~2.5 bytes moved per weight an H200 SM must retire a weight every
+~16 instruction slots to keep up with its memory, and the decode was at 17 (sm_90 SASS,
+2048 bytes x 8 warps); the pair table, int32 offsets inside a program, unmasked full
+programs and the hardware bf16 rounding bring it to 8.5 (docs/benchmarks.md).
 Note: bf16 rounding. Triton's interpreter rounds float32 -> bf16 toward zero and its
-tl.dot reads bf16 as raw integers; the GPU rounds to nearest even. `to_bf16` therefore
-rounds to nearest even with integer arithmetic (free in this memory-bound kernel), and the
-GEMM uses it, and upcasts dot operands, only where INTERPRET is true.
+tl.dot reads bf16 as raw integers; the GPU rounds to nearest even (cvt.rn). `to_bf16`
+rounds to nearest even with integer arithmetic; the decode and the GEMM use it, and upcast
+dot operands, only where INTERPRET is true.
 INTERPRET is read when this module is imported (triton.jit decides then): tests set
 TRITON_INTERPRET=1 before importing it and run the kernels on CPU tensors.
 Tests: tests/quant/test_triton_decode.py (`pytest -k triton`).
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
 if TYPE_CHECKING:
     from ..tensor import QuantizedTensor
@@ -71,34 +78,76 @@ def cast_out(v, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
     return out
 
 
+_PAIRS = WeakTensorKeyDictionary()
+
+
+def code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """The byte -> (code[byte >> 4], code[byte & 15]) table: 256 int64 holding two float32 each
+    (the high nibble's code in the low half), built once per code book (and per in-place change)."""
+    cached = _PAIRS.get(code)
+    if cached is None or cached[0] != code._version:
+        byte = torch.arange(256, device=code.device)
+        pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).float().contiguous().view(torch.int64)
+        cached = _PAIRS[code] = (code._version, pairs.view(256))
+    return cached[1]
+
+
+@triton.jit
+def decode_bytes(packed, pair_ptr, scale):
+    """The two weights of each packed byte (int32) in float32, one table look-up for both:
+    code[byte >> 4] * scale, code[byte & 15] * scale."""
+    pair = tl.load(pair_ptr + packed)
+    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale
+    lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale
+    return hi, lo
+
+
 @triton.jit
 def block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, blk, mask, DQ: tl.constexpr):
-    """The float32 scale of blocks `blk` (0 where masked)."""
-    if DQ:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)
-        scale = tl.where(mask, scale + offset, 0.0)
+    """The float32 scale of blocks `blk` (0 where masked; `mask` None: every block exists)."""
+    if mask is None:
+        stored = tl.load(absmax_ptr + blk)
     else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        stored = tl.load(absmax_ptr + blk, mask=mask, other=0)
+    if DQ:
+        if mask is None:
+            nested = tl.load(nested_ptr + blk // 256)
+        else:
+            nested = tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + stored.to(tl.int32)) * nested + offset
+        if mask is not None:
+            scale = tl.where(mask, scale, 0.0)
+    else:
+        scale = stored
     return scale
 
 
 @triton.jit
-def _decode_kernel(data_ptr, absmax_ptr, nested_ptr, nested_code_ptr, offset, code_ptr, out_ptr, n, nbytes,
+def _decode_kernel(data_ptr, absmax_ptr, nested_ptr, nested_code_ptr, offset, pair_ptr, out_ptr, n, nbytes,
                    HALF_BLOCK: tl.constexpr, DQ: tl.constexpr, BYTES: tl.constexpr, COLS: tl.constexpr,
-                   MANUAL_BF16: tl.constexpr):
+                   MANUAL_BF16: tl.constexpr, EVEN: tl.constexpr):
     # The program's BYTES bytes as a [BYTES // COLS, COLS] tile, COLS = min(HALF_BLOCK, BYTES):
     # every row lies in one block, so each row's scale is loaded once, not once per byte.
-    row = tl.program_id(0).to(tl.int64) * (BYTES // COLS) + tl.arange(0, BYTES // COLS)
-    start = row * COLS
-    byte = start[:, None] + tl.arange(0, COLS)[None, :]
-    packed = tl.load(data_ptr + byte, mask=byte < nbytes, other=0).to(tl.int32)
-    scale = block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, start // HALF_BLOCK, start < nbytes, DQ)
-    hi = tl.load(code_ptr + (packed >> 4)) * scale[:, None]
-    lo = tl.load(code_ptr + (packed & 15)) * scale[:, None]
-    values = tl.interleave(hi, lo)  # row r holds elements 2 * start[r] ... 2 * start[r] + 2 * COLS - 1
-    idx = 2 * start[:, None] + tl.arange(0, 2 * COLS)[None, :]
-    tl.store(out_ptr + idx, cast_out(values, out_ptr.dtype.element_ty, MANUAL_BF16), mask=idx < n)
+    # Offsets inside the program are int32 from one int64 base; EVEN: every program is full (no masks).
+    ROWS: tl.constexpr = BYTES // COLS
+    first = tl.program_id(0).to(tl.int64) * BYTES
+    r = tl.arange(0, ROWS)
+    local = r[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    blk = (first + r * COLS) // HALF_BLOCK
+    if EVEN:
+        packed = tl.load(data_ptr + first + local)
+        scale = block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, blk, None, DQ)
+    else:
+        left = tl.minimum(nbytes - first, BYTES).to(tl.int32)
+        packed = tl.load(data_ptr + first + local, mask=local < left, other=0)
+        scale = block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, blk, r * COLS < left, DQ)
+    hi, lo = decode_bytes(packed.to(tl.int32), pair_ptr, scale[:, None])
+    values = cast_out(tl.interleave(hi, lo), out_ptr.dtype.element_ty, MANUAL_BF16)
+    idx = r[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]  # row r: elements 2 (first + r COLS) + ...
+    if EVEN:
+        tl.store(out_ptr + 2 * first + idx, values)
+    else:
+        tl.store(out_ptr + 2 * first + idx, values, mask=idx < tl.minimum(n - 2 * first, 2 * BYTES).to(tl.int32))
 
 
 @triton.jit
@@ -149,9 +198,10 @@ def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor, *, bytes_per_program: 
         raise ValueError(f"triton decode_4bit: bytes_per_program must be a power of two >= 64, got {bytes_per_program}")
     with on_device(out):
         _decode_kernel[(triton.cdiv(nbytes, bytes_per_program),)](
-            qt.data, qt.absmax, nested, nested_code, offset, qt.code, out, n, nbytes,
+            qt.data, qt.absmax, nested, nested_code, offset, code_pairs(qt.code), out, n, nbytes,
             HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=bytes_per_program,
-            COLS=min(qt.blocksize // 2, bytes_per_program), MANUAL_BF16=True, num_warps=num_warps, **LAUNCH,
+            COLS=min(qt.blocksize // 2, bytes_per_program), MANUAL_BF16=INTERPRET,
+            EVEN=nbytes % bytes_per_program == 0 and n % 2 == 0, num_warps=num_warps, **LAUNCH,
         )
 
 

@@ -6,8 +6,8 @@
 x [M, K] and dy [M, N] in the compute dtype (bf16 / fp16 / fp32), W = dequant(qt) [N, K]
 never materialized: each program decodes the tiles of W it multiplies (byte -> the codes of
 both nibbles in one look-up of a 256-entry table of float32 pairs, `code_pairs` -> times the
-block scale in float32 -> the compute dtype, the same rounding as triton_decode, so the
-product uses exactly dequant(W)), accumulates in float32 and adds the rank-r LoRA product
+block scale in float32 -> the compute dtype, as triton_decode does, so the product uses
+exactly dequant(W)), accumulates in float32 and adds the rank-r LoRA product
 (r padded to at least 16 for tl.dot) and the bias before the single rounding to the output dtype.
 Both kernels compute the transposed product (y^T = W x^T, dx^T = W^T dy^T): the decoded W
 tile is the MMA's first operand, which Hopper's wgmma reads from registers, so the next tile
@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import triton_decode
-from .triton_decode import INTERPRET, to_bf16
+from .triton_decode import INTERPRET, code_pairs, decode_bytes, to_bf16
 
 if TYPE_CHECKING:
     from ..tensor import QuantizedTensor
@@ -48,29 +47,6 @@ def _configs() -> list[triton.Config]:
               (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (16, 128, 64, 4, 4), (16, 64, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
-
-
-_PAIRS = WeakTensorKeyDictionary()
-
-
-def code_pairs(code: torch.Tensor) -> torch.Tensor:
-    """The byte -> (code[byte >> 4], code[byte & 15]) table: 256 int64 holding two float32 each
-    (the high nibble's code in the low half), built once per code book (and per in-place change)."""
-    cached = _PAIRS.get(code)
-    if cached is None or cached[0] != code._version:
-        byte = torch.arange(256, device=code.device)
-        pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).float().contiguous().view(torch.int64)
-        cached = _PAIRS[code] = (code._version, pairs.view(256))
-    return cached[1]
-
-
-@triton.jit
-def _decode_bytes(packed, pair_ptr, scale):
-    """The two weights of each packed byte in float32: code[byte >> 4] * scale, code[byte & 15] * scale."""
-    pair = tl.load(pair_ptr + packed)
-    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale
-    lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale
-    return hi, lo
 
 
 @triton.jit
@@ -99,7 +75,7 @@ def _w_tile(data_ptr, scale_ptr, pair_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.cons
         scale = tl.load(scale_ptr + (row + k0 // 2) // HALF_BLOCK, mask=offs_n[:, None] < N, other=0.0)
     else:
         scale = tl.load(scale_ptr + (row + kb[None, :]) // HALF_BLOCK, mask=mask, other=0.0)
-    hi, lo = _decode_bytes(packed, pair_ptr, scale)
+    hi, lo = decode_bytes(packed, pair_ptr, scale)
     return _round(tl.interleave(hi, lo), dtype, INTERP)
 
 
@@ -116,7 +92,7 @@ def _wt_tile(data_ptr, scale_ptr, pair_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.con
         scale = tl.load(scale_ptr + (col + k0 // 2) // HALF_BLOCK, mask=offs_n[None, :] < N, other=0.0)
     else:
         scale = tl.load(scale_ptr + (col + kb[:, None]) // HALF_BLOCK, mask=mask, other=0.0)
-    hi, lo = _decode_bytes(packed, pair_ptr, scale)
+    hi, lo = decode_bytes(packed, pair_ptr, scale)
     # rows 2j and 2j + 1 of the tile are byte j's high and low nibbles
     w = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (BLOCK_K, offs_n.shape[0]))
     return _round(w, dtype, INTERP)
