@@ -3,7 +3,8 @@ tests run the INTERP branches, this one builds the GPU branches to PTX and a cub
 ptxas that ships in the triton wheel, in a subprocess without TRITON_INTERPRET.
 
 Also checked in the PTX: the decode kernels contain no fused multiply-add (the scale
-nested_code * nested_absmax + offset must round the product, as blockwise.py does), the
+nested_code * nested_absmax + offset must round the product, as blockwise.py does) and
+round to bf16 with the hardware's nearest-even conversion (cvt.rn.bf16x2.f32), the
 GEMMs use Hopper's wgmma and keep one MMA group in flight (the decoded W is its register
 operand, triton_matmul.py), on 16-byte-aligned sizes decode stores are 16-byte vectors,
 each thread loads its block's scale once (not once per byte), and seeded dropout reads and
