@@ -274,6 +274,11 @@ def layer(args) -> None:
         fn()
     sync()
     print(f"warm-up (Triton compile + autotune included): {time.perf_counter() - t0:.1f} s", flush=True)
+    from qlora.quant.kernels import triton_matmul as tm
+
+    for kernel_name in ("_fwd_kernel", "_bwd_kernel"):  # the tiles the autotuner chose (benchmarks/sass.py reads them)
+        best = getattr(getattr(tm, kernel_name), "best_config", None)
+        print(f"fused GEMM {kernel_name}: autotuned to {best}")
     times: dict[str, list[float]] = {name: [] for name in cases}
     names = list(cases)
     for i in range(repeats):
