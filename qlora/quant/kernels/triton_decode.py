@@ -129,9 +129,8 @@ def _decode_kernel(data_ptr, absmax_ptr, nested_ptr, nested_code_ptr, offset, pa
     # The program's BYTES bytes as a [BYTES // COLS, COLS] tile, COLS = min(HALF_BLOCK, BYTES):
     # every row lies in one block, so each row's scale is loaded once, not once per byte.
     # Offsets inside the program are int32 from one int64 base; EVEN: every program is full (no masks).
-    ROWS: tl.constexpr = BYTES // COLS
     first = tl.program_id(0).to(tl.int64) * BYTES
-    r = tl.arange(0, ROWS)
+    r = tl.arange(0, BYTES // COLS)
     local = r[:, None] * COLS + tl.arange(0, COLS)[None, :]
     blk = (first + r * COLS) // HALF_BLOCK
     if EVEN:
