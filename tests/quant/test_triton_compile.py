@@ -5,8 +5,8 @@ ptxas that ships in the triton wheel, in a subprocess without TRITON_INTERPRET.
 Also checked in the PTX: the decode kernels contain no fused multiply-add (the scale
 nested_code * nested_absmax + offset must round the product, as blockwise.py does) and
 round to bf16 with the hardware's nearest-even conversion (cvt.rn.bf16x2.f32), the
-GEMMs use Hopper's wgmma and keep one MMA group in flight (the decoded W is its register
-operand, triton_matmul.py), on 16-byte-aligned sizes decode stores are 16-byte vectors,
+GEMMs use Hopper's wgmma and, from triton 3.9, keep one MMA group in flight (the decoded W
+is its register operand, triton_matmul.py), on 16-byte-aligned sizes decode stores are 16-byte vectors,
 each thread loads its block's scale once (not once per byte), and seeded dropout reads and
 writes 16-byte vectors.
 """
@@ -89,9 +89,14 @@ def test_triton_kernels_compile_for_sm90():
         byte_loads = sum(n for op, n in ops[name].items() if re.fullmatch(r"ld\.global\S*\.[bus]8", op))
         assert byte_loads == 1, (name, ops[name])
     assert ops["decode_bf16"].get("cvt.rn.bf16x2.f32", 0) > 0, ops["decode_bf16"]  # round to nearest even in hardware
+    import triton
+
     for name in ("fwd_bf16", "bwd_bf16"):
-        # the decoded W is wgmma's register operand: one MMA group stays in flight while the next tile decodes
-        assert ops[name].get("wgmma.mma_async", 0) > 0 and ops[name].get("wgmma.wait_group.sync.aligned 1", 0) > 0, ops
+        assert ops[name].get("wgmma.mma_async", 0) > 0, ops
+        # the decoded W is wgmma's register operand: from triton 3.9 one MMA group stays in flight while the
+        # next tile decodes (3.6, the H200 image's, waits for each group either way: benchmarks/sass.py)
+        if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9):
+            assert ops[name].get("wgmma.wait_group.sync.aligned 1", 0) > 0, ops
     # dropout: one pass, 16-byte vector loads and stores
     assert ops["dropout_bf16"].get("ld.global.v4.b32", 0) > 0 and ops["dropout_bf16"].get("st.global.v4.b32", 0) > 0
     assert set(ops) == {"decode_bf16", "decode_fp32", "decode_bf16_masked", "decode_fp32_masked", "scales", "fwd_bf16",

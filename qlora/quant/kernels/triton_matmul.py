@@ -10,10 +10,10 @@ block scale in float32 -> the compute dtype, as triton_decode does, so the produ
 exactly dequant(W)), accumulates in float32 and adds the rank-r LoRA product
 (r padded to at least 16 for tl.dot) and the bias before the single rounding to the output dtype.
 Both kernels compute the transposed product (y^T = W x^T, dx^T = W^T dy^T): the decoded W
-tile is the MMA's first operand, which Hopper's wgmma reads from registers, so the next tile
-decodes while the tensor cores work on this one (the sm_90 PTX keeps one wgmma group in
-flight; with W as the second operand it went through shared memory and waited for every
-group), and the token count M is the MMA's N dimension, which may be as small as 16.
+tile is the MMA's first operand, which Hopper's wgmma reads from registers: it skips shared
+memory, triton 3.9 then keeps one wgmma group in flight while the next tile decodes (3.6
+waits for each group, as it did for W as the second operand; benchmarks/sass.py), and the
+token count M is the MMA's N dimension, which may be as small as 16.
 `scales` is the float32 scale per block (triton_decode.block_scales: the double quantization
 decoded once per call, 4 bytes per 64 weights), gathered per byte, or once per tile row when
 blocks start every row (K % blocksize == 0) and a tile is at most one block wide. Requires
