@@ -14,10 +14,10 @@ the arithmetic of blockwise.py (formats.md 2-3):
 - out = code[nibble] * scale in float32, rounded once to the output dtype; both codes of a
   byte come from one look-up in a 256-entry table of float32 pairs (`code_pairs`).
 Instructions count: at ~2.5 bytes moved per weight an H200 SM must retire a weight every
-~16 instruction slots to keep up with its memory, and the decode was at 17 (sm_90 SASS,
-2048 bytes x 8 warps, triton 3.9; 18.5 with 3.6); the pair table, int32 offsets inside a
-program, unmasked full programs and the hardware bf16 rounding bring it to 8.5 (10.0)
-(benchmarks/sass.py, docs/benchmarks.md).
+~16 instruction slots to keep up with its memory; the kernel timed on the H200 used 17.5
+(sm_90 SASS, 2048 bytes x 8 warps). The pair table, int32 offsets inside a program,
+unmasked full programs and the hardware bf16 rounding bring it to 8.5 (triton 3.9; 10.0
+with 3.6) (benchmarks/sass.py, docs/benchmarks.md).
 Note: bf16 rounding. Triton's interpreter rounds float32 -> bf16 toward zero and its
 tl.dot reads bf16 as raw integers; the GPU rounds to nearest even (cvt.rn). `to_bf16`
 rounds to nearest even with integer arithmetic; the decode and the GEMM use it, and upcast
