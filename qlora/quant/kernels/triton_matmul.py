@@ -62,20 +62,27 @@ def _round(w, dtype: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _decode_tile(data_ptr, scale_ptr, pair_ptr, row, kb, k0, mask, row_mask, HALF_BLOCK: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ROWS_ALIGNED: tl.constexpr):
+    """float32 weights (hi, lo nibbles) of the bytes at row + kb (W's row starts and byte columns,
+    broadcast to the tile; 0 outside W)."""
+    packed = tl.load(data_ptr + row + kb, mask=mask, other=0).to(tl.int32)
+    if ROWS_ALIGNED and BLOCK_K <= 2 * HALF_BLOCK:
+        # blocks start every row and the tile lies in one block per row: one scale per row
+        scale = tl.load(scale_ptr + (row + k0 // 2) // HALF_BLOCK, mask=row_mask, other=0.0)
+    else:
+        scale = tl.load(scale_ptr + (row + kb) // HALF_BLOCK, mask=mask, other=0.0)
+    return decode_bytes(packed, pair_ptr, scale)
+
+
+@triton.jit
 def _w_tile(data_ptr, scale_ptr, pair_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
             ROWS_ALIGNED: tl.constexpr, dtype: tl.constexpr, INTERP: tl.constexpr):
     """W[offs_n, k0:k0+BLOCK_K] decoded to `dtype` ([BLOCK_N, BLOCK_K]; 0 outside W)."""
-    half = K // 2
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    row = offs_n[:, None].to(tl.int64) * half
-    mask = (offs_n[:, None] < N) & (kb[None, :] < half)
-    packed = tl.load(data_ptr + row + kb[None, :], mask=mask, other=0).to(tl.int32)
-    if ROWS_ALIGNED and BLOCK_K <= 2 * HALF_BLOCK:
-        # blocks start every row and the tile lies in one block per row: one scale per row
-        scale = tl.load(scale_ptr + (row + k0 // 2) // HALF_BLOCK, mask=offs_n[:, None] < N, other=0.0)
-    else:
-        scale = tl.load(scale_ptr + (row + kb[None, :]) // HALF_BLOCK, mask=mask, other=0.0)
-    hi, lo = decode_bytes(packed, pair_ptr, scale)
+    hi, lo = _decode_tile(data_ptr, scale_ptr, pair_ptr, offs_n[:, None].to(tl.int64) * (K // 2), kb[None, :], k0,
+                          (offs_n[:, None] < N) & (kb[None, :] < K // 2), offs_n[:, None] < N,
+                          HALF_BLOCK, BLOCK_K, ROWS_ALIGNED)
     return _round(tl.interleave(hi, lo), dtype, INTERP)
 
 
@@ -83,16 +90,10 @@ def _w_tile(data_ptr, scale_ptr, pair_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.cons
 def _wt_tile(data_ptr, scale_ptr, pair_ptr, offs_n, k0, N, K, HALF_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
              ROWS_ALIGNED: tl.constexpr, dtype: tl.constexpr, INTERP: tl.constexpr):
     """W[offs_n, k0:k0+BLOCK_K] transposed, decoded to `dtype` ([BLOCK_K, BLOCK_N]; 0 outside W)."""
-    half = K // 2
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    col = offs_n[None, :].to(tl.int64) * half
-    mask = (kb[:, None] < half) & (offs_n[None, :] < N)
-    packed = tl.load(data_ptr + col + kb[:, None], mask=mask, other=0).to(tl.int32)
-    if ROWS_ALIGNED and BLOCK_K <= 2 * HALF_BLOCK:
-        scale = tl.load(scale_ptr + (col + k0 // 2) // HALF_BLOCK, mask=offs_n[None, :] < N, other=0.0)
-    else:
-        scale = tl.load(scale_ptr + (col + kb[:, None]) // HALF_BLOCK, mask=mask, other=0.0)
-    hi, lo = decode_bytes(packed, pair_ptr, scale)
+    hi, lo = _decode_tile(data_ptr, scale_ptr, pair_ptr, offs_n[None, :].to(tl.int64) * (K // 2), kb[:, None], k0,
+                          (kb[:, None] < K // 2) & (offs_n[None, :] < N), offs_n[None, :] < N,
+                          HALF_BLOCK, BLOCK_K, ROWS_ALIGNED)
     # rows 2j and 2j + 1 of the tile are byte j's high and low nibbles
     w = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (BLOCK_K, offs_n.shape[0]))
     return _round(w, dtype, INTERP)
