@@ -376,9 +376,9 @@ def _header(path: Path, fields: dict[str, GGUFValue], tensors: list[tuple[str, t
     """The header bytes (padded to `alignment`) and each tensor's (name, shape, type, nbytes)."""
     if not 1 <= alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
         raise GGUFError(f"{path}: alignment {alignment} is not a power of two up to 1 MiB")
-    fields = dict(fields)
+    fields, own = dict(fields), GGUFValue(GGUFValueType.UINT32, alignment)
     if alignment != DEFAULT_ALIGNMENT or "general.alignment" in fields:
-        if fields.setdefault("general.alignment", GGUFValue(GGUFValueType.UINT32, alignment)) != GGUFValue(GGUFValueType.UINT32, alignment):
+        if fields.setdefault("general.alignment", own) != own:  # readers must learn a non-default alignment
             raise GGUFError(f"{path}: fields['general.alignment'] = {fields['general.alignment']} but alignment={alignment}")
     parts = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(fields))]
     for key, value in fields.items():
@@ -386,7 +386,7 @@ def _header(path: Path, fields: dict[str, GGUFValue], tensors: list[tuple[str, t
             parts += [_string(key), _encode_value(value)]
         except (TypeError, ValueError, AttributeError, OverflowError, struct.error) as e:
             raise GGUFError(f"{path}: field {key!r} = {value!r:.80} cannot be written ({type(e).__name__}: {e})") from None
-    layout, offset = [], 0
+    layout, names, offset = [], set(), 0
     for name, shape, ggml_type in tensors:
         shape = tuple(int(d) for d in shape)
         if ggml_type not in WRITABLE:
@@ -395,8 +395,9 @@ def _header(path: Path, fields: dict[str, GGUFValue], tensors: list[tuple[str, t
             nbytes = tensor_nbytes(shape, ggml_type)
         except ValueError as e:
             raise GGUFError(f"{path}: tensor {name!r}: {e}") from None
-        if any(name == n for n, *_ in layout):
+        if name in names:
             raise GGUFError(f"{path}: tensor name {name!r} given twice")
+        names.add(name)
         parts += [_string(name), struct.pack(f"<I{len(shape)}QIQ", len(shape), *reversed(shape), ggml_type, offset)]
         layout.append((name, shape, ggml_type, nbytes))
         offset += nbytes + -nbytes % alignment
