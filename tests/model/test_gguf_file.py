@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import tracemalloc
 from pathlib import Path
 
 import gguf
@@ -227,9 +228,13 @@ def test_hostile_header_raises_gguf_error(tmp_path, name):
     blob, match = HOSTILE[name]
     path = tmp_path / "bad.gguf"
     path.write_bytes(blob)
+    tracemalloc.start()
     with pytest.raises(GGUFError, match=match) as e:
         read_gguf(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     assert str(path) in str(e.value) and isinstance(e.value, CheckpointError)
+    assert peak < 1 << 20  # nothing allocated from a declared size
 
 
 def test_issue_file_is_49_bytes():
@@ -341,6 +346,18 @@ def test_failed_write_leaves_the_target_untouched_and_no_temp_file(tmp_path, mon
     assert str(path) in str(e.value)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+def test_write_asks_for_each_tensor_once_in_order_into_the_temp_file(tmp_path):
+    data, calls = tensors(), []
+
+    def produce(name: str) -> torch.Tensor:
+        calls.append((name, sorted(p.name.endswith(".tmp") for p in tmp_path.iterdir())))
+        return data[name]
+
+    write_gguf(tmp_path / "m.gguf", FIELDS, [(n, s, t) for n, (s, t) in SHAPES.items()], produce)
+    assert calls == [(name, [True]) for name in SHAPES]  # the target appears only after the last tensor
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
 
 
 def test_write_replaces_an_existing_file(tmp_path):
