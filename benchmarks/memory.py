@@ -7,10 +7,11 @@ is written with the shipped tiny-llama tokenizer (its 4096 ids fit any vocab her
 `qlora.finetune` trains it for 2 optimizer steps (grad_accum 2, packed rows of exactly
 --max-length tokens, fp32 compute as on this CPU, paged AdamW 32-bit unless the case says)
 in a fresh subprocess. The trainer itself writes <output>/memory.json with the plan it
-printed before starting and the measured peak (growth of VmHWM over the RSS just before the
-model is loaded, after imports and data, minus the code pages first run meanwhile;
-qlora/memory.py `measure`). Prints one row per case: predicted, measured, measured /
-predicted, and the raw VmHWM growth with the code pages it includes. tests/test_plan_memory.py runs two small cases.
+printed before starting and the measured peak: the peak of live tensor bytes from the load
+on (qlora/model/live_bytes.py, qlora/memory.py `measure`), what the plan counts. Prints one
+row per case: predicted, live peak, live / predicted, and beside it the resident set's peak
+growth (VmHWM), the code pages it includes and what else it holds outside the tensors.
+tests/test_plan_memory.py runs two small cases.
 """
 from __future__ import annotations
 
@@ -142,15 +143,15 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{'case':<27} {'optim':<16} {'predicted MiB':>14} {'measured MiB':>13} {'ratio':>6} {'VmHWM+ MiB':>11} "
-          f"{'code MiB':>9}  largest parts (MiB)")
+    print(f"{'case':<27} {'optim':<16} {'predicted MiB':>14} {'live MiB':>9} {'ratio':>6} {'resident+ MiB':>14} "
+          f"{'code MiB':>9} {'outside MiB':>12}  largest parts (MiB)")
     for name in args.cases.split(","):
         r = run_case(name, workdir)
         parts = sorted(r["parts"].items(), key=lambda kv: -kv[1])[:3]
         top = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in parts)
         print(f"{name:<27} {r['settings']['optim']:<16} {r['predicted_peak_bytes'] / 2**20:>14.1f} "
-              f"{r['measured_peak_bytes'] / 2**20:>13.1f} {r['ratio']:>6.3f} {r['vmhwm_growth_bytes'] / 2**20:>11.1f} "
-              f"{r['code_pages_bytes'] / 2**20:>9.1f}  {top}", flush=True)
+              f"{r['measured_peak_bytes'] / 2**20:>9.1f} {r['ratio']:>6.3f} {r['resident_peak_bytes'] / 2**20:>14.1f} "
+              f"{r['code_pages_bytes'] / 2**20:>9.1f} {r['outside_tensors_bytes'] / 2**20:>12.1f}  {top}", flush=True)
 
 
 if __name__ == "__main__":

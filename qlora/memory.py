@@ -25,10 +25,10 @@ fitted to measurements; where a term is an estimate the comment says so.
 - decode_workspace: one buffer of the largest quantized weight in the compute dtype; twice on
   CPUs whose 16-bit backward uses a transposed copy (linear4bit.transposed_backward).
 - runtime_overhead: CUDA: context + cuBLAS workspace (estimates: CUDA_CONTEXT_BYTES). CPU:
-  the measured peak (`measure`) is the growth of VmHWM over the RSS after imports, minus code
-  pages first run meanwhile, so only the micro-batch's int64 token tensors are counted here.
-  Not modelled on CPU: first-call library buffers (oneDNN/MKL scratch, ~5 MiB) and the
-  small-object heap, which is why small models measure 2-10% above the plan.
+  the measured peak (`measure`) is the peak of live tensor bytes (model/live_bytes.py), so
+  only the micro-batch's int64 token tensors are counted here. The resident set's peak is
+  reported beside it, with what it holds beyond the tensors (code, glibc's kept heap, oneDNN's
+  primitive cache, Python objects): not modelled.
 - world_size N (FSDP): parameters, gradients and optimizer state divided by N (rounded up);
   activations, workspace and overhead stay per rank; + two all-gathered layers, and the
   root's embeddings and head whole (they stay gathered through the step) with their
@@ -56,6 +56,7 @@ from .optim.adamw import BLOCK as STATE_BLOCK
 from .optim.adamw import MIN_8BIT_SIZE
 from .model.loss import CHUNK_BYTES as CE_CHUNK_BYTES
 from .optim.paging import DEFAULT_PAGE_BYTES
+from .model.live_bytes import LiveTensorPeak
 
 if TYPE_CHECKING:
     import torch
@@ -525,8 +526,8 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     else:
         # input_ids, labels, attention_mask (int64) of the micro-batches the loop holds at once
         parts["runtime_overhead"] = 3 * 8 * batch_size * seq_len
-        details["measured_as"] = ("CPU: growth of VmHWM over the RSS after imports, minus code pages first run "
-                                  "meanwhile (qlora/model/peak.py, memory.measure)")
+        details["measured_as"] = ("CPU: the peak of live tensor bytes from the load on, as torch's allocator "
+                                  "reports them (qlora/model/live_bytes.py, memory.measure)")
 
     # ---- FSDP: parameters, gradients and state are sharded over the ranks ----
     if world_size > 1:
@@ -677,15 +678,44 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
                        target_tokens=target_tokens)
 
 
-def start_measure(model_path: str | None = None, release_host_memory: bool = False,
-                  device: torch.device | str = "cpu") -> tuple[int, int]:
-    """Import what a run imports lazily (the model's modeling module, the native kernels), then
-    reset the peak of the run's `device`. Returns the baseline for `measure`: (RSS, file-backed
-    RSS) on CPU, (allocated, 0) on CUDA, whose allocator peak is reset.
+@dataclass
+class Baseline:
+    """Where a run's peak is measured from (start_measure) and the live-tensor counter (CPU)."""
+    device: str  # "cpu", "cuda:N"
+    allocated: int = 0  # CUDA: bytes allocated at the start
+    rss: int = 0  # CPU: resident set at the start (VmHWM is reset to it)
+    file_rss: int = 0  # CPU: file-backed resident pages at the start (code)
+    live: LiveTensorPeak | None = None
+    steps: int = 0  # training steps begun
+    largest: int = 0  # the largest micro-batch (tokens, padding included) of a counted step
 
-    With `release_host_memory` (CPU) it makes glibc return freed tensors to the kernel
-    (peak.return_freed_memory), so the resident peak is the peak of live tensors, as CUDA's
-    allocated peak is; without it the measured peak also holds what glibc keeps after frees."""
+    def before_step(self, tokens: int) -> None:
+        """Count live tensors in this step if it is one of the first COUNTED_STEPS (the optimizer
+        state appears in the first) or its largest micro-batch (`tokens`, padding included) is
+        larger than any counted one; else pause the counter: steady-state steps free what they
+        allocate."""
+        self.steps += 1
+        if self.live is None:
+            return
+        if self.steps <= COUNTED_STEPS or tokens > self.largest:
+            self.largest = max(self.largest, tokens)
+            self.live.flush()
+            self.live.resume()
+        else:
+            self.live.pause()
+
+
+COUNTED_STEPS = 3
+
+
+def start_measure(model_path: str | None = None, release_host_memory: bool = False,
+                  device: torch.device | str = "cpu") -> Baseline:
+    """Import what a run imports lazily (the model's modeling module, the native kernels), then
+    reset the peak of the run's `device`: CUDA's allocator peak; on CPU the kernel's resident
+    high-water mark, and the live-tensor counter starts (model/live_bytes.py).
+
+    With `release_host_memory` (CPU) glibc returns freed tensors to the kernel at once
+    (peak.return_freed_memory): the resident peak comes closer to the live-tensor peak."""
     import torch
 
     if model_path is not None:
@@ -707,41 +737,51 @@ def start_measure(model_path: str | None = None, release_host_memory: bool = Fal
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device), 0
+        return Baseline(str(device), allocated=torch.cuda.memory_allocated(device))
+    baseline = Baseline(device.type, live=LiveTensorPeak().start())
     try:
         from .model.peak import file_bytes, reset_peak, return_freed_memory
 
         if release_host_memory:
             return_freed_memory()
-        return reset_peak(), file_bytes()
+        baseline.rss, baseline.file_rss = reset_peak(), file_bytes()
     except OSError:  # not Linux
-        return 0, 0
+        pass
+    return baseline
 
 
-def measure(baseline: tuple[int, int], device: torch.device | str = "cpu") -> dict[str, int]:
-    """The peak of a run on `device` over `baseline` (from start_measure), in bytes.
+def measure(baseline: Baseline) -> dict[str, int]:
+    """The peak of a run over `baseline` (from start_measure), in bytes.
 
     CUDA: max_memory_allocated growth + the device memory outside PyTorch's allocator (the
-    context, cuBLAS; other processes on the card count too). CPU: VmHWM growth minus the growth of file-backed
-    resident pages, i.e. minus the code of torch/MKL/qlora first executed during the run
-    (libraries are paged in as their kernels first run: code, not data, like an import);
-    both raw numbers are kept beside it."""
+    context, cuBLAS; other processes on the card count too). CPU: the peak of live tensor
+    bytes (what the plan counts), and beside it the resident set's: VmHWM growth, of which
+    `code_pages_bytes` are code of torch/MKL/qlora first run meanwhile (file-backed pages) and
+    `outside_tensors_bytes` the rest above the live tensors (glibc's free-but-kept heap, the
+    oneDNN primitive cache, Python objects, thread stacks)."""
     import torch
 
-    device = torch.device(device)
-    if device.type == "cuda":  # + what the device holds outside PyTorch's allocator (context, cuBLAS)
+    if baseline.device.startswith("cuda"):  # + what the device holds outside PyTorch's allocator (context, cuBLAS)
+        device = torch.device(baseline.device)
         free, total = torch.cuda.mem_get_info(device)
         context = max(0, total - free - torch.cuda.memory_reserved(device))
-        allocated = torch.cuda.max_memory_allocated(device) - baseline[0]
+        allocated = torch.cuda.max_memory_allocated(device) - baseline.allocated
         return {"measured_peak_bytes": allocated + context, "max_allocated_bytes": allocated,
                 "context_bytes": context, "max_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    live = baseline.live.stop() if baseline.live is not None and baseline.live.active else None
+    out: dict[str, int] = {}
     try:
         from .model.peak import file_bytes, peak_bytes
 
-        grown, code = peak_bytes() - baseline[0], max(0, file_bytes() - baseline[1])
-    except OSError:
-        return {"measured_peak_bytes": 0}
-    return {"measured_peak_bytes": grown - code, "vmhwm_growth_bytes": grown, "code_pages_bytes": code}
+        grown, code = peak_bytes() - baseline.rss, max(0, file_bytes() - baseline.file_rss)
+        out = {"resident_peak_bytes": grown, "code_pages_bytes": code}
+    except OSError:  # not Linux
+        pass
+    if live is None:  # another profiler ran: the resident figure is all there is
+        return {"measured_peak_bytes": out.get("resident_peak_bytes", 0) - out.get("code_pages_bytes", 0), **out}
+    if out:
+        out["outside_tensors_bytes"] = max(0, out["resident_peak_bytes"] - out["code_pages_bytes"] - live)
+    return {"measured_peak_bytes": live, "live_tensor_peak_bytes": live, **out}
 
 
 def write_run_memory(output: Path, plan: MemoryPlan | None, measured: dict[str, int]) -> dict:
@@ -759,20 +799,20 @@ def write_run_memory(output: Path, plan: MemoryPlan | None, measured: dict[str, 
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(output / "memory.json")
     drawn = plot_breakdown(plan, output / "memory.png", peak)
-    print(f"memory: predicted peak {plan.total_bytes / 2**20:,.1f} MiB, measured {peak / 2**20:,.1f} MiB "
+    what = " (live tensors)" if "live_tensor_peak_bytes" in measured else ""
+    print(f"memory: predicted peak {plan.total_bytes / 2**20:,.1f} MiB, measured{what} {peak / 2**20:,.1f} MiB "
           f"(ratio {record['ratio']:.3f}); {output / 'memory.json'}"
           + ("" if drawn else " (memory.png skipped: matplotlib is not installed)"))
-    if plan.settings.get("device") == "cpu" and record["ratio"] and record["ratio"] > 1.15:
-        print(f"  {MEASURED_MORE}")
+    if "outside_tensors_bytes" in measured:
+        mib = {k: measured[k] / 2**20 for k in ("resident_peak_bytes", "code_pages_bytes", "outside_tensors_bytes")}
+        print(f"  resident set peak +{mib['resident_peak_bytes']:,.1f} MiB = live tensors + code first run "
+              f"{mib['code_pages_bytes']:,.1f} + outside tensors {mib['outside_tensors_bytes']:,.1f} ({OUTSIDE})")
     return record
 
 
-MEASURED_MORE = (
-    "the plan counts live tensors; on a CPU the process also keeps what glibc holds after frees "
-    "(--release-host-memory returns it) and, with bf16 through oneDNN, a cache of GEMM primitives "
-    "per batch shape that grows with the number of distinct sequence lengths (measured on the demo: "
-    "fp32 with --release-host-memory reads 1.22x, bf16 up to 17x on this tiny model)")
-"""Printed when a CPU run measures well above its plan: what the planner does not count."""
+OUTSIDE = ("glibc's freed-but-kept heap (--release-host-memory returns it), oneDNN's GEMM primitive cache per "
+           "batch shape, Python objects")
+"""What a CPU process holds beyond its live tensors, which the plan does not count."""
 
 
 def plot_breakdown(plan: MemoryPlan, path: Path, measured: int | None = None) -> bool:
@@ -802,8 +842,9 @@ def plot_breakdown(plan: MemoryPlan, path: Path, measured: int | None = None) ->
 
 
 def plan_run(cfg, model_path: str, rows: list | None = None, world_size: int = 1) -> MemoryPlan | None:
-    """plan_for_run for the longest of the tokenized `rows` (the batch that holds it peaks),
-    printed; None (with a note) when the config cannot be planned."""
+    """plan_for_run for the longest of the tokenized `rows` (the batch that holds it peaks) and
+    the most target tokens a micro-batch of them can hold, printed; None (with a note) when the
+    config cannot be planned."""
     import warnings
 
     from .train.config import compute_dtype as resolve
@@ -814,8 +855,11 @@ def plan_run(cfg, model_path: str, rows: list | None = None, world_size: int = 1
     longest = max((len(r.input_ids) for r in rows or []), default=0) or cfg.max_length
     multiple = getattr(cfg, "pad_to_multiple", 1)
     seq_len = -(-min(longest, cfg.max_length) // multiple) * multiple  # as data.collate pads it
-    try:  # every token counted as a target of the loss: the head's share is an upper bound
-        plan = plan_for_run(cfg, model_path, compute_dtype, seq_len, world_size=world_size)
+    # the head's rows: no batch holds more targets than the rows with the most (after the shift)
+    per_row = sorted((sum(1 for t in r.labels[1:] if t != -100) for r in rows or []), reverse=True)
+    targets = sum(per_row[: max(1, cfg.batch_size // world_size)]) if per_row else None
+    try:
+        plan = plan_for_run(cfg, model_path, compute_dtype, seq_len, target_tokens=targets, world_size=world_size)
     except (MemoryPlanError, OSError, KeyError, ValueError) as e:
         print(f"memory: no plan for this model ({e}); memory.json will hold only the measured peak")
         return None
