@@ -27,11 +27,22 @@ class CheckpointError(ValueError):
 
 
 def resolve(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local directory holding the checkpoint: the path itself, or the Hub snapshot."""
+    """A local directory holding the checkpoint: the path itself, the Hub snapshot, or for a
+    .gguf file (or a directory holding one) its config + tokenizer directory (gguf_model.py)."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
+        from .gguf_file import find_gguf  # it imports CheckpointError from here
+
+        gguf = path if path.is_file() and path.suffix == ".gguf" else None
+        if path.is_dir() and not (path / "config.json").exists():
+            gguf = find_gguf(path)
+        if gguf is not None:
+            from .gguf_model import gguf_checkpoint
+
+            return gguf_checkpoint(gguf)
         if not path.is_dir():
-            raise CheckpointError(f"{path}: expected a model directory (config.json + *.safetensors), got a file")
+            raise CheckpointError(f"{path}: expected a model directory (config.json + *.safetensors) or a .gguf "
+                                  "file, got another file")
         return path
     text = str(path_or_hub_id)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:

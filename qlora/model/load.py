@@ -4,7 +4,8 @@
 
 1. The model is built from its config with every parameter on the meta device (no
    memory); buffers such as rotary frequencies are built for real.
-2. The safetensors files (single or sharded) are read tensor by tensor with plain reads.
+2. The safetensors files (single or sharded), or a GGUF file (gguf_model.py: dequantized
+   one tensor at a time), are read tensor by tensor with plain reads.
    Each targeted linear weight is quantized as it arrives and its 16-bit copy dropped;
    other tensors (embeddings, lm_head, norms, biases) are kept in 16 bits (prepare_model
    later moves norms to fp32 for training).
@@ -26,6 +27,7 @@ from torch import nn
 from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..quant.tensor import QuantizedTensor, quantize
 from .checkpoint_files import CheckpointError, resolve, stream_tensors, tensor_table
+from .gguf_model import gguf_source, stream_gguf
 from .prepare import select_modules
 
 _QUANT_PIECES = re.compile(r"^(?P<weight>.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$")
@@ -104,7 +106,8 @@ def load_model(
 ) -> nn.Module:
     """A transformers causal LM whose targeted linear layers are Linear4bit, loaded with a
     bounded memory peak (see the module docstring). Other float weights are stored in the
-    checkpoint's 16-bit dtype (bf16 if it is fp32; fp32 if `compute_dtype` is), all frozen."""
+    checkpoint's 16-bit dtype (bf16 if it is fp32; fp32 if `compute_dtype` is), all frozen.
+    `quant_type="none"` keeps every weight so (16-bit LoRA)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve(path_or_hub_id)
@@ -116,7 +119,8 @@ def load_model(
         config.quantization_config = None
         del config.quantization_config
     device = torch.device(device or "cpu")
-    names = tensor_table(path, allow_pickle)
+    gguf = gguf_source(path)
+    names = tensor_table(path, allow_pickle) if gguf is None else {}
     with meta_parameters(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -137,6 +141,8 @@ def load_model(
     if prequantized is not None:
         targets = {m[: -len(".weight")] for key in names if (m := _weight_of_piece(key))}
         targets = {model_key(f"{t}.weight")[: -len(".weight")] for t in targets if model_key(f"{t}.weight")}
+    elif quant_type == "none":  # 16-bit LoRA: every weight stays as it is
+        targets = set()
     else:
         targets = set(select_modules(model, target_modules))
     pieces: dict[str, dict[str, torch.Tensor]] = {t: {} for t in targets}
@@ -146,7 +152,9 @@ def load_model(
         name = model_key(key)
         return prequantized is None and name is not None and name.endswith(".weight") and name[: -len(".weight")] in targets
 
-    for file, key, tensor in stream_tensors(path, allow_pickle, progress, scratch=quantized_on_arrival):
+    stream = (stream_tensors(path, allow_pickle, progress, scratch=quantized_on_arrival) if gguf is None
+              else stream_gguf(gguf, model, progress))
+    for file, key, tensor in stream:
         piece = _weight_of_piece(key)
         name = model_key(piece or key)
         module = name.rpartition(".")[0] if name else None

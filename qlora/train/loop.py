@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..model.adapter import load_adapter, save_adapter
 from ..model.checkpoint_files import resolve
+from ..model.gguf_model import gguf_source
 from ..model.load import load_model
 from ..model.loss import causal_lm_loss
 from ..model.prepare import prepare_model
@@ -59,7 +60,7 @@ def _default_paths(cfg: TrainConfig) -> tuple[str, str]:
 def _build_model(cfg: TrainConfig, model_path: str):
     compute_dtype = resolve_compute_dtype(cfg)
     targets = cfg.targets()
-    if cfg.quant_type == "none":
+    if cfg.quant_type == "none" and gguf_source(resolve(model_path)) is None:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(resolve(model_path), dtype=compute_dtype,
@@ -223,6 +224,7 @@ def train(cfg: TrainConfig) -> dict:
                 raise KeyboardInterrupt
             step = state["step"] + 1
             micro = [batches.batch(state["micro"] + i) for i in range(cfg.grad_accum)]
+            baseline.before_step(max(b["input_ids"].numel() for b in micro))
             state["micro"] += cfg.grad_accum  # the data position moves on even if the step is skipped
             step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)  # counted on the host: no device sync
             if ranks.active:  # each rank its share; the loss inside the wrapper's forward (distributed.py)
@@ -289,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
     save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     if ranks.active:
         dist_.save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=cfg.model)
-        measured = dist_.peak_over_ranks(M.measure(baseline, device), ranks)
+        measured = dist_.peak_over_ranks(M.measure(baseline), ranks)
         dist_.shutdown(ranks)
         if not ranks.main:
             return {"steps": state["step"], "rank": ranks.rank}
@@ -298,7 +300,7 @@ def train(cfg: TrainConfig) -> dict:
     with atomic_directory(output / "adapter") as tmp:
         save_adapter(model, tmp, base_model_name_or_path=cfg.model)
     after = demo_generations(model, tokenizer) if demo is not None else None
-    M.write_run_memory(output, plan, M.measure(baseline, device))
+    M.write_run_memory(output, plan, M.measure(baseline))
     return write_summary(output, cfg, state, eval_loss, skipped, demo, after, device)
 
 

@@ -1,0 +1,110 @@
+"""A GGUF file as a transformers checkpoint: config and tokenizer once, tensors one at a time.
+
+    local = gguf_checkpoint(Path("SmolLM2-135M-Instruct.Q4_1.gguf"))  # dir: config.json + tokenizer
+    gguf_source(local)                                                # the .gguf file behind it
+    for file, name, tensor in stream_gguf(gguf_source(local), model):  # HF names, float32, one alive
+        ...
+
+`--model` (and `qlora.load_model`) take a `.gguf` file or a directory holding one; `resolve`
+(checkpoint_files.py) turns it into the directory above. The file is checked by qlora's
+bounded reader (gguf_file.py) before anything else reads it. The config and tokenizer are
+translated from the GGUF metadata by transformers' own GGUF code, once per file, into a small
+directory under `$QLORA_CACHE` (default ~/.cache/qlora) keyed by the file's path, size and
+modification time; the weights are never copied there. Tensors are dequantized one at a time
+from the memory-mapped file and renamed (and, for llama's q/k, un-permuted) by transformers'
+tensor processors, so loading streams like safetensors does.
+Tests: tests/model/test_gguf_model.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .gguf_file import GGUFError, read_gguf
+
+SOURCE = "gguf_source.json"
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt2")
+"""GGUF architectures qlora loads (transformers' GGUF loader supports these among others)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORA_CACHE", "~/.cache/qlora")).expanduser() / "gguf"
+
+
+def gguf_source(path: Path) -> Path | None:
+    """The GGUF file a directory made by `gguf_checkpoint` stands for; None for other directories."""
+    record = path / SOURCE
+    if not record.is_file():
+        return None
+    return Path(json.loads(record.read_text())["file"])
+
+
+def gguf_checkpoint(file: Path) -> Path:
+    """A directory with the config.json and tokenizer files of GGUF `file` (made once, atomically)."""
+    file = file.resolve()
+    stat = file.stat()
+    key = hashlib.sha256(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / f"{file.stem}-{key}"
+    if (out / SOURCE).is_file():
+        return out
+    gguf = read_gguf(file)  # validated before transformers' reader sees it
+    arch = gguf.get("general.architecture")
+    if arch not in SUPPORTED:
+        raise GGUFError(f"{file}: architecture {arch!r} is not supported; qlora loads GGUF files of "
+                        f"{', '.join(SUPPORTED)}")
+    from transformers import AutoConfig, AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+        except (ValueError, KeyError, TypeError) as e:
+            raise GGUFError(f"{file}: its metadata does not describe a {arch} model transformers can build "
+                            f"({type(e).__name__}: {e})") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"file": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "architecture": arch}
+        (tmp / SOURCE).write_text(json.dumps(record, indent=2))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process made it meanwhile
+            if not (out / SOURCE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def stream_gguf(file: Path, model: nn.Module, progress: bool = True) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, float32 tensor) for each tensor of GGUF `file`: named as in `model` (built
+    from its config, parameters on meta) where it has the tensor, else by its GGUF name."""
+    from tqdm import tqdm
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    gguf = read_gguf(file)
+    arch = gguf.get("general.architecture")
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+    names = get_gguf_hf_weights_map(model, processor)
+    for info in tqdm(list(gguf.tensors.values()), desc="load", unit="tensor", disable=not progress):
+        parsed: dict = {"tensors": {}}
+        result = processor.process(weights=gguf.read(info.name).numpy(), name=info.name,
+                                   tensor_key_mapping=names, parsed_parameters=parsed)
+        if result.name is None:  # the processor stored it itself (gpt2's output head)
+            for key, tensor in parsed["tensors"].items():
+                yield file, key, tensor
+            continue
+        key = names.get(result.name)
+        yield file, key if key is not None else info.name, torch.from_numpy(result.weights.copy())
