@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import QloraError
+
 IGNORE = -100
 ALPACA = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
-class DataError(ValueError):
+class DataError(QloraError, ValueError):
     """A row or file that cannot be used; the message starts with file:line."""
 
 
