@@ -126,8 +126,8 @@ def read_header(file: Path) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: the header (bytes 8-{8 + n}) is a JSON {type(header).__name__}, "
                               f"not an object; {_REDO}")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+    meta = header.pop("__metadata__", None)  # null, like absent, is what the library accepts
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise CheckpointError(f"{file}: __metadata__ must map strings to strings, got {meta!r:.80}; {_REDO}")
     for name, info in header.items():
         where = f"{file}: tensor {name!r}"
