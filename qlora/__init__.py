@@ -10,6 +10,7 @@ The data flow, one folder a step:
     memory.py  `qlora memory`: a run's peak memory, planned from the config alone
 """
 from . import explain, optim
+from .errors import QloraError
 from .memory import MemoryPlan, plan_memory
 from .model.adapter import load_adapter, save_adapter
 from .model.checkpoint_files import CheckpointError
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FP4", "INT4", "NF4", "CheckpointError", "Linear4bit", "LoraConfig", "LoraLinear", "MemoryPlan",
-    "QuantizedTensor", "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "explain", "finetune",
+    "QloraError", "QuantizedTensor", "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "explain", "finetune",
     "load_adapter", "load_model", "load_sharded", "memory_report", "merge_adapter", "optim", "plan_memory",
     "prepare_model", "quantize", "save_adapter", "save_quantized",
 ]

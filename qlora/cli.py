@@ -7,12 +7,18 @@
     qlora generate --model PATH [--adapter DIR] --prompt TEXT
     qlora explain [quantization|blocks|nf4|double-quant|memory|paging|flow] [--output DIR]
     qlora memory --model llama-7b|CONFIG_JSON|DIR|HUB_ID [--seq-len 512] [--device-memory 24GiB] [--json]
+
+An error about the input (a QloraError, a missing file, a bad flag value) prints one line,
+`qlora COMMAND: error: ...`, on stderr and exits 2; `--debug` (before or after COMMAND) or
+QLORA_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from .errors import QloraError
 
 
 def _quantize_report(args: argparse.Namespace) -> None:
@@ -84,21 +90,27 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora", description="QLoRA: 4-bit base weights, LoRA adapters.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also QLORA_DEBUG=1)")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after COMMAND too; SUPPRESS keeps the global value
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("quantize-report", help="compare NF4, FP4 and INT4 on a model's Linear weights")
+    p = sub.add_parser("quantize-report", parents=[debug],
+                       help="compare NF4, FP4 and INT4 on a model's Linear weights")
     p.add_argument("--model", help="model directory or .safetensors file (default: MiniLM-L6 if installed, else synthetic)")
     p.add_argument("--output", default="runs/quantize-report", help="where report.json and report.png go")
     p.add_argument("--blocksize", type=int, default=64, help="elements per scale (power of two, 32..4096)")
     p.set_defaults(func=_quantize_report)
 
-    p = sub.add_parser("quantize", help="write a bitsandbytes 4-bit checkpoint that transformers loads")
+    p = sub.add_parser("quantize", parents=[debug],
+                       help="write a bitsandbytes 4-bit checkpoint that transformers loads")
     p.add_argument("--model", required=True, help="model directory or Hub id (16-bit safetensors)")
     p.add_argument("--output", required=True, help="output directory (written atomically)")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (torch.load weights_only=True)")
     _model_flags(p)
     p.set_defaults(func=_quantize)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a 16-bit transformers checkpoint")
+    p = sub.add_parser("merge", parents=[debug],
+                       help="fold a LoRA adapter into its base: a 16-bit transformers checkpoint")
     p.add_argument("--model", required=True, help="the base model the adapter was trained on (directory or Hub id)")
     p.add_argument("--adapter", required=True, help="PEFT-format adapter directory")
     p.add_argument("--output", required=True, help="output directory (written atomically)")
@@ -108,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train.config import add_arguments
 
-    p = sub.add_parser("train", help="fine-tune with QLoRA (no arguments: the embedded demo)")
+    p = sub.add_parser("train", parents=[debug], help="fine-tune with QLoRA (no arguments: the embedded demo)")
     add_arguments(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("generate", help="stream a completion from a base model (+ adapter)")
+    p = sub.add_parser("generate", parents=[debug], help="stream a completion from a base model (+ adapter)")
     p.add_argument("--model", required=True, help="base model directory or Hub id")
     p.add_argument("--adapter", help="PEFT-format adapter directory")
     p.add_argument("--prompt", required=True, help="the instruction or message")
@@ -126,13 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .explain import TOPICS
 
-    p = sub.add_parser("explain", help="how QLoRA works, with numbers computed on the spot (see docs/tutorial.md)")
+    p = sub.add_parser("explain", parents=[debug],
+                       help="how QLoRA works, with numbers computed on the spot (see docs/tutorial.md)")
     p.add_argument("topics", nargs="*", metavar="TOPIC",
                    help=f"one or more of {', '.join(TOPICS)} (default: all, in that order)")
     p.add_argument("--output", default="qlora-explain", help="where the PNGs go (when matplotlib is installed)")
     p.set_defaults(func=_explain)
 
-    p = sub.add_parser("memory", help="predict a run's peak memory from the model config alone (will it fit?)")
+    p = sub.add_parser("memory", parents=[debug],
+                       help="predict a run's peak memory from the model config alone (will it fit?)")
     p.add_argument("--model", required=True, help="llama-7b/13b/33b/65b (shipped), a config.json, a model directory "
                    "or a Hub id (only config.json is read)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
@@ -181,8 +195,11 @@ def _run(args: argparse.Namespace) -> int:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        print(f"qlora {args.command}: error: {e}", file=sys.stderr)
+    except (QloraError, ValueError, TypeError, OSError, RuntimeError) as e:
+        if args.debug or os.environ.get("QLORA_DEBUG", "0") not in ("", "0"):
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"qlora {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import QloraError
 from .optim.adamw import BLOCK as STATE_BLOCK
 from .optim.adamw import MIN_8BIT_SIZE
 from .model.loss import CHUNK_BYTES as CE_CHUNK_BYTES
@@ -82,7 +83,7 @@ CUBLAS_WORKSPACE_BYTES = 32 << 20
 """cuBLAS workspace PyTorch allocates per handle/stream on Hopper (:4096:8 + 32 MiB config)."""
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(QloraError, ValueError):
     """The planner cannot read the model or a setting is invalid; the message says what to do."""
 
 

@@ -18,18 +18,19 @@ loading).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..nn.lora import LoraLinear
+from .checkpoint_files import CheckpointError, read_tensors
 from .targets import is_linear
 
 CONFIG_NAME = "adapter_config.json"
@@ -141,31 +142,70 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dict[str
         hint = " (adapter_model.bin is a pickle: re-save it with safetensors)" if (directory / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{weights_path} not found{hint}")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    _check_config(config_path, config)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in read_tensors(weights_path):
+        match = _KEY.match(key)
+        if match is None:
+            raise CheckpointError(f"{weights_path}: tensor {key!r} is not a LoRA weight "
+                                  f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'; qlora reads plain LoRA only")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{weights_path}: tensor {key!r} is {tensor.dtype}; LoRA weights are floats")
+        got = modules.setdefault(match["module"], {})
+        if match["ab"] in got:
+            raise CheckpointError(f"{weights_path}: two tensors for {match['module']}.lora_{match['ab']} "
+                                  "(several adapters?)")
+        got[match["ab"]] = tensor
+    if not modules:
+        raise CheckpointError(f"{weights_path}: holds no LoRA tensors")
+    return config, modules
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_config(path: Path, config: object) -> None:
+    """The adapter_config.json keys qlora uses, with PEFT's types; raises CheckpointError naming the key."""
+    def bad(message: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {message}; fix the file or re-save the adapter")
+
+    if not isinstance(config, dict):
+        raise bad(f"a JSON {type(config).__name__}, not an object")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; qlora reads LORA adapters only")
-    for key, bad in _UNSUPPORTED.items():
-        if bad(config.get(key)):
-            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported by qlora (plain LoRA only)")
+        raise CheckpointError(f"{path}: peft_type is {config.get('peft_type')!r}; qlora reads LORA adapters only")
+    for key, unsupported in _UNSUPPORTED.items():
+        if unsupported(config.get(key)):
+            raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported by qlora (plain LoRA only)")
     for key in ("r", "lora_alpha"):
         if key not in config:
-            raise ValueError(f"{config_path}: missing {key!r}")
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights_path), framework="pt") as f:
-        for key in f.keys():
-            match = _KEY.match(key)
-            if match is None:
-                raise ValueError(f"{weights_path}: tensor {key!r} is not a LoRA weight "
-                                 f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'; qlora reads plain LoRA only")
-            got = modules.setdefault(match["module"], {})
-            if match["ab"] in got:
-                raise ValueError(f"{weights_path}: two tensors for {match['module']}.lora_{match['ab']} (several adapters?)")
-            got[match["ab"]] = f.get_tensor(key)
-    if not modules:
-        raise ValueError(f"{weights_path}: holds no LoRA tensors")
-    return config, modules
+            raise bad(f"missing {key!r}")
+    if type(config["r"]) is not int or config["r"] < 1:
+        raise bad(f"r={config['r']!r:.40} is not an int >= 1")
+    if not _is_number(config["lora_alpha"]) or config["lora_alpha"] <= 0:
+        raise bad(f"lora_alpha={config['lora_alpha']!r:.40} is not a positive number")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+        raise bad(f"lora_dropout={dropout!r:.40} is not a number in [0, 1)")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise bad(f"target_modules={targets!r:.40} is not a name, a regex or a list of names")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise bad(f"use_rslora={config['use_rslora']!r:.40} is not true or false")
+    patterns = (("rank_pattern", "ranks", lambda v: type(v) is int and v >= 1), ("alpha_pattern", "numbers", _is_number))
+    for key, values, ok in patterns:
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
+            raise bad(f"{key}={pattern!r:.60} is not a mapping of module names to {values}")
+        for name in pattern:
+            try:
+                re.compile(name)
+            except re.error as e:
+                raise bad(f"{key} key {name!r} is not a valid regex ({e})") from None
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = True) -> nn.Module:
@@ -178,11 +218,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
         key_a, key_b = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
         for key, part in ((key_a, "A"), (key_b, "B")):
             if part not in ab:
-                raise ValueError(f"{weights_path}: tensor {key!r} is missing (its partner is there)")
+                raise CheckpointError(f"{weights_path}: tensor {key!r} is missing (its partner is there)")
         try:
             module = model.get_submodule(path)
         except AttributeError:
-            raise ValueError(f"{weights_path}: tensor {key_a!r} names module {path!r}, which "
+            raise CheckpointError(f"{weights_path}: tensor {key_a!r} names module {path!r}, which "
                              f"{type(model).__name__} does not have; the adapter belongs to another base model") from None
         if isinstance(module, LoraLinear):
             if module.merged:
@@ -196,19 +236,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
         a, b = ab["A"], ab["B"]
         r = a.shape[0] if a.dim() == 2 else -1
         if a.dim() != 2 or a.shape[1] != in_f:
-            raise ValueError(f"{weights_path}: tensor {key_a!r} has shape {tuple(a.shape)}; module {path!r} "
+            raise CheckpointError(f"{weights_path}: tensor {key_a!r} has shape {tuple(a.shape)}; module {path!r} "
                              f"needs [r, {in_f}]: the adapter belongs to another base model")
         if tuple(b.shape) != (out_f, r):
-            raise ValueError(f"{weights_path}: tensor {key_b!r} has shape {tuple(b.shape)}; with "
+            raise CheckpointError(f"{weights_path}: tensor {key_b!r} has shape {tuple(b.shape)}; with "
                              f"{key_a!r} of shape {tuple(a.shape)}, module {path!r} needs ({out_f}, {r})")
         if r != _pattern_value(config.get("rank_pattern"), path, config["r"]):
-            raise ValueError(f"{weights_path}: tensor {key_a!r} has rank {r}, adapter_config.json says "
+            raise CheckpointError(f"{weights_path}: tensor {key_a!r} has rank {r}, adapter_config.json says "
                              f"{_pattern_value(config.get('rank_pattern'), path, config['r'])}")
         alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
         plan.append((path, module, a, b, r, alpha))
     missing = sorted(set(existing) - set(modules))
     if missing:
-        raise ValueError(f"{weights_path}: lacks tensor {PREFIX}{missing[0]}.lora_A.weight for the model's LoRA layer "
+        raise CheckpointError(f"{weights_path}: lacks tensor {PREFIX}{missing[0]}.lora_A.weight for the model's LoRA layer "
                          f"{missing[0]!r} ({len(missing)} layer(s) without weights in the file)")
 
     dropout = float(config.get("lora_dropout") or 0.0)

@@ -13,16 +13,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from ..errors import QloraError
+
 INDEX = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QloraError, ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and what to do."""
 
 
@@ -95,32 +99,79 @@ _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
 }
+MAX_HEADER = 100_000_000  # bytes of header JSON; the safetensors library's own limit
+_REDO = "the file is corrupt or not safetensors; re-download or re-save it"
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate name {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int  # not bool, not float
 
 
 def read_header(file: Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file: name -> {dtype, shape, data_offsets}."""
+    """The tensor table of a safetensors file: name -> {dtype, shape, data_offsets, start},
+    validated as strictly as the safetensors library does (lengths, types, dtypes, shapes;
+    offsets sorted, contiguous and covering the data exactly). `start` is the file offset."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{file}: {size} bytes, too short for a safetensors file; re-download or re-save it")
         n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise CheckpointError(f"{file}: header claims {n} bytes but the file has {size}; the file is truncated or not safetensors")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: unreadable safetensors header ({e}); re-download or re-save it") from None
-    header.pop("__metadata__", None)
+        if n > size - 8 or n > MAX_HEADER:
+            raise CheckpointError(f"{file}: bytes 0-7 give a header of {n} bytes but the file has {size} "
+                                  f"(at most {MAX_HEADER}); the file is truncated or not safetensors")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: unreadable safetensors header ({e.msg} at byte {8 + e.pos}); {_REDO}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # non-UTF-8, duplicate names, deep nesting
+        raise CheckpointError(f"{file}: unreadable safetensors header ({e}, bytes 8-{8 + n}); {_REDO}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the header (bytes 8-{8 + n}) is a JSON {type(header).__name__}, "
+                              f"not an object; {_REDO}")
+    meta = header.pop("__metadata__", None)  # null, like absent, is what the library accepts
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{file}: __metadata__ must map strings to strings, got {meta!r:.80}; {_REDO}")
     for name, info in header.items():
-        start, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} ends at byte {8 + n + end} but the file has {size} bytes; the file is truncated"
-            )
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        info["start"] = 8 + n + start
+        where = f"{file}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise CheckpointError(f"{where}: expected {{dtype, shape, data_offsets}}, got {info!r:.80}; {_REDO}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {dtype!r}; qlora reads {', '.join(_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape {shape!r:.80} is not a list of non-negative ints; {_REDO}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r:.80} is not [begin, end] with "
+                                  f"0 <= begin <= end; {_REDO}")
+        nbytes = math.prod(shape) * torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes (file byte "
+                                  f"{8 + n + offsets[0]}), shape {shape} {dtype} needs {nbytes}; {_REDO}")
+        if 8 + n + offsets[1] > size:
+            raise CheckpointError(f"{where} ends at byte {8 + n + offsets[1]} but the file has {size} bytes; "
+                                  "the file is truncated: re-download or re-save it")
+        info["start"] = 8 + n + offsets[0]
+    end = 0  # the tensors, in file order, must tile the data buffer: no gap, overlap or tail
+    for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, stop = info["data_offsets"]
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise CheckpointError(f"{file}: tensor {name!r} starts at file byte {8 + n + begin}, which {what} "
+                                  f"(that one ends at {8 + n + end}); {_REDO}")
+        end = stop
+    if 8 + n + end != size:
+        raise CheckpointError(f"{file}: the tensors end at byte {8 + n + end}, {size - 8 - n - end} bytes before the "
+                              f"end of the file; {_REDO}")
     return header
 
 
@@ -135,9 +186,6 @@ def read_tensors(
         for name, info in header.items():
             dtype, shape = _DTYPES[info["dtype"]], info["shape"]
             nbytes = info["data_offsets"][1] - info["data_offsets"][0]
-            expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-            if nbytes != expected:
-                raise CheckpointError(f"{file}: tensor {name!r} has {nbytes} bytes for shape {shape} {info['dtype']}")
             if buffer is not None and scratch is not None and scratch(name):
                 t = buffer[:nbytes].view(dtype).view(shape)
             else:
@@ -145,9 +193,26 @@ def read_tensors(
             if nbytes:
                 f.seek(info["start"])
                 got = f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-                if got != nbytes:
+                if got != nbytes:  # the file shrank since its header was read
                     raise CheckpointError(f"{file}: tensor {name!r} is truncated ({got} of {nbytes} bytes)")
             yield name, t
+
+
+def _load_pickle(file: Path, **kwargs) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True): tensors only; a pickle that would run code is refused."""
+    try:
+        state = torch.load(file, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"refers to {found.group(1)}" if found else "holds more than tensors"
+        raise CheckpointError(f"{file}: the pickle {what}, which qlora does not load (it can run code); "
+                              "convert the checkpoint to safetensors where you trust it, and load that") from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{file}: not a readable torch checkpoint ({str(e).split('. ')[0].strip()}); "
+                              "re-download it or convert it to safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file}: expected a state dict of named tensors; convert it to safetensors")
+    return state
 
 
 def tensor_table(path: Path, allow_pickle: bool = False) -> dict[str, tuple[Path, list[int], int]]:
@@ -158,7 +223,7 @@ def tensor_table(path: Path, allow_pickle: bool = False) -> dict[str, tuple[Path
             for name, info in read_header(file).items():
                 table[name] = (file, info["shape"], info["data_offsets"][1] - info["data_offsets"][0])
         else:
-            for name, t in torch.load(file, map_location="meta", weights_only=True).items():
+            for name, t in _load_pickle(file, map_location="meta").items():
                 table[name] = (file, list(t.shape), t.numel() * t.element_size())
     return table
 
@@ -181,7 +246,7 @@ def stream_tensors(
             if file.suffix == ".safetensors":
                 tensors = read_tensors(file, scratch, buffer)
             else:
-                tensors = iter(torch.load(file, map_location="cpu", weights_only=True, mmap=True).items())
+                tensors = iter(_load_pickle(file, map_location="cpu", mmap=True).items())
             for name, t in tensors:
                 bar.update(t.numel() * t.element_size())
                 yield file, name, t

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import QloraError
 from . import kernels
 from .blockwise import dequantize_4bit_ref, dequantize_8bit_ref, quantize_8bit_ref
 from .codebooks import QUANT_TYPES, codebook, signed_dynamic_map
@@ -29,6 +30,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+class QuantStateError(QloraError, ValueError):
+    """Stored 4-bit tensors whose layout or JSON quant state is inconsistent; the message names the key."""
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
@@ -37,7 +42,7 @@ def _dtype_from_name(name: str, where: str) -> torch.dtype:
     for dtype, dname in _DTYPE_NAMES.items():
         if name in (dname, f"torch.{dname}"):
             return dtype
-    raise ValueError(f"{where}: unknown dtype {name!r}; expected one of {sorted(_DTYPE_NAMES.values())}")
+    raise QuantStateError(f"{where}: unknown dtype {name!r}; expected one of {sorted(_DTYPE_NAMES.values())}")
 
 
 def _state_key(quant_type: str) -> str:
@@ -159,27 +164,17 @@ class QuantizedTensor:
         """Read the layout that `state_dict` (or bitsandbytes / transformers) wrote."""
         blob_keys = [k for k in state_dict if k.startswith(f"{prefix}.quant_state.")]
         if len(blob_keys) != 1:
-            raise ValueError(
+            raise QuantStateError(
                 f"{prefix}: expected exactly one '{prefix}.quant_state.<owner>__<type>' entry, found {blob_keys or 'none'}"
             )
-        try:
-            info = json.loads(bytes(state_dict[blob_keys[0]].to(torch.uint8).tolist()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{blob_keys[0]}: not a UTF-8 JSON quant state ({e})") from None
+        info = _quant_state(blob_keys[0], state_dict[blob_keys[0]])
 
         def need(key: str) -> torch.Tensor:
             if key not in state_dict:
-                raise ValueError(f"missing tensor {key!r} for quantized weight {prefix!r}")
+                raise QuantStateError(f"missing tensor {key!r} for quantized weight {prefix!r}")
             return state_dict[key]
 
-        quant_type = info.get("quant_type")
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"{blob_keys[0]}: unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
-        for key in ("blocksize", "dtype", "shape"):
-            if key not in info:
-                raise ValueError(f"{blob_keys[0]}: JSON quant state lacks {key!r}")
-        blocksize, shape = int(info["blocksize"]), torch.Size(info["shape"])
-        _check_blocksize(blocksize)
+        quant_type, blocksize, shape = info["quant_type"], info["blocksize"], torch.Size(info["shape"])
         dtype = _dtype_from_name(info["dtype"], blob_keys[0])
         n = math.prod(shape)
         data = need(prefix)
@@ -193,20 +188,54 @@ class QuantizedTensor:
         qt = cls(data, absmax, shape, dtype, quant_type, blocksize, code)
         if nested:
             if absmax.dtype != torch.uint8:
-                raise ValueError(f"{prefix}.absmax: double-quantized scales must be uint8, got {absmax.dtype}")
+                raise QuantStateError(f"{prefix}.absmax: double-quantized scales must be uint8, got {absmax.dtype}")
             qt.nested_absmax = need(f"{prefix}.nested_absmax").float().reshape(-1)
             qt.nested_code = need(f"{prefix}.nested_quant_map").float().reshape(-1)
             qt.nested_offset = float(info["nested_offset"])
             _expect(f"{prefix}.nested_absmax", qt.nested_absmax, -(-nblocks // NESTED_BLOCKSIZE))
             _expect(f"{prefix}.nested_quant_map", qt.nested_code, 256)
         elif absmax.dtype != torch.float32:
-            raise ValueError(f"{prefix}.absmax: scales without double quantization must be float32, got {absmax.dtype}")
+            raise QuantStateError(f"{prefix}.absmax: scales without double quantization must be float32, got {absmax.dtype}")
         return qt
+
+
+def _quant_state(key: str, blob: torch.Tensor) -> dict:
+    """The JSON quant state stored as bytes under `key`, its types and values checked."""
+    def bad(message: str) -> QuantStateError:
+        return QuantStateError(f"{key}: {message}; the checkpoint is corrupt: re-download or re-quantize it")
+
+    if blob.dtype != torch.uint8:
+        raise bad(f"expected the bytes of a JSON object (uint8), got {blob.dtype}")
+    try:
+        info = json.loads(bytes(blob.reshape(-1).tolist()).decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
+        raise bad(f"not a UTF-8 JSON quant state ({e})") from None
+    if not isinstance(info, dict):
+        raise bad(f"the quant state is a JSON {type(info).__name__}, not an object")
+    if info.get("quant_type") not in QUANT_TYPES:
+        raise bad(f"unknown quant_type {info.get('quant_type')!r:.40}; expected one of {QUANT_TYPES}")
+    for name in ("blocksize", "dtype", "shape"):
+        if name not in info:
+            raise bad(f"JSON quant state lacks {name!r}")
+    if type(info["blocksize"]) is not int or info["blocksize"] not in BLOCKSIZES:
+        raise bad(f"blocksize {info['blocksize']!r:.40} is not a power of two from 32 to 4096")
+    if not isinstance(info["dtype"], str):
+        raise bad(f"dtype {info['dtype']!r:.40} is not a name")
+    shape = info["shape"]
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d > 0 for d in shape):
+        raise bad(f"shape {shape!r:.60} is not a list of positive ints")
+    if "nested_offset" in info:
+        offset = info["nested_offset"]
+        if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
+            raise bad(f"nested_offset {offset!r:.40} is not a finite number")
+        if info.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
+            raise bad(f"nested_blocksize {info['nested_blocksize']!r:.40} is not {NESTED_BLOCKSIZE}")
+    return info
 
 
 def _expect(name: str, t: torch.Tensor, count: int) -> None:
     if t.numel() != count:
-        raise ValueError(f"{name}: expected {count} elements, found shape {tuple(t.shape)}")
+        raise QuantStateError(f"{name}: expected {count} elements, found shape {tuple(t.shape)}")
 
 
 def _check_blocksize(blocksize: int) -> None:

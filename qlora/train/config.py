@@ -11,17 +11,26 @@ set. The resolved config is saved as `<output>/config.yaml`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ..errors import QloraError
+
 if TYPE_CHECKING:
     import torch
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit")
+_YAML_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "str | None": (str, type(None))}
+
+
+class ConfigError(QloraError, ValueError):
+    """A recipe or flag value that cannot be used; the message names the file (and line) or flag."""
 
 
 @dataclass
@@ -94,7 +103,7 @@ def device(cfg: TrainConfig):
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: torch sees no CUDA device here; use --device cpu (or auto)")
+        raise ConfigError(f"--device {cfg.device}: torch sees no CUDA device here; use --device cpu (or auto)")
     return torch.device(cfg.device)
 
 
@@ -158,22 +167,44 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
 
         recipe = asset_path("demo.yaml")  # `qlora train` alone: the embedded demo
     if recipe:
-        path = Path(recipe)
-        if not path.exists():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a recipe is a mapping of flag names to values")
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(k for k in loaded if k.replace("-", "_") not in known)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; see `qlora train --help`")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update(read_recipe(Path(recipe)))
     for f in fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
     return validate(TrainConfig(**values))
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    """The field values of a YAML recipe, checked: valid YAML, a mapping, known keys, the fields' types."""
+    if not path.exists():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({e.problem}); "
+                          "a recipe is lines of `flag_name: value`") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable YAML file ({e}); a recipe is lines of `flag_name: value`") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of flag names to values, got a YAML {type(loaded).__name__}")
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    unknown = sorted(str(k) for k in loaded if not isinstance(k, str) or k.replace("-", "_") not in types)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; see `qlora train --help`")
+    values = {}
+    for key, value in loaded.items():
+        name = key.replace("-", "_")
+        kind = types[name]
+        if kind == "float" and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if (not isinstance(value, _YAML_TYPES[kind]) or isinstance(value, bool) and kind != "bool"
+                or kind == "float" and not math.isfinite(value)):
+            raise ConfigError(f"{path}: {key}: expected {kind}, got {type(value).__name__} {value!r:.60}")
+        values[name] = value
+    return values
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -200,5 +231,5 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigError(message)
     return cfg

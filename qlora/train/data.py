@@ -18,18 +18,21 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import QloraError
+
 IGNORE = -100
 ALPACA = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
-class DataError(ValueError):
+class DataError(QloraError, ValueError):
     """A row or file that cannot be used; the message starts with file:line."""
 
 
@@ -47,6 +50,20 @@ def read_rows(source: str | Path) -> list[tuple[str, dict]]:
             return _hub_rows(str(source))
         raise DataError(f"{source}: no such file (expected .jsonl, .json or .csv, or a Hub dataset id)")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
+    try:
+        rows = _file_rows(path, suffix)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: no usable rows (the file holds none)")
+    return rows
+
+
+def _file_rows(path: Path, suffix: str) -> list[tuple[str, dict]]:
     if suffix == ".jsonl":
         rows = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -56,21 +73,24 @@ def read_rows(source: str | Path) -> list[tuple[str, dict]]:
                 rows.append((f"{path}:{i}", json.loads(line)))
             except json.JSONDecodeError as e:
                 rows.append((f"{path}:{i}", DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})")))
+            except (ValueError, RecursionError) as e:  # a number too long, nesting too deep
+                rows.append((f"{path}:{i}", DataError(f"{path}:{i}: not usable JSON ({e})")))
         return rows
     if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # a number too long, nesting too deep
+            raise DataError(f"{path}: not usable JSON ({e})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise DataError(f"{path}:1: expected a JSON list of rows (or {{\"data\": [...]}})")
         return [(f"{path}[{i}]", row) for i, row in enumerate(data)]
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return [(f"{path}:{i}", dict(row)) for i, row in enumerate(csv.DictReader(f), 2)]
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(f"{path}:{i}", dict(row)) for i, row in enumerate(csv.DictReader(f), 2)]
 
 
 def _hub_rows(name: str) -> list[tuple[str, dict]]:
@@ -113,7 +133,7 @@ def render(where: str, row: dict, tokenizer) -> list[tuple[str, bool]]:
     if "text" in row:
         return [(_text(where, row, "text"), True)]
     raise DataError(
-        f"{where}: unknown row shape with keys {sorted(row)}; expected instruction/output, input/output, "
+        f"{where}: unknown row shape with keys {sorted(map(str, row))}; expected instruction/output, input/output, "
         "prompt/completion, messages or text"
     )
 
@@ -130,16 +150,23 @@ def _render_chat(where: str, messages, tokenizer) -> list[tuple[str, bool]]:
     segments, done = [], ""
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            before = _chat(where, tokenizer, messages[:i], add_generation_prompt=True)
+            after = _chat(where, tokenizer, messages[: i + 1])
             if not before.startswith(done) or not after.startswith(before):
                 raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
             segments += [(before[len(done):], False), (after[len(before):], True)]
             done = after
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = _chat(where, tokenizer, messages)
     if len(full) > len(done) and full.startswith(done):
         segments.append((full[len(done):], False))
     return segments
+
+
+def _chat(where: str, tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # the template is code: its raise_exception (jinja2), a role or key it lacks
+        raise DataError(f"{where}: the chat template rejects these messages ({type(e).__name__}: {e})") from None
 
 
 def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, max_length: int, train_on_prompt: bool = False,
@@ -175,7 +202,8 @@ def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, max_length: int, trai
             continue
         examples.append(Example(ids, labels))
     if not examples:
-        raise DataError(f"no usable rows ({skipped} skipped as malformed)")
+        source = re.sub(r"(:\d+|\[\d+\])$", "", rows[0][0]) if rows else "the data"  # where = file:line or file[i]
+        raise DataError(f"{source}: no usable rows ({skipped} skipped as malformed)")
     return examples, skipped
 
 

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..errors import QloraError
 from ..model.adapter import load_adapter, save_adapter
 from ..model.checkpoint_files import resolve
 from ..model.gguf_model import gguf_source
@@ -45,7 +46,7 @@ from .report import Metrics, demo_generations, peak_memory_mb, write_summary
 from .. import memory as M
 
 
-class TrainingError(RuntimeError):
+class TrainingError(QloraError, RuntimeError):
     """The run cannot continue; the message says why and what to do."""
 
 

@@ -1,0 +1,16 @@
+"""QloraError: the base of every error qlora raises about its input (files, flags, recipes, data).
+
+    try:
+        qlora.load_model(path)
+    except qlora.QloraError as e:   # CheckpointError, DataError, ConfigError, TrainingError, ...
+        print(e)                    # one line: the file (and tensor, line or byte) at fault, what to do
+
+The subclasses keep the builtin base they always had (ValueError, RuntimeError), so existing
+`except ValueError` code still catches them. The `qlora` command prints a QloraError as one
+line and exits 2; `--debug` (or QLORA_DEBUG=1) shows the traceback.
+"""
+from __future__ import annotations
+
+
+class QloraError(Exception):
+    """Input that qlora cannot use; the message names what is at fault and says what to do."""
