@@ -3,6 +3,7 @@
     qlora quantize-report [--model PATH] [--output DIR] [--blocksize 64]
     qlora quantize --model PATH|HUB_ID --output DIR [--quant-type nf4] [--no-double-quant]
     qlora merge --model BASE --adapter DIR --output OUT [--requantize]
+    qlora export --gguf OUT.gguf --model BASE.gguf --adapter DIR [--type f16|q8_0|q4_0]
     qlora train [--model PATH] [--data FILE] [--output DIR] [--config recipe.yaml] [flags]
     qlora generate --model PATH [--adapter DIR] --prompt TEXT
     qlora explain [quantization|blocks|nf4|double-quant|memory|paging|flow] [--output DIR]
@@ -41,6 +42,13 @@ def _merge(args: argparse.Namespace) -> None:
 
     out = merge_adapter(args.model, args.adapter, args.output, args.requantize, args.quant_type, args.double_quant,
                         trust_remote_code=args.trust_remote_code)
+    print(f"wrote {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .model.export_gguf import export_gguf
+
+    out = export_gguf(args.model, args.adapter, args.gguf, args.type, args.quant_type, args.double_quant)
     print(f"wrote {out}")
 
 
@@ -117,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requantize", action="store_true", help="write 4-bit instead (adds error; a warning says how much)")
     _model_flags(p)
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("export", parents=[debug],
+                       help="write the merged model (base + adapter) as a GGUF file llama.cpp runtimes load")
+    p.add_argument("--gguf", required=True, help="output .gguf file (written atomically)")
+    p.add_argument("--model", required=True, help="the GGUF base the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="PEFT-format adapter directory")
+    p.add_argument("--type", default="f16", choices=["f16", "q8_0", "q4_0"], help="matrix type (default f16)")
+    _model_flags(p)
+    p.set_defaults(func=_export)
 
     from .train.config import add_arguments
 

