@@ -36,8 +36,8 @@ from .blockwise import TINY, nearest
 from .codebooks import codebook
 from .tensor import NESTED_BLOCKSIZE, QuantizedTensor, from_codes
 
-SHRINK = torch.linspace(0.5, 1.0, 26)
-"""Candidate scale factors (of the block's absmax) tried by the scale search: steps of 0.02."""
+SHRINK = torch.linspace(0.6, 1.0, 17)
+"""Candidate scale factors (of the block's absmax) tried by the scale search: steps of 0.025."""
 
 
 def _blocks(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -181,3 +181,20 @@ def output_error(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tenso
     """tr((W - W_hat) H (W - W_hat)^T): the summed squared output error over the inputs in H."""
     e = (weight.float() - w_hat.float())
     return float(((e @ hessian.float()) * e).sum())
+
+
+@torch.no_grad()
+def quantize_with_scales(
+    weight: torch.Tensor, absmax: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
+) -> QuantizedTensor:
+    """Round-to-nearest with chosen block scales (e.g. from `search_scales`), no calibration.
+
+    With `double_quant` each code is the nearest one given the RECONSTRUCTED (8-bit) scale.
+    """
+    code = codebook(quant_type).to(weight.device)
+    qt = from_codes(torch.zeros(weight.numel(), dtype=torch.uint8, device=weight.device), absmax,
+                    weight.shape, weight.dtype, quant_type, blocksize, double_quant)
+    scale = qt.scales().repeat_interleave(blocksize)[: weight.numel()]
+    codes = _round(weight.reshape(-1).float(), scale, code)
+    qt.data = from_codes(codes, absmax, weight.shape, weight.dtype, quant_type, blocksize, False).data
+    return qt
