@@ -23,8 +23,10 @@ Design:
   quantized, in lazy batches of `group` columns.
 - `rechoose_scales` (natural order only): pick each block's scale again when its first
   column is reached, from the error-updated weights, snapped to the double-quant grid
-  fixed from the first-pass scales. Measured worse than act order with fixed scales on
-  SmolLM2 (benchmarks/quality.py), so off by default.
+  fixed from the first-pass scales. On a 576 x 1536 weight with a correlated synthetic
+  Hessian (output error relative to absmax): act order + fixed scales 0.46, natural order
+  0.55, natural order + re-chosen scales 0.52, so act order stays the default (not yet
+  measured in perplexity).
 
 Tests: tests/quant/test_gptq.py.
 """
