@@ -61,7 +61,13 @@ def quantize_4bit_ref(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tu
     if scaled.numel() % 2:  # the padding nibble is the code of 0, as in bitsandbytes
         scaled = torch.cat([scaled, scaled.new_zeros(1)])
     q = nearest(scaled, code.to(flat.device)).to(torch.uint8)
-    return (q[0::2] << 4) | q[1::2], absmax
+    return pack_4bit(q), absmax
+
+
+def pack_4bit(q: torch.Tensor) -> torch.Tensor:
+    """Pack an even number of 4-bit codes (element order) into bytes, high nibble first."""
+    q = q.reshape(-1).to(torch.uint8)
+    return (q[0::2] << 4) | q[1::2]
 
 
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:

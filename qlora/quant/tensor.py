@@ -21,7 +21,7 @@ import torch
 
 from ..errors import QloraError
 from . import kernels
-from .blockwise import dequantize_4bit_ref, dequantize_8bit_ref, quantize_8bit_ref
+from .blockwise import dequantize_4bit_ref, dequantize_8bit_ref, nearest, pack_4bit, quantize_8bit_ref
 from .codebooks import QUANT_TYPES, codebook, signed_dynamic_map
 
 BLOCKSIZES = tuple(2**k for k in range(5, 13))
@@ -272,9 +272,49 @@ def quantize(
         )
     data, absmax = result
     qt = QuantizedTensor(data.view(-1, 1), absmax, tensor.shape, tensor.dtype, quant_type, blocksize, code.clone())
-    if double_quant:
-        offset = absmax.mean()
-        nested_code = signed_dynamic_map().to(tensor.device)
-        qt.absmax, qt.nested_absmax = quantize_8bit_ref(absmax - offset, nested_code, NESTED_BLOCKSIZE)
-        qt.nested_code, qt.nested_offset = nested_code.clone(), float(offset)
+    return _double_quantize(qt) if double_quant else qt
+
+
+def _double_quantize(qt: QuantizedTensor) -> QuantizedTensor:
+    """Replace qt's float32 scales by 8-bit codes of (scale - mean) + nested scales, in place."""
+    absmax = qt.absmax
+    offset = absmax.mean()
+    nested_code = signed_dynamic_map().to(absmax.device)
+    qt.absmax, qt.nested_absmax = quantize_8bit_ref(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+    qt.nested_code, qt.nested_offset = nested_code.clone(), float(offset)
     return qt
+
+
+def from_codes(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype = torch.bfloat16,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> QuantizedTensor:
+    """A QuantizedTensor in the standard layout from chosen 4-bit codes and block scales.
+
+    `codes`: int code indices in row-major element order (any shape, numel = prod(shape));
+    `absmax`: float32 scale per block (any positive value is valid, not only max |x|).
+    With `double_quant` the scales are double-quantized exactly as `quantize` does, so
+    `qt.scales()` then returns the reconstructed scales a loader will decode with.
+    """
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
+    _check_blocksize(blocksize)
+    shape = torch.Size(shape)
+    n = math.prod(shape)
+    nblocks = -(-n // blocksize)
+    _expect("codes", codes, n)
+    _expect("absmax", absmax, nblocks)
+    code = codebook(quant_type).to(codes.device)
+    flat = codes.reshape(-1).to(torch.uint8)
+    if n % 2:  # the padding nibble is the code of 0, as in bitsandbytes
+        flat = torch.cat([flat, nearest(code.new_zeros(1), code).to(torch.uint8)])
+    qt = QuantizedTensor(
+        pack_4bit(flat).view(-1, 1), absmax.float().reshape(-1).contiguous(), shape, dtype, quant_type, blocksize,
+        code.clone(),
+    )
+    return _double_quantize(qt) if double_quant else qt
