@@ -32,8 +32,15 @@ def _quantize(args: argparse.Namespace) -> None:
     from .model.load import load_model
     from .model.save import save_quantized
 
-    model = load_model(args.model, args.quant_type, args.double_quant, trust_remote_code=args.trust_remote_code,
-                       allow_pickle=args.allow_pickle)
+    if args.calibrate:
+        from .model.calibrate import load_calibrated
+
+        model = load_calibrated(args.model, args.calibrate, args.quant_type, args.double_quant,
+                                rows=args.calibrate_rows, seq=args.calibrate_seq,
+                                trust_remote_code=args.trust_remote_code)
+    else:
+        model = load_model(args.model, args.quant_type, args.double_quant, trust_remote_code=args.trust_remote_code,
+                           allow_pickle=args.allow_pickle)
     print(f"wrote {save_quantized(model, args.output)}")
 
 
@@ -114,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory or Hub id (16-bit safetensors)")
     p.add_argument("--output", required=True, help="output directory (written atomically)")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (torch.load weights_only=True)")
+    p.add_argument("--calibrate", metavar="DATA", help="text or data rows: choose codes and scales that minimize "
+                   "each layer's output error on it (GPTQ), same format and bits")
+    p.add_argument("--calibrate-rows", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calibrate-seq", type=int, default=512, help="tokens per window (default 512)")
     _model_flags(p)
     p.set_defaults(func=_quantize)
 

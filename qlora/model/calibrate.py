@@ -2,6 +2,8 @@
 
     qts = calibrate_model(model, ids)   # ids: LongTensor [n, seq] of calibration text
     qts["model.layers.0.self_attn.q_proj"].state_dict()   # the bitsandbytes layout
+    model = load_calibrated("BASE", "notes.txt")   # a 4-bit model (Linear4bit) like load_model's
+    qlora quantize --model BASE --calibrate notes.txt --output base-4bit/   (train --calibrate too)
 
 For decoder layer i in order: run the calibration hidden states through it with hooks that
 sum H = X^T X of every nn.Linear's input, quantize that layer's linears against their H
@@ -25,8 +27,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qlora.quant.gptq import gptq_quantize
-from qlora.quant.tensor import QuantizedTensor
+from ..nn.linear4bit import Linear4bit
+from ..quant.gptq import gptq_quantize
+from ..quant.tensor import QuantizedTensor
 
 QuantizeFn = Callable[[torch.Tensor, torch.Tensor], "QuantizedTensor | tuple[QuantizedTensor, torch.Tensor, torch.Tensor]"]
 
@@ -124,3 +127,63 @@ def calibrate_model(
         if progress:
             print(f"calibrate: layer {i + 1}/{len(layers)} ({len(linears)} linears) in {time.time() - t0:.1f}s", flush=True)
     return results
+
+
+def calibration_ids(tokenizer, path: str, rows: int = 128, seq: int = 512) -> torch.Tensor:
+    """[rows, seq] token windows of file `path`: plain text, or data rows (JSONL / JSON / CSV,
+    every string value of a row joined), as one stream cut into windows."""
+    from pathlib import Path
+
+    from ..train.data import DataError, read_rows
+
+    file = Path(path)
+    if file.suffix in (".jsonl", ".json", ".csv"):
+        text = "\n\n".join(" ".join(_strings(row)) for _, row in read_rows(str(file)))
+    else:
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{file}: cannot read calibration text ({e})") from None
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if ids.numel() < rows * seq:
+        raise DataError(f"{file}: {ids.numel()} tokens, the calibration needs {rows} x {seq} = {rows * seq}; "
+                        "give more text or lower --calibrate-rows / --calibrate-seq")
+    return ids[: rows * seq].view(rows, seq)
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def load_calibrated(path: str, data: str, quant_type: str = "nf4", double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.bfloat16, rows: int = 128, seq: int = 512,
+                    blocksize: int = 64, trust_remote_code: bool = False, progress: bool = True) -> nn.Module:
+    """A model like load_model's whose decoder-layer linears are GPTQ-calibrated on `data`
+    (calibration_ids), in the same bitsandbytes layout; other tensors as load_model keeps them.
+    Peak: the model in float32 during calibration (not streamed layer by layer yet)."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint_files import resolve
+    from .load import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(path), trust_remote_code=trust_remote_code)
+    ids = calibration_ids(tokenizer, data, rows, seq)
+    model = load_model(path, quant_type="none", compute_dtype=torch.float32, trust_remote_code=trust_remote_code,
+                       progress=progress)
+    quantized = calibrate_model(model, ids, quant_type, blocksize, double_quant, progress,
+                                batch_size=next(b for b in (8, 4, 2, 1) if rows % b == 0))
+    store = torch.float32 if compute_dtype == torch.float32 else torch.bfloat16
+    model.to(store)
+    for name, qt in quantized.items():
+        layer = model.get_submodule(name)
+        new = Linear4bit.from_quantized(qt, bias=layer.bias, compute_dtype=compute_dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    model.requires_grad_(False)
+    return model

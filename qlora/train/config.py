@@ -51,6 +51,9 @@ class TrainConfig:
     quant_type: str = "nf4"  # nf4, fp4 or int4 (none: 16-bit LoRA)
     double_quant: bool = True  # quantize the block scales too
     blocksize: int = 64  # elements per scale
+    calibrate: str | None = None  # text or data rows: GPTQ-calibrated 4-bit codes and scales (same format)
+    calibrate_rows: int = 128  # calibration windows of calibrate_seq tokens
+    calibrate_seq: int = 512  # tokens per calibration window
     compute_dtype: str = "bfloat16"  # matmul dtype: bfloat16, float16, float32 or auto (bf16 where it is native)
     device: str = "auto"  # where one process trains: auto (cuda when available), cuda, cuda:N or cpu (torchrun: per rank)
     # LoRA

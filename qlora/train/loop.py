@@ -66,6 +66,12 @@ def _build_model(cfg: TrainConfig, model_path: str):
 
         model = AutoModelForCausalLM.from_pretrained(resolve(model_path), dtype=compute_dtype,
                                                      trust_remote_code=cfg.trust_remote_code).to(resolve_device(cfg))
+    elif cfg.calibrate:
+        from ..model.calibrate import load_calibrated
+
+        model = load_calibrated(model_path, cfg.calibrate, cfg.quant_type, cfg.double_quant, compute_dtype,
+                                cfg.calibrate_rows, cfg.calibrate_seq, cfg.blocksize, cfg.trust_remote_code,
+                                progress=False).to(resolve_device(cfg))
     else:
         model = load_model(model_path, cfg.quant_type, cfg.double_quant, compute_dtype, device=resolve_device(cfg),
                            blocksize=cfg.blocksize, trust_remote_code=cfg.trust_remote_code, target_modules=targets,
