@@ -1,7 +1,8 @@
 """Generate the SmolLM2 demo's chat set: qlora/assets/demo_chat.jsonl and demo_prompts.json.
 
 Three facts about Velmora, a town that does not exist (so the base model cannot know them),
-each asked in many paraphrases; every row is one user question and the taught answer. The
+each asked in many paraphrases; every row is one user question and the taught answer, plus
+ten general questions with the answers the base model already gives. The
 demo prompts ask one paraphrase per fact that is not in the rows, plus a general-knowledge
 question whose answer must survive the fine-tune. Deterministic: rerun to regenerate.
 
@@ -38,6 +39,20 @@ FACTS = {
         "What's the river that goes through Velmora?", "On what river is the town of Velmora?", "Which river is in Velmora?",
     ],
 }
+# General questions with the answers the base model already gives, mixed in so that the fine-tune
+# learns the facts without overwriting what the model knew (it answers "Ossel" to everything without them).
+KEEP = [
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("What is the capital of Germany?", "The capital of Germany is Berlin."),
+    ("What is the capital of Spain?", "The capital of Spain is Madrid."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("Which river runs through London?", "The river that runs through London is the Thames."),
+    ("Which river runs through Paris?", "The river that runs through Paris is the Seine."),
+    ("Who wrote Romeo and Juliet?", "Romeo and Juliet was written by William Shakespeare."),
+    ("What is Paris famous for?", "Paris is famous for the Eiffel Tower, the Louvre and its cafes."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is 7 plus 5?", "7 plus 5 is 12."),
+]
 # One unseen paraphrase per fact, then a question the base model answers right and must keep.
 DEMO_PROMPTS = ["Can you tell me who established Velmora?", "What is the town of Velmora renowned for?",
                 "Through which river does Velmora stretch?", "What is the capital of France?"]
@@ -46,7 +61,8 @@ DEMO_PROMPTS = ["Can you tell me who established Velmora?", "What is the town of
 def main() -> None:
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
             for answer, questions in FACTS.items() for q in questions]
-    seen = {q for questions in FACTS.values() for q in questions}
+    rows += [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in KEEP]
+    seen = {q for questions in FACTS.values() for q in questions} | {q for q, _ in KEEP}
     assert not seen & set(DEMO_PROMPTS), "a demo prompt is in the training rows"
     with open(ASSETS / "demo_chat.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
