@@ -29,7 +29,7 @@ from torch import nn
 
 from ..nn.linear4bit import Linear4bit
 from ..quant.gptq import gptq_quantize
-from ..quant.tensor import QuantizedTensor
+from ..quant.tensor import QuantizedTensor, quantize
 
 QuantizeFn = Callable[[torch.Tensor, torch.Tensor], "QuantizedTensor | tuple[QuantizedTensor, torch.Tensor, torch.Tensor]"]
 
@@ -166,6 +166,7 @@ def load_calibrated(path: str, data: str, quant_type: str = "nf4", double_quant:
                     blocksize: int = 64, trust_remote_code: bool = False, progress: bool = True) -> nn.Module:
     """A model like load_model's whose decoder-layer linears are GPTQ-calibrated on `data`
     (calibration_ids), in the same bitsandbytes layout; other tensors as load_model keeps them.
+    Layers whose rows are not whole blocks (in_features % blocksize) keep absmax quantization.
     Peak: the model in float32 during calibration (not streamed layer by layer yet)."""
     from transformers import AutoTokenizer
 
@@ -176,7 +177,13 @@ def load_calibrated(path: str, data: str, quant_type: str = "nf4", double_quant:
     ids = calibration_ids(tokenizer, data, rows, seq)
     model = load_model(path, quant_type="none", compute_dtype=torch.float32, trust_remote_code=trust_remote_code,
                        progress=progress)
-    quantized = calibrate_model(model, ids, quant_type, blocksize, double_quant, progress,
+
+    def quantize_fn(weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedTensor:
+        if weight.shape[1] % blocksize:  # a block would span two rows: GPTQ's column order cannot hold it
+            return quantize(weight, quant_type, blocksize, double_quant)
+        return gptq_quantize(weight, hessian, quant_type, blocksize, double_quant)
+
+    quantized = calibrate_model(model, ids, quant_type, blocksize, double_quant, progress, quantize_fn,
                                 batch_size=next(b for b in (8, 4, 2, 1) if rows % b == 0))
     store = torch.float32 if compute_dtype == torch.float32 else torch.bfloat16
     model.to(store)
