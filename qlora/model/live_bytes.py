@@ -18,6 +18,7 @@ Tests: tests/model/test_live_bytes.py.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager
 from collections.abc import Iterator
@@ -79,6 +80,7 @@ class LiveTensorPeak:
             return self
         self._enable()
         self.active = True
+        atexit.register(self.stop)  # a profiler still on at interpreter exit crashes it
         return self
 
     def flush(self) -> None:
@@ -102,4 +104,5 @@ class LiveTensorPeak:
         """Stop counting; the peak in bytes."""
         self.pause()
         self.active = False
+        atexit.unregister(self.stop)
         return self.peak
