@@ -113,8 +113,7 @@ def load_config(model: Any) -> dict:
 
         return json.loads((asset_path("configs") / f"{name}.json").read_text())
     path = Path(name)
-    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
-                                  and any(path.glob("*.gguf"))):
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()):
         from .model.checkpoint_files import resolve
 
         path = resolve(path)  # its config.json, translated from the GGUF metadata (model/gguf_model.py)

@@ -82,3 +82,23 @@ def test_bad_row_is_named_by_line(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
     assert main(["train", "--data", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "run")]) == 2
     _one_error_line(capsys, "train", "bad.jsonl:2: field 'text' must be a string")
+
+
+def test_export_needs_a_gguf_base(tmp_path, capsys):
+    from qlora.assets import asset_path
+
+    out = tmp_path / "out.gguf"
+    assert main(["export", "--gguf", str(out), "--model", str(asset_path("tiny-llama")), "--adapter",
+                 str(tmp_path)]) == 2
+    _one_error_line(capsys, "export", "needs a GGUF base")
+    assert not out.exists()
+
+
+def test_calibration_text_too_short_is_named(tmp_path, capsys):
+    from qlora.assets import asset_path
+
+    (tmp_path / "few.txt").write_text("a few words")
+    assert main(["quantize", "--model", str(asset_path("tiny-llama")), "--calibrate", str(tmp_path / "few.txt"),
+                 "--output", str(tmp_path / "q")]) == 2
+    _one_error_line(capsys, "quantize", "few.txt", "the calibration needs 128 x 512")
+    assert not (tmp_path / "q").exists()

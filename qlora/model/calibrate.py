@@ -20,7 +20,6 @@ when `quantize_fn` returns a LoftQ triple), which is what a 4-bit layer computes
 """
 from __future__ import annotations
 
-import functools
 import time
 from typing import Callable
 
@@ -63,12 +62,14 @@ def calibrate_model(
     """Module name -> quantized weight for every Linear inside model.model.layers.
 
     `quantize_fn(weight, hessian)` may replace GPTQ; if it returns (Q, A, B) (LoftQ) the
-    dict holds those triples and the layer is recomputed with dequant(Q) + B A.
+    dict holds those triples and the layer is recomputed with dequant(Q) + B A. By default,
+    layers whose rows are not whole blocks (in_features % blocksize) keep absmax codes.
     """
     if quantize_fn is None:
-        quantize_fn = functools.partial(
-            gptq_quantize, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant
-        )
+        def quantize_fn(weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedTensor:
+            if weight.shape[1] % blocksize:  # a block would span two rows: GPTQ's column order cannot hold it
+                return quantize(weight, quant_type, blocksize, double_quant)
+            return gptq_quantize(weight, hessian, quant_type, blocksize, double_quant)
     if calibration_ids.dim() != 2:
         raise ValueError(f"calibration_ids must be [n, seq], got shape {tuple(calibration_ids.shape)}")
     layers = model.model.layers
@@ -166,7 +167,6 @@ def load_calibrated(path: str, data: str, quant_type: str = "nf4", double_quant:
                     blocksize: int = 64, trust_remote_code: bool = False, progress: bool = True) -> nn.Module:
     """A model like load_model's whose decoder-layer linears are GPTQ-calibrated on `data`
     (calibration_ids), in the same bitsandbytes layout; other tensors as load_model keeps them.
-    Layers whose rows are not whole blocks (in_features % blocksize) keep absmax quantization.
     Peak: the model in float32 during calibration (not streamed layer by layer yet)."""
     from transformers import AutoTokenizer
 
@@ -177,13 +177,7 @@ def load_calibrated(path: str, data: str, quant_type: str = "nf4", double_quant:
     ids = calibration_ids(tokenizer, data, rows, seq)
     model = load_model(path, quant_type="none", compute_dtype=torch.float32, trust_remote_code=trust_remote_code,
                        progress=progress)
-
-    def quantize_fn(weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedTensor:
-        if weight.shape[1] % blocksize:  # a block would span two rows: GPTQ's column order cannot hold it
-            return quantize(weight, quant_type, blocksize, double_quant)
-        return gptq_quantize(weight, hessian, quant_type, blocksize, double_quant)
-
-    quantized = calibrate_model(model, ids, quant_type, blocksize, double_quant, progress, quantize_fn,
+    quantized = calibrate_model(model, ids, quant_type, blocksize, double_quant, progress,
                                 batch_size=next(b for b in (8, 4, 2, 1) if rows % b == 0))
     store = torch.float32 if compute_dtype == torch.float32 else torch.bfloat16
     model.to(store)

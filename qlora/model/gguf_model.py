@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -127,4 +128,4 @@ def stream_gguf(file: Path, model: nn.Module, progress: bool = True) -> Iterator
                 yield file, key, tensor
             continue
         key = names.get(result.name)
-        yield file, key if key is not None else info.name, torch.from_numpy(result.weights.copy())
+        yield file, key if key is not None else info.name, torch.from_numpy(np.ascontiguousarray(result.weights))  # a copy only where the processor permuted

@@ -229,6 +229,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Reject impossible settings with a message naming the flag."""
     checks = [
         (cfg.quant_type in ("nf4", "fp4", "int4", "none"), "--quant-type must be nf4, fp4, int4 or none"),
+        (cfg.calibrate is None or cfg.quant_type != "none", "--calibrate chooses 4-bit codes: it needs a 4-bit "
+         "--quant-type (nf4, fp4 or int4), not none"),
+        (cfg.calibrate_rows > 0 and cfg.calibrate_seq > 1, "--calibrate-rows must be positive, --calibrate-seq > 1"),
         (cfg.optim in OPTIMIZERS, f"--optim must be one of {', '.join(OPTIMIZERS)}"),
         (cfg.compute_dtype in ("bfloat16", "float16", "float32", "auto"),
          "--compute-dtype must be bfloat16, float16, float32 or auto"),

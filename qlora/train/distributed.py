@@ -139,6 +139,9 @@ def build_model(cfg, ranks: Ranks, model_path: str, build_single) -> nn.Module:
         return wrap_ddp(build_single(cfg, model_path).to(ranks.device), ranks.device)
     if cfg.quant_type == "none":
         raise ValueError("--quant-type none (16-bit LoRA) is not sharded by FSDP2 here; use --distributed ddp")
+    if cfg.calibrate:
+        raise ValueError("--calibrate loads the whole model to calibrate it, which FSDP2's sharded loading does not; "
+                         "use --distributed ddp, or calibrate once with `qlora quantize --calibrate` and train on that")
     lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.targets(),
                       use_rslora=cfg.use_rslora)
     return load_sharded(model_path, lora, rank=ranks.rank, world_size=ranks.world_size, device=ranks.device,
