@@ -61,8 +61,9 @@ from torch import nn  # noqa: E402
 
 import qlora  # noqa: E402
 from qlora.nn import fused_lora  # noqa: E402
-from qlora.quant import blockwise, kernels  # noqa: E402
-from qlora.quant.kernels import triton_decode as td  # noqa: E402
+from qlora import kernels  # noqa: E402
+from qlora.quant import blockwise  # noqa: E402
+from qlora.kernels import triton_decode as td  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY: list[tuple[str, str, str, str]] = []  # (measure, value, goal, met)
@@ -274,7 +275,7 @@ def layer(args) -> None:
         fn()
     sync()
     print(f"warm-up (Triton compile + autotune included): {time.perf_counter() - t0:.1f} s", flush=True)
-    from qlora.quant.kernels import triton_matmul as tm
+    from qlora.kernels import triton_matmul as tm
 
     for kernel_name in ("_fwd_kernel", "_bwd_kernel"):  # the tiles the autotuner chose (benchmarks/sass.py reads them)
         best = getattr(getattr(tm, kernel_name), "best_config", None)
@@ -326,7 +327,7 @@ CHILD = textwrap.dedent("""
     from qlora.model.peak import peak_bytes, reset_peak
     if device == "cpu":  # --smoke: the Triton paths run on CPU tensors under the interpreter
         from qlora.nn import fused_lora
-        from qlora.quant import kernels
+        from qlora import kernels
         fused_lora.DEVICE_TYPES, kernels.TRITON_DEVICE_TYPES = {"cpu"}, {"cpu"}
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 from common import interleaved_medians, print_table
 
 import qlora
-from qlora.quant import kernels
+from qlora import kernels
 
 
 def main() -> None:

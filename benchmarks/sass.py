@@ -35,8 +35,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from qlora.quant.kernels import triton_decode as td  # noqa: E402
-from qlora.quant.kernels import triton_matmul as tm  # noqa: E402
+from qlora.kernels import triton_decode as td  # noqa: E402
+from qlora.kernels import triton_matmul as tm  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 MACS_PER_CYCLE = 2048  # dense bf16 MACs per SM and cycle (H100/H200: 989 TFLOPS = 132 SMs x 2048 x 2 x 1.83 GHz)

@@ -734,7 +734,7 @@ def start_measure(model_path: str | None = None, release_host_memory: bool = Fal
         except Exception:  # the loader will raise the real error
             pass
     try:  # the native CPU kernels: a shared library, code like any import
-        from .quant.kernels import cpu as cpu_kernels
+        from .kernels import cpu as cpu_kernels
 
         cpu_kernels.load()
     except Exception:

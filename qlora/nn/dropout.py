@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import kernels
+from .. import kernels
 
 M32 = 0xFFFFFFFF
 

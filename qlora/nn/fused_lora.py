@@ -1,12 +1,13 @@
 """The fused GPU path of LoraLinear over a Linear4bit: one Triton GEMM per direction.
 
-    y = fused_lora.forward(lora_layer, x)   # what LoraLinear.forward calls when usable(lora_layer, x)
+    if fused_lora.usable(base, x):           # what LoraLinear.forward does (base: its Linear4bit)
+        y = fused_lora.forward(x, base, lora_a, lora_b, scaling, dropout_p)
 
 Forward   y  = x W^T + b + s (h A^T) B^T         h = dropout(x), s = scaling, W = dequant(qt)
 Backward  dx = dy W + s (dy B) A                  (the LoRA term through dropout's backward)
           dA = s (dy B)^T h,  dB = s dy^T (h A^T),  db = sum of dy over the rows (if b needs it)
 The base product and the LoRA term share one kernel: W is decoded tile by tile inside the
-GEMM's K loop (triton_matmul.py, no full 16-bit W in memory) and s (h A^T) B^T, with the
+GEMM's K loop (kernels/triton_matmul.py, no full 16-bit W in memory) and s (h A^T) B^T, with the
 rank-r xa = h A^T computed by a small matmul first, is added in the epilogue before the
 single rounding to x's dtype; backward does the same with dy B and A. dA and dB are plain
 (small) matmuls. With active dropout the LoRA gradient must pass dropout's backward, so
@@ -19,7 +20,7 @@ xa = h A^T [rows, r], and references to the A and B parameters. Not saved: W dec
 Strategy (STRATEGY): "fused" (the kernels above, the default) or "workspace" (Triton decode
 of W into the shared workspace + cuBLAS, the same Function, saved state and LoRA math):
 at many rows per call the decode-once product may win; benchmarks/gpu.py measures both.
-Selected by LoraLinear when usable(): a Linear4bit base, the input on a device in
+Selected by LoraLinear when usable() (and the adapter is not merged): a Linear4bit base, the input on a device in
 DEVICE_TYPES (empty unless QLORA_FUSED_LORA=1: opt-in, see DEVICE_TYPES) of compute capability 8.0 or newer, triton importable,
 QLORA_KERNELS != "reference", an even in_features. (The fused path calls the Function
 directly: hooks registered on the base layer's forward do not run on it.)
@@ -30,18 +31,13 @@ from __future__ import annotations
 
 import os
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from ..quant import kernels
+from .. import kernels
 from ..quant.tensor import QuantizedTensor
 from .dropout import SeededDropout, new_seed
 from .linear4bit import Linear4bit, workspace
-
-if TYPE_CHECKING:
-    from .lora import LoraLinear
 
 DEVICE_TYPES = {"cuda"} if os.environ.get("QLORA_FUSED_LORA") == "1" else set()
 """Input devices that take the fused path: none unless QLORA_FUSED_LORA=1 (tests add "cpu" under
@@ -57,7 +53,7 @@ def _triton():
     """The triton_matmul module, or None where triton does not import."""
     if kernels.triton_module() is None:
         return None
-    from ..quant.kernels import triton_matmul
+    from ..kernels import triton_matmul
     return triton_matmul
 
 
@@ -75,27 +71,21 @@ def arch_ok(device: torch.device) -> bool:
     return _ARCH_OK[device]
 
 
-def usable(layer: "LoraLinear", x: torch.Tensor) -> bool:
-    """True when `layer(x)` can take the fused path (see the module docstring)."""
-    base = layer.base_layer
-    return (not layer.merged and isinstance(base, Linear4bit) and x.device.type in DEVICE_TYPES
-            and base.in_features % 2 == 0 and arch_ok(x.device) and _triton() is not None)
+def usable(base: nn.Module, x: torch.Tensor) -> bool:
+    """True when a LoRA over `base` can take the fused path for `x` (see the module docstring)."""
+    return (isinstance(base, Linear4bit) and x.device.type in DEVICE_TYPES and base.in_features % 2 == 0
+            and arch_ok(x.device) and _triton() is not None)
 
 
-def _dropout_active(dropout: nn.Module) -> bool:
-    return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
-
-
-def forward(layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor:
-    """LoraLinear's forward on the fused path (the caller checked usable())."""
-    base: Linear4bit = layer.base_layer
+def forward(x: torch.Tensor, base: Linear4bit, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+            dropout_p: float = 0.0) -> torch.Tensor:
+    """base(x) + scaling * dropout(x) lora_a^T lora_b^T on the fused path (the caller checked
+    usable()); `dropout_p` > 0 only in training (the seeded dropout of nn/dropout.py)."""
     if x.shape[-1] != base.in_features:
         raise ValueError(f"LoraLinear({base.in_features} -> {base.out_features}) got input of shape {tuple(x.shape)}")
-    h = (SeededDropout.apply(x, layer.lora_dropout.p, new_seed())  # the same masks as the PyTorch path
-         if _dropout_active(layer.lora_dropout) else None)
+    h = SeededDropout.apply(x, dropout_p, new_seed()) if dropout_p > 0 else None  # the PyTorch path's masks
     with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
-        return FusedLoraLinear4bit.apply(x, h, base.weight, base.bias, layer.lora_A.weight, layer.lora_B.weight,
-                                         layer.scaling, base.compute_dtype)
+        return FusedLoraLinear4bit.apply(x, h, base.weight, base.bias, lora_a, lora_b, scaling, base.compute_dtype)
 
 
 class FusedLoraLinear4bit(torch.autograd.Function):

@@ -136,14 +136,14 @@ class LoraLinear(nn.Module):
         return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_lora.usable(self, x):  # opt-in on CUDA: one fused GEMM per direction (fused_lora.py)
-            return fused_lora.forward(self, x)
+        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        if not self.merged and fused_lora.usable(self.base_layer, x):  # opt-in on CUDA: one fused GEMM per direction
+            return fused_lora.forward(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
         out = self.base_layer(x)
         if self.merged:
             return out
         dt = self.compute_dtype
         x, a, b = x.to(dt), self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
-        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
         xa = _DropoutA.apply(x, a, p, new_seed()) if p > 0 else F.linear(x, a)
         if out.dtype != dt:
             return torch.add(out, F.linear(xa, b).to(out.dtype), alpha=self.scaling)

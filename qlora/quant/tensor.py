@@ -9,7 +9,7 @@ Storage (formats.md sections 2-4): `data` is uint8 [(n+1)//2, 1], two codes a by
 high nibble first. Without double quantization `absmax` holds one float32 scale per
 block; with it, `absmax` holds uint8 codes of (scale - nested_offset) in the signed
 dynamic map, one float32 `nested_absmax` per 256 blocks. Decoding runs in a native
-kernel when one is available (qlora/quant/kernels), else in blockwise.py.
+kernel when one is available (qlora/kernels), else in blockwise.py.
 """
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import QloraError
-from . import kernels
-from .blockwise import dequantize_4bit_ref, dequantize_8bit_ref, nearest, pack_4bit, quantize_8bit_ref
+from .. import kernels
+from ..kernels.packed import NESTED_BLOCKSIZE
+from .blockwise import dequantize_4bit_ref, dequantize_8bit_ref, nearest, pack_4bit, quantize_4bit_ref, quantize_8bit_ref
+from .blockwise import sort_order, thresholds
 from .codebooks import QUANT_TYPES, codebook, signed_dynamic_map
 
 BLOCKSIZES = tuple(2**k for k in range(5, 13))
-NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -263,14 +264,16 @@ def quantize(
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(tensor.shape)})")
     tensor = tensor.detach().contiguous()
     code = codebook(quant_type).to(tensor.device)
-    result = kernels.quantize_4bit(tensor, code, blocksize)
-    if result is None:
+    native = kernels.quantize_4bit(tensor, sort_order(code).to(torch.uint8).contiguous(),
+                                   thresholds(code).float().contiguous(), blocksize)
+    finite = native[2] if native is not None else bool(torch.isfinite(tensor).all())
+    if not finite:
         bad = ~torch.isfinite(tensor)
         raise ValueError(
             f"tensor of shape {tuple(tensor.shape)} holds {int(bad.sum())} NaN/Inf value(s), first at index "
             f"{bad.nonzero()[0].tolist()}; quantization needs finite weights"
         )
-    data, absmax = result
+    data, absmax = native[:2] if native is not None else quantize_4bit_ref(tensor, code, blocksize)
     qt = QuantizedTensor(data.view(-1, 1), absmax, tensor.shape, tensor.dtype, quant_type, blocksize, code.clone())
     return _double_quantize(qt) if double_quant else qt
 

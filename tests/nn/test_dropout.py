@@ -12,7 +12,7 @@ from qlora.nn.dropout import keep_mask, new_seed, seeded_dropout, seeded_dropout
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (33, 9), (2, 129, 65)])
 def test_native_equals_reference(mode, dtype, shape, monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS", mode)
-    from qlora.quant import kernels
+    from qlora import kernels
     x = (torch.randn(*shape) * 37).to(dtype)  # rounding to bf16/fp16 after the scale matters
     x.view(-1)[-1] = float("inf")
     assert kernels.seeded_dropout(x, torch.empty_like(x), *threshold_and_scale(0.5), 1)  # the C kernel ran
@@ -95,8 +95,8 @@ def test_triton_seeded_dropout_equals_reference(dtype, monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed")
     import os
 
-    from qlora.quant import kernels
-    from qlora.quant.kernels import triton_decode, triton_dropout
+    from qlora import kernels
+    from qlora.kernels import triton_decode, triton_dropout
 
     assert os.environ.get("TRITON_INTERPRET") == "1" and triton_decode.INTERPRET  # tests/conftest.py sets it
     monkeypatch.setattr(kernels, "TRITON_DEVICE_TYPES", {"cpu"})  # CPU tensors take the Triton path
@@ -112,7 +112,7 @@ def test_triton_seeded_dropout_equals_reference(dtype, monkeypatch):
 
 def test_triton_seed_halves_are_int32_arguments():
     pytest.importorskip("triton", reason="triton is not installed")
-    from qlora.quant.kernels import triton_dropout
+    from qlora.kernels import triton_dropout
 
     for half in (0, 1, 16, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5):
         v = triton_dropout._int32(half)

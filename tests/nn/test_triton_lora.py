@@ -28,7 +28,7 @@ from qlora import Linear4bit, LoraLinear  # noqa: E402
 from qlora.nn import fused_lora  # noqa: E402
 from qlora.nn.dropout import new_seed, seeded_dropout  # noqa: E402
 from qlora.quant import blockwise  # noqa: E402
-from qlora.quant.kernels import triton_decode, triton_matmul  # noqa: E402
+from qlora.kernels import triton_decode, triton_matmul  # noqa: E402
 
 if not (triton_decode.INTERPRET and triton_matmul.INTERPRET):  # imported earlier without the interpreter
     triton_decode = importlib.reload(triton_decode)
@@ -196,21 +196,21 @@ def test_triton_fused_lora_saves_packed_weight_x_and_xa_only(on_cpu):
 def test_triton_fused_path_selection(on_cpu, monkeypatch):
     layer = make_layer()
     x = torch.randn(3, K, dtype=torch.bfloat16)
-    assert fused_lora.usable(layer, x)
+    assert fused_lora.usable(layer.base_layer, x)
     monkeypatch.setenv("QLORA_KERNELS", "reference")
-    assert not fused_lora.usable(layer, x)  # the pure-PyTorch oracle on request
+    assert not fused_lora.usable(layer.base_layer, x)  # the pure-PyTorch oracle on request
     monkeypatch.delenv("QLORA_KERNELS")
     monkeypatch.setattr(fused_lora, "DEVICE_TYPES", {"cuda"})
-    assert not fused_lora.usable(layer, x)  # CPU inputs keep the existing path by default
+    assert not fused_lora.usable(layer.base_layer, x)  # CPU inputs keep the existing path by default
     monkeypatch.setattr(fused_lora, "DEVICE_TYPES", {"cpu"})
     odd = LoraLinear(Linear4bit.from_linear(nn.Linear(33, 8)), r=4)
-    assert not fused_lora.usable(odd, torch.randn(2, 33))  # odd in_features: rows do not start on a byte
+    assert not fused_lora.usable(odd.base_layer, torch.randn(2, 33))  # odd in_features: rows do not start on a byte
     dense = LoraLinear(nn.Linear(K, N), r=4)
-    assert not fused_lora.usable(dense, torch.randn(2, K))
+    assert not fused_lora.usable(dense.base_layer, torch.randn(2, K))
     layer.merge()
-    assert not fused_lora.usable(layer, x)
+    assert not fused_lora.usable(layer.base_layer, x)
     layer.unmerge()
-    assert fused_lora.usable(layer, x)
+    assert fused_lora.usable(layer.base_layer, x)
 
 
 def test_triton_fused_path_needs_ampere_or_newer(monkeypatch):

@@ -24,7 +24,7 @@ rounds to nearest even with integer arithmetic; the decode and the GEMM use it, 
 dot operands, only where INTERPRET is true.
 INTERPRET is read when this module is imported (triton.jit decides then): tests set
 TRITON_INTERPRET=1 before importing it and run the kernels on CPU tensors.
-Tests: tests/quant/test_triton_decode.py (`pytest -k triton`).
+Tests: tests/kernels/test_triton_decode.py (`pytest -k triton`).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 if TYPE_CHECKING:
-    from ..tensor import QuantizedTensor
+    from .packed import Packed4bit
 
 try:
     INTERPRET: bool = bool(triton.knobs.runtime.interpret)
@@ -51,7 +51,6 @@ DECODE_BYTES = 2048
 DECODE_WARPS = 8
 LAUNCH = {"enable_fp_fusion": False}
 """Launch options of the decode kernels: no FMA contraction (exact scales; checked in the PTX by a test)."""
-NESTED_BLOCKSIZE = 256
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -157,7 +156,7 @@ def _scales_kernel(absmax_ptr, nested_ptr, nested_code_ptr, offset, out_ptr, nbl
     tl.store(out_ptr + blk, block_scale(absmax_ptr, nested_ptr, nested_code_ptr, offset, blk, mask, True), mask=mask)
 
 
-def check(qt: "QuantizedTensor", what: str) -> None:
+def check(qt: "Packed4bit", what: str) -> None:
     """Raise if `qt` cannot be decoded here (the message names the tensor at fault)."""
     tensors = {"data": qt.data, "absmax": qt.absmax, "code": qt.code}
     if qt.double_quant:
@@ -173,13 +172,13 @@ def check(qt: "QuantizedTensor", what: str) -> None:
         raise ValueError(f"{what}: QuantizedTensor.data must be uint8, got {qt.data.dtype}")
 
 
-def _nested_args(qt: "QuantizedTensor") -> tuple[torch.Tensor, torch.Tensor, float]:
+def _nested_args(qt: "Packed4bit") -> tuple[torch.Tensor, torch.Tensor, float]:
     if qt.double_quant:
         return qt.nested_absmax, qt.nested_code, float(qt.nested_offset)
     return qt.absmax, qt.code, 0.0  # unused by the kernel (DQ=False); any valid pointers
 
 
-def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor, *, bytes_per_program: int = DECODE_BYTES,
+def decode_4bit(qt: "Packed4bit", out: torch.Tensor, *, bytes_per_program: int = DECODE_BYTES,
                 num_warps: int = DECODE_WARPS) -> None:
     """Decode `qt` into the contiguous float tensor `out` (same device, qt.numel() elements).
 
@@ -205,7 +204,7 @@ def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor, *, bytes_per_program: 
         )
 
 
-def block_scales(qt: "QuantizedTensor") -> torch.Tensor:
+def block_scales(qt: "Packed4bit") -> torch.Tensor:
     """The float32 scale of every block: qt.absmax itself, or the decoded double quantization."""
     check(qt, "triton block_scales")
     if not qt.double_quant:

@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from qlora.quant.kernels import triton_decode as td, triton_dropout as tdo, triton_matmul as tm
+    from qlora.kernels import triton_decode as td, triton_dropout as tdo, triton_matmul as tm
     assert not td.INTERPRET
     target = GPUTarget("cuda", 90, 32)
 

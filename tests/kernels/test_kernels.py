@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qlora
-from qlora.quant import blockwise, kernels
-from qlora.quant.kernels import cpu
+from qlora import kernels
+from qlora.quant import blockwise
+from qlora.kernels import cpu
 
 
 def test_native_library_builds_here():

@@ -1,4 +1,4 @@
-"""Triton decode (qlora/quant/kernels/triton_decode.py) under Triton's CPU interpreter,
+"""Triton decode (qlora/kernels/triton_decode.py) under Triton's CPU interpreter,
 bit for bit against the pure-PyTorch reference (blockwise.py): NF4 / FP4 / INT4, with and
 without double quantization, blocksizes 32 to 4096, odd sizes, bf16 / fp16 / fp32 out.
 
@@ -15,8 +15,9 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed (pip install 'qlora[dev]' on Linux x86-64)")
 
 import qlora  # noqa: E402
-from qlora.quant import blockwise, kernels  # noqa: E402
-from qlora.quant.kernels import triton_decode  # noqa: E402
+from qlora import kernels  # noqa: E402
+from qlora.quant import blockwise  # noqa: E402
+from qlora.kernels import triton_decode  # noqa: E402
 
 if not triton_decode.INTERPRET:  # imported earlier in this process without the interpreter
     triton_decode = importlib.reload(triton_decode)
@@ -149,7 +150,7 @@ def test_triton_launches_enter_their_tensors_device(monkeypatch):
     import contextlib
     import types
 
-    from qlora.quant.kernels import triton_dropout, triton_matmul
+    from qlora.kernels import triton_dropout, triton_matmul
 
     ctx = triton_decode.on_device(types.SimpleNamespace(device=torch.device("cuda", 1)))
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1  # built without touching CUDA

@@ -1,16 +1,19 @@
-"""Fast paths for 4-bit decode and quantize, with the pure-PyTorch reference as fallback.
+"""The ground floor: native and Triton kernels for 4-bit decode and quantize, seeded dropout
+and the fused 4-bit + LoRA GEMMs, and the dispatch that picks one (or none) per tensor.
 
-    kernels.decode_4bit(qt, out)          -> True if a native kernel wrote `out`
-    kernels.quantize_4bit(x, code, bs)    -> (packed uint8, float32 absmax)
-    kernels.seeded_dropout(x, out, threshold, scale, seed) -> True if a kernel wrote `out`
+    kernels.decode_4bit(qt, out)                              -> True if a kernel wrote `out`
+    kernels.quantize_4bit(x, order, thresholds, bs)           -> (packed, absmax, finite) or None
+    kernels.seeded_dropout(x, out, threshold, scale, seed)    -> True if a kernel wrote `out`
 
-CPU tensors use the C kernels in qlora_cpu.c (AVX2 decode where the CPU has AVX2 and F16C,
-a portable scalar path elsewhere). CUDA tensors decode with the Triton kernel in
-triton_decode.py when triton imports (devices listed in TRITON_DEVICE_TYPES). Anything else,
-or a machine where the kernels cannot be built or triton does not import, uses blockwise.py
-(dropout.py's reference for dropout), after a one-time warning.
-QLORA_KERNELS selects the path: "native" (default), "scalar" (native, no SIMD) or
-"reference" (pure PyTorch); tests compare all three.
+Files: cpu.py + qlora_cpu.c (the C kernels, built on first use), triton_decode.py,
+triton_dropout.py, triton_matmul.py (Triton, imported only where triton imports), packed.py
+(Packed4bit: the fields of a 4-bit weight the kernels read; QuantizedTensor has them).
+CPU tensors use the C kernels (AVX2 decode where the CPU has AVX2 and F16C, a portable scalar
+path elsewhere). Tensors on TRITON_DEVICE_TYPES (CUDA) use Triton when triton imports.
+When no kernel runs, these functions say so and the caller runs its pure-PyTorch reference
+(quant/blockwise.py, nn/dropout.py), after a one-time warning here: this floor imports
+nothing of qlora's. QLORA_KERNELS selects the path: "native" (default), "scalar" (native, no
+SIMD) or "reference" (pure PyTorch); tests compare all three (tests/kernels).
 """
 from __future__ import annotations
 
@@ -20,11 +23,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import blockwise
 from . import cpu
 
 if TYPE_CHECKING:
-    from ..tensor import QuantizedTensor
+    from .packed import Packed4bit
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _warned = False
@@ -69,7 +71,7 @@ _triton_warned = False
 
 
 def triton_module():
-    """The triton_decode module, or None where triton does not import (reason: `triton_error()`)."""
+    """The triton_decode module, or None where triton does not import (or QLORA_KERNELS=reference)."""
     global _triton_error
     if _mode() == "reference" or _triton_error is not None:
         return None
@@ -79,11 +81,6 @@ def triton_module():
         _triton_error = f"{type(e).__name__}: {e}"
         return None
     return module
-
-
-def triton_error() -> str | None:
-    """Why triton_decode() returned None (None when it did not, or was not asked yet)."""
-    return _triton_error
 
 
 def _triton_for(t: torch.Tensor):
@@ -101,7 +98,7 @@ def _triton_for(t: torch.Tensor):
     return module
 
 
-def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> bool:
+def decode_4bit(qt: "Packed4bit", out: torch.Tensor) -> bool:
     """Decode `qt` into the contiguous `out` natively; False when the reference must do it."""
     if out.dtype in _DTYPE_CODES and (module := _triton_for(out)):
         module.decode_4bit(qt, out)
@@ -125,23 +122,23 @@ def decode_4bit(qt: "QuantizedTensor", out: torch.Tensor) -> bool:
     return True
 
 
-def quantize_4bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Packed codes [(n+1)//2] uint8 and float32 absmax of contiguous `x`; None if x has NaN/Inf."""
+def quantize_4bit(x: torch.Tensor, order: torch.Tensor, thresholds: torch.Tensor,
+                  blocksize: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """Packed codes [(n+1)//2] uint8, float32 absmax and whether every value was finite, of
+    contiguous CPU `x` with the C kernel (nearest code by `thresholds`, uint8 `order` = code
+    indices in ascending value, float32 midpoints: blockwise.sort_order / thresholds); None when
+    the kernel cannot run (the caller quantizes with the reference)."""
     lib = _native()
     if lib is None or not _usable(x):
-        if not bool(torch.isfinite(x).all()):
-            return None
-        return blockwise.quantize_4bit_ref(x, code, blocksize)
+        return None
     n = x.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
-    order = blockwise.sort_order(code).to(torch.uint8).contiguous()
-    thresholds = blockwise.thresholds(code).float().contiguous()
     nonfinite = lib.qlora_quantize_4bit(
         x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, thresholds.data_ptr(), order.data_ptr(),
         packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
     )
-    return None if nonfinite else (packed, absmax)
+    return packed, absmax, not nonfinite
 
 
 def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: float, seed: int) -> bool:

@@ -21,7 +21,7 @@ an even K (a row starts on a byte); callers fall back otherwise.
 On a GPU the tile shapes are autotuned per (M, N, K, dtypes); under the interpreter one
 small config runs (and dot operands are upcast to float32, see triton_decode "bf16 rounding").
 Tests: tests/nn/test_triton_lora.py (`pytest -k triton`); the sm_90 build:
-tests/quant/test_triton_compile.py.
+tests/kernels/test_triton_compile.py.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from . import triton_decode
 from .triton_decode import INTERPRET, code_pairs, decode_bytes, to_bf16
 
 if TYPE_CHECKING:
-    from ..tensor import QuantizedTensor
+    from .packed import Packed4bit
 
 
 def _configs() -> list[triton.Config]:
@@ -195,7 +195,7 @@ def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtyp
                          f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})")
 
 
-def _common(a: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor, lora_in, lora_w, what: str):
+def _common(a: torch.Tensor, qt: "Packed4bit", scales: torch.Tensor, lora_in, lora_w, what: str):
     triton_decode.check(qt, what)
     if len(qt.shape) != 2 or qt.shape[1] % 2:
         raise ValueError(f"{what}: needs a 2-D weight with an even number of columns, got {tuple(qt.shape)}")
@@ -210,7 +210,7 @@ def _common(a: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor, lora_i
     return r, max(16, triton.next_power_of_2(max(r, 1))), precision
 
 
-def linear_4bit(x: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor, lora_in: torch.Tensor | None = None,
+def linear_4bit(x: torch.Tensor, qt: "Packed4bit", scales: torch.Tensor, lora_in: torch.Tensor | None = None,
                 lora_w: torch.Tensor | None = None, scaling: float = 1.0, bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y = x dequant(W)^T + scaling * lora_in lora_w^T + bias: x [M, K], lora_in [M, r], lora_w [N, r]."""
@@ -232,7 +232,7 @@ def linear_4bit(x: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor, lo
     return y
 
 
-def linear_4bit_t(dy: torch.Tensor, qt: "QuantizedTensor", scales: torch.Tensor, lora_in: torch.Tensor | None = None,
+def linear_4bit_t(dy: torch.Tensor, qt: "Packed4bit", scales: torch.Tensor, lora_in: torch.Tensor | None = None,
                   lora_w: torch.Tensor | None = None, scaling: float = 1.0,
                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """dx = dy dequant(W) + scaling * lora_in lora_w: dy [M, N], lora_in [M, r], lora_w [r, K]."""
