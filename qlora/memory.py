@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import QloraError
-from .optim.adamw import BLOCK as STATE_BLOCK
 from .optim.adamw import MIN_8BIT_SIZE
+from .quant.blockwise8 import BLOCK as STATE_BLOCK
 from .model.loss import CHUNK_BYTES as CE_CHUNK_BYTES
 from .optim.paging import DEFAULT_PAGE_BYTES
 from .model.live_bytes import LiveTensorPeak

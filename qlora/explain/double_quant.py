@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.tensor import quantize
+from ..quant.tensor import NESTED_BLOCKSIZE, quantize
 from .text import table
 
 LLAMA_SHAPES = {  # name: (hidden, intermediate, layers); vocab 32000 (Touvron et al. 2023, Table 2)
@@ -48,7 +48,7 @@ def explain_double_quant(shape: tuple[int, int] = (4096, 4096), blocksize: int =
         models[name] = {"params": total, "linear": linear, "bytes_without": linear * bits["without"] / 8,
                         "bytes_with": linear * bits["with"] / 8, "saved_bytes": linear * saved_bits / 8}
     return {
-        "shape": list(shape), "blocksize": blocksize, "nested_blocksize": 256,
+        "shape": list(shape), "blocksize": blocksize, "nested_blocksize": NESTED_BLOCKSIZE,
         "bits": bits, "saved_bits": saved_bits,
         "bytes_per_param": {k: v / 8 for k, v in bits.items()},
         "parts_without": {"codes": plain.data.numel(), "scales (fp32)": plain.absmax.numel() * 4},

@@ -5,10 +5,10 @@ accelerator and host memory, plus lr schedules and gradient clipping.
     opt = AdamW(model.parameters(), lr=2e-4, weight_decay=0.0, state_bits=32, paged=True)
     sched = scheduler(opt, "constant_with_warmup", warmup_steps=10)
 
-Files: adamw.py (the optimizer, 8-bit state), paging.py (host <-> device pages),
-schedule.py (lr schedules, clipping). Tests: `pytest tests/optim`.
+Files: adamw.py (the optimizer), paging.py (host <-> device pages), schedule.py (lr
+schedules, clipping); the 8-bit state's codec is quant/blockwise8.py. Tests: `pytest tests/optim`.
 """
-from qlora.optim.adamw import AdamW, dequantize_8bit, quantize_8bit, state_dict_from_tensors, state_dict_to_tensors
+from qlora.optim.adamw import AdamW, state_dict_from_tensors, state_dict_to_tensors
 from qlora.optim.paging import Pager
 from qlora.optim.schedule import SCHEDULES, clip_grad_norm, lr_schedule, scheduler
 
@@ -17,9 +17,7 @@ __all__ = [
     "Pager",
     "SCHEDULES",
     "clip_grad_norm",
-    "dequantize_8bit",
     "lr_schedule",
-    "quantize_8bit",
     "scheduler",
     "state_dict_from_tensors",
     "state_dict_to_tensors",

@@ -12,8 +12,8 @@ Tested by `pytest tests/optim` (torch.optim.AdamW is the oracle for 32-bit state
   and the parameter is rounded once).
 - state_bits=8 (formats.md sections 3 and 9): m and v cut into blocks of 256 elements,
   each block scaled by its float32 absmax and stored as the index of the nearest value
-  of bitsandbytes' dynamic map (m: signed map, v: unsigned map; ties to the lower code;
-  found by a bucket table equal to torch.bucketize on the midpoints: `dynamic_map_on`).
+  of bitsandbytes' dynamic map (m: signed map, v: unsigned map; ties to the lower code:
+  quant/blockwise8.py, `quantize_8bit_nearest`).
   1 + 1 bytes + 2 x 4 bytes per 256 elements = 2.03125 bytes/param. Parameters with
   fewer than `min_8bit_size` (4096) elements keep float32 state. The update uses the
   new m and v before they are re-quantized, as bitsandbytes does.
@@ -41,99 +41,14 @@ from typing import Any
 import torch
 
 from qlora.optim.paging import ALIGN, DEFAULT_PAGE_BYTES, Job, Pager, align, chunks, nbytes
-from qlora.quant.codebooks import signed_dynamic_map, unsigned_dynamic_map
-
-BLOCK = 256
-"""Elements per 8-bit quantization block (one float32 absmax each)."""
+from qlora.quant.blockwise8 import BLOCK, dequantize_8bit, dynamic_map_on, quantize_8bit_nearest
+from qlora.quant.codebooks import signed_dynamic_map
 
 MIN_8BIT_SIZE = 4096
 """Parameters with fewer elements keep float32 state in 8-bit mode (as bitsandbytes)."""
 
 MATH_CHUNK = 1 << 22
 """Most elements updated at once: bounds the float32 temporaries (16 MiB each)."""
-
-TINY = 1e-38
-"""Block scales are clamped to this before taking the reciprocal: zero blocks stay zero."""
-
-_MAPS: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def dynamic_map_on(device: torch.device, signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(256-entry map, bucket counts, bucket midpoints) on `device`, cached.
-
-    Note: nearest code by a 65536-bucket table, not a binary search. Bucket b holds the
-    float32 values whose top 16 bits are b (sign, exponent, 7 mantissa bits: 0.8% wide).
-    Both dynamic maps' codes are at least 1.4% apart, so a bucket contains at most one
-    decision midpoint (asserted). counts[b] = number of midpoints below the bucket,
-    mids[b] = the midpoint inside it (+inf if none); then
-    code = counts[b] + (mids[b] < x) = the number of midpoints below x, which is exactly
-    torch.bucketize(x, midpoints) with ties to the lower code, 4-6x faster on the CPU.
-    """
-    key = (torch.device(device), signed)
-    if key not in _MAPS:
-        table = signed_dynamic_map() if signed else unsigned_dynamic_map()
-        midpoints = (table[:-1] + table[1:]) / 2
-        bits = torch.arange(1 << 16, dtype=torch.int64) << 16
-        as_int32 = [torch.where(b >= 1 << 31, b - (1 << 32), b).to(torch.int32) for b in (bits, bits | 0xFFFF)]
-        ends = [b.view(torch.float32) for b in as_int32]  # the first and last float of each bucket
-        low = torch.nan_to_num(torch.minimum(*ends), nan=0.0)  # NaN buckets: never hit by finite x
-        high = torch.nan_to_num(torch.maximum(*ends), nan=0.0)
-        counts = torch.searchsorted(midpoints, low)  # midpoints < low
-        inside = torch.searchsorted(midpoints, high, right=True) - counts
-        assert int(inside.max()) <= 1, "a bucket holds two midpoints: use more key bits"
-        mids = torch.where(inside == 1, midpoints[counts.clamp(max=254)], torch.tensor(float("inf")))
-        _MAPS[key] = (table.to(device), counts.to(torch.uint8).to(device), mids.to(device))
-    return _MAPS[key]
-
-
-def nearest_code(scaled: torch.Tensor, signed: bool) -> torch.Tensor:
-    """uint8 index of the nearest dynamic-map value to each float32 in `scaled` (ties: lower)."""
-    if scaled.dtype != torch.float32 or not scaled.is_contiguous():
-        raise ValueError(f"nearest_code: expected contiguous float32, got {scaled.dtype} {tuple(scaled.shape)}")
-    _, counts, mids = dynamic_map_on(scaled.device, signed)
-    bucket = scaled.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)  # top 16 bits
-    return counts.index_select(0, bucket).add_(mids.index_select(0, bucket) < scaled)
-
-
-def quantize_8bit(x: torch.Tensor, signed: bool, q: torch.Tensor | None = None, absmax: torch.Tensor | None = None):
-    """Block-wise 8-bit quantize flat float32 `x`: (uint8 codes [n], float32 absmax [ceil(n/256)]).
-
-    Writes into `q` and `absmax` when given. Nearest map value, ties to the lower code.
-    """
-    if x.dim() != 1 or x.dtype != torch.float32:
-        raise ValueError(f"quantize_8bit: expected flat float32 x, got {x.dtype} {tuple(x.shape)}")
-    n = x.numel()
-    nblocks = -(-n // BLOCK)
-    full = n - n % BLOCK
-    if absmax is None:
-        absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    if q is None:
-        q = torch.empty(n, dtype=torch.uint8, device=x.device)
-    if full:
-        blocks = x[:full].view(-1, BLOCK)
-        torch.amax(blocks.abs(), dim=1, out=absmax[: full // BLOCK])
-        scaled = blocks * absmax[: full // BLOCK].clamp(min=TINY).reciprocal().unsqueeze(1)
-        q[:full].copy_(nearest_code(scaled.view(-1), signed))
-    if full < n:
-        tail = x[full:]
-        absmax[-1] = tail.abs().amax()
-        q[full:].copy_(nearest_code(tail * absmax[-1].clamp(min=TINY).reciprocal(), signed))
-    return q, absmax
-
-
-def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Float32 [n] values of block-wise 8-bit codes `q` [n] with scales `absmax`."""
-    n = q.numel()
-    if absmax.numel() != -(-n // BLOCK):
-        raise ValueError(f"dequantize_8bit: {n} codes need {-(-n // BLOCK)} scales, got {absmax.numel()}")
-    table, _, _ = dynamic_map_on(q.device, signed)
-    x = table.index_select(0, q.int())
-    full = n - n % BLOCK
-    if full:
-        x[:full].view(-1, BLOCK).mul_(absmax[: full // BLOCK].unsqueeze(1))
-    if full < n:
-        x[full:].mul_(absmax[-1])
-    return x
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -177,10 +92,11 @@ def _update_chunk(
         _update([p], [g], state[:1], state[1:], group, step)
         return
     mq, ma, vq, va = state
-    m, v = dequantize_8bit(mq, ma, signed=True), dequantize_8bit(vq, va, signed=False)
+    m = dequantize_8bit(mq, ma, dynamic_map_on(mq.device, True)[0])
+    v = dequantize_8bit(vq, va, dynamic_map_on(vq.device, False)[0])
     _update([p], [g], [m], [v], group, step)
-    quantize_8bit(m, True, mq, ma)
-    quantize_8bit(v, False, vq, va)
+    quantize_8bit_nearest(m, True, mq, ma)
+    quantize_8bit_nearest(v, False, vq, va)
 
 
 class _Batch:
@@ -531,13 +447,4 @@ def state_dict_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str
     return {"state": dict(state), "param_groups": json.loads(metadata["param_groups"])}
 
 
-__all__ = [
-    "AdamW",
-    "BLOCK",
-    "MIN_8BIT_SIZE",
-    "quantize_8bit",
-    "dequantize_8bit",
-    "nearest_code",
-    "state_dict_to_tensors",
-    "state_dict_from_tensors",
-]
+__all__ = ["AdamW", "MIN_8BIT_SIZE"]

@@ -10,12 +10,10 @@ Semantics (formats.md sections 2 and 3, matching bitsandbytes bit for bit):
 - the nearest code wins, a tie going to the lower value (bucketize, right=False);
 - element 2j goes to the high nibble of byte j, element 2j+1 to the low nibble;
 - decoding is code[nibble] * absmax in float32, rounded once to the output dtype.
-The 8-bit variant (one byte per code, 256-entry map) quantizes the block scales for
-double quantization and the 8-bit optimizer state.
+The 8-bit codes (double quantization's block scales, the 8-bit optimizer state) are in
+blockwise8.py.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -88,41 +86,3 @@ def dequantize_4bit_ref(
     values = code.to(packed.device)[unpack_4bit(packed, n)]
     scale = absmax.float().repeat_interleave(blocksize)[:n]
     return (values * scale).to(dtype)
-
-
-LUT_STEPS = 65536
-"""bitsandbytes' CPU 8-bit quantizer snaps x/absmax to this many grid points in [-1, 1]."""
-
-
-@functools.lru_cache(maxsize=8)
-def _grid_lut(code_bytes: bytes) -> torch.Tensor:
-    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
-    mids = 0.5 * (code[:-1] + code[1:])
-    grid = -1.0 + (2.0 * torch.arange(LUT_STEPS, dtype=torch.float32)) / (LUT_STEPS - 1)
-    return torch.bucketize(grid, mids, right=False).to(torch.uint8)
-
-
-def quantize_8bit_ref(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise 8-bit quantization with a sorted 256-entry map: (uint8 codes, fp32 absmax).
-
-    Bit-exact with bitsandbytes' CPU kernel, which does not search the map per element:
-    x * (1/absmax) is snapped to a 65536-point grid on [-1, 1] and the grid point's nearest
-    code is used. This differs from the true nearest code only within 2e-5 of a midpoint.
-    All-zero blocks get code 0 and absmax 0.
-    """
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    blocks = torch.cat([flat, flat.new_zeros((-n) % blocksize)]).view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax).view(-1, 1)).clamp(-1, 1)
-    grid_index = ((scaled + 1.0) * 0.5 * (LUT_STEPS - 1) + 0.5).long()
-    lut = _grid_lut(code.detach().float().cpu().contiguous().numpy().tobytes()).to(flat.device)
-    q = torch.where(absmax.view(-1, 1) > 0, lut[grid_index.clamp(0, LUT_STEPS - 1)], 0)
-    return q.reshape(-1)[:n].to(torch.uint8).view(x.shape), absmax
-
-
-def dequantize_8bit_ref(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """code[q] * absmax[i // blocksize] in float32, in q's shape."""
-    flat = code.to(q.device)[q.reshape(-1).long()]
-    scale = absmax.float().repeat_interleave(blocksize)[: flat.numel()]
-    return (flat * scale).view(q.shape)

@@ -22,8 +22,8 @@ import torch
 from ..errors import QloraError
 from .. import kernels
 from ..kernels.packed import NESTED_BLOCKSIZE
-from .blockwise import dequantize_4bit_ref, dequantize_8bit_ref, nearest, pack_4bit, quantize_4bit_ref, quantize_8bit_ref
-from .blockwise import sort_order, thresholds
+from .blockwise import dequantize_4bit_ref, nearest, pack_4bit, quantize_4bit_ref, sort_order, thresholds
+from .blockwise8 import dequantize_8bit, quantize_8bit_grid
 from .codebooks import QUANT_TYPES, codebook, signed_dynamic_map
 
 BLOCKSIZES = tuple(2**k for k in range(5, 13))
@@ -102,7 +102,7 @@ class QuantizedTensor:
         if not self.double_quant:
             return self.absmax
         assert self.nested_code is not None and self.nested_offset is not None
-        scaled = dequantize_8bit_ref(self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE)
+        scaled = dequantize_8bit(self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE)
         return scaled + torch.tensor(self.nested_offset, dtype=torch.float32, device=scaled.device)
 
     def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,7 +283,7 @@ def _double_quantize(qt: QuantizedTensor) -> QuantizedTensor:
     absmax = qt.absmax
     offset = absmax.mean()
     nested_code = signed_dynamic_map().to(absmax.device)
-    qt.absmax, qt.nested_absmax = quantize_8bit_ref(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+    qt.absmax, qt.nested_absmax = quantize_8bit_grid(absmax - offset, nested_code, NESTED_BLOCKSIZE)
     qt.nested_code, qt.nested_offset = nested_code.clone(), float(offset)
     return qt
 
