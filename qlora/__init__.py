@@ -10,10 +10,9 @@ The data flow, one folder a step:
     memory.py  `qlora memory`: a run's peak memory, planned from the config alone
 """
 from . import explain, optim
-from .errors import QloraError
+from .errors import CheckpointError, QloraError, TrainingError
 from .memory import MemoryPlan, plan_memory
 from .model.adapter import load_adapter, save_adapter
-from .model.checkpoint_files import CheckpointError
 from .model.load import load_model
 from .model.prepare import memory_report, prepare_model
 from .model.save import merge_adapter, save_quantized
@@ -22,7 +21,7 @@ from .nn.linear4bit import Linear4bit
 from .nn.lora import LoraConfig, LoraLinear
 from .quant.codebooks import FP4, INT4, NF4, derive_nf4, dynamic_map
 from .quant.tensor import QuantizedTensor, quantize
-from .train import TrainConfig, TrainingError
+from .train import TrainConfig
 from .train.loop import train as finetune  # `qlora.train` stays the subpackage
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""QloraError: the base of every error qlora raises about its input (files, flags, recipes, data).
+"""QloraError: the base of every error qlora raises about its input (files, flags, recipes, data),
+and the errors raised on more than one floor (CheckpointError, TrainingError).
 
     try:
         qlora.load_model(path)
@@ -14,3 +15,11 @@ from __future__ import annotations
 
 class QloraError(Exception):
     """Input that qlora cannot use; the message names what is at fault and says what to do."""
+
+
+class CheckpointError(QloraError, ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and what to do."""
+
+
+class TrainingError(QloraError, RuntimeError):
+    """The run cannot continue; the message says why and what to do."""

@@ -21,13 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import QloraError
+from ..errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
-
-
-class CheckpointError(QloraError, ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and what to do."""
 
 
 def resolve(path_or_hub_id: str | os.PathLike) -> Path:
@@ -35,7 +31,7 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     .gguf file (or a directory holding one) its config + tokenizer directory (gguf_model.py)."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
-        from .gguf_file import find_gguf  # it imports CheckpointError from here
+        from .gguf_file import find_gguf
 
         gguf = path if path.is_file() and path.suffix == ".gguf" else None
         if path.is_dir() and not (path / "config.json").exists():

@@ -35,7 +35,7 @@ from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
-from .checkpoint_files import CheckpointError
+from ..errors import CheckpointError
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)

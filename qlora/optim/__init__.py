@@ -8,7 +8,7 @@ accelerator and host memory, plus lr schedules and gradient clipping.
 Files: adamw.py (the optimizer), paging.py (host <-> device pages), schedule.py (lr
 schedules, clipping); the 8-bit state's codec is quant/blockwise8.py. Tests: `pytest tests/optim`.
 """
-from qlora.optim.adamw import AdamW, state_dict_from_tensors, state_dict_to_tensors
+from qlora.optim.adamw import AdamW
 from qlora.optim.paging import Pager
 from qlora.optim.schedule import SCHEDULES, clip_grad_norm, lr_schedule, scheduler
 
@@ -19,6 +19,4 @@ __all__ = [
     "clip_grad_norm",
     "lr_schedule",
     "scheduler",
-    "state_dict_from_tensors",
-    "state_dict_to_tensors",
 ]

@@ -28,12 +28,11 @@ Tested by `pytest tests/optim` (torch.optim.AdamW is the oracle for 32-bit state
   covers this rank's elements only (so state_dict() is this rank's shard), while the
   8-bit-or-not choice follows the whole parameter's size, the same on every rank.
 - state_dict() holds plain CPU tensors (uint8 codes, float32 scales and moments, an
-  int64 step) whatever the variant or page placement; `state_dict_to_tensors` flattens
-  it for safetensors. load_state_dict() never casts state to the parameter dtype.
+  int64 step) whatever the variant or page placement; train/checkpoint.py flattens it
+  for safetensors. load_state_dict() never casts state to the parameter dtype.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -425,26 +424,6 @@ def _chunk_runner(p: torch.Tensor, g: torch.Tensor, eight_bit: bool, group: dict
         _update_chunk(p, g, state, eight_bit, group, step)
 
     return run
-
-
-def state_dict_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten an optimizer state dict for safetensors: ({"state.<i>.<key>": tensor}, metadata).
-
-    metadata["param_groups"] is the JSON of the parameter groups.
-    """
-    tensors = {f"state.{i}.{k}": t.contiguous() for i, s in state_dict["state"].items() for k, t in s.items()}
-    return tensors, {"param_groups": json.dumps(state_dict["param_groups"])}
-
-
-def state_dict_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
-    """Inverse of `state_dict_to_tensors`."""
-    state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-    for name, t in tensors.items():
-        prefix, i, key = name.split(".", 2)
-        if prefix != "state":
-            raise ValueError(f"state_dict_from_tensors: unexpected key {name!r} (expected state.<i>.<key>)")
-        state[int(i)][key] = t
-    return {"state": dict(state), "param_groups": json.loads(metadata["param_groups"])}
 
 
 __all__ = ["AdamW", "MIN_8BIT_SIZE"]

@@ -1,5 +1,6 @@
-"""Training across processes and machines: torchrun ranks, FSDP2 or DDP, the data split,
-sharded checkpoints. train() in loop.py calls these when WORLD_SIZE > 1.
+"""Training across processes and machines: torchrun ranks, FSDP2 or DDP, the data split, the
+collectives. train() in loop.py runs the same code for every world size: with one process
+(`Ranks()`, WORLD_SIZE unset or 1) the collectives here do nothing.
 
     torchrun --nproc-per-node 2 -m qlora train --model PATH --data FILE --output DIR
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m qlora train ...
@@ -17,12 +18,9 @@ Tested by tests/train/test_distributed.py (2 ranks, gloo, CPU).
   micro-batches divided by the global count of target tokens (one all-reduce per step);
   each rank scales its loss by world_size because FSDP2 and DDP average gradients. Hence a
   run on N ranks follows the single-process run with the same flags (to float rounding).
-- Checkpoints: the LoRA adapter is gathered (full tensors) and written by rank 0 in PEFT's
-  format; each rank writes its optimizer shard (`optimizer-rank{r}.safetensors`; DDP state
-  is replicated, so rank 0 writes one `optimizer.safetensors`) and its RNG state
-  (`rng-rank{r}.safetensors`); trainer_state.json records the world size, and `--resume`
-  requires the same one. Every rank writes into rank 0's temporary directory, which is
-  renamed into place after a barrier: a checkpoint is complete or absent.
+- Checkpoints (checkpoint.py): the LoRA adapter is gathered (full tensors) and written by
+  rank 0 in PEFT's format; each rank writes its optimizer shard and RNG state into rank 0's
+  temporary directory; `--resume` requires the same world size and mode.
 - Only rank 0 prints, shows progress bars, and writes metrics, config and summary; it prints
   the memory plan of one rank (qlora memory --world-size N, or 1 with DDP) and writes
   memory.json with the largest measured peak over the ranks (each rank's in rank_peak_bytes).
@@ -37,26 +35,17 @@ Tested by tests/train/test_distributed.py (2 ranks, gloo, CPU).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..model.adapter import PREFIX, adapter_tensors, read_adapter, save_adapter
-from ..model.loss import causal_lm_loss
-from ..model.save import atomic_directory
-from ..model.shard import load_sharded, shard_rows, wrap_ddp
+from ..model.shard import load_sharded, shard_rows
 from ..nn.lora import LoraConfig
-from ..optim import state_dict_from_tensors, state_dict_to_tensors
-from ..optim.adamw import local
-from . import data as D
+from .config import compute_dtype as resolve_compute_dtype
+from .config import device as resolve_device
 
 MODES = ("fsdp", "ddp")
 
@@ -69,7 +58,7 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     mode: str = "none"  # none (one process), fsdp or ddp
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this process trains
     mesh: object = None
 
     @property
@@ -82,10 +71,10 @@ class Ranks:
 
 
 def setup(cfg) -> Ranks:
-    """Join torchrun's process group when WORLD_SIZE > 1; a single process gets Ranks()."""
+    """Join torchrun's process group when WORLD_SIZE > 1; a single process gets Ranks() on --device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Ranks()
+        return Ranks(device=resolve_device(cfg))
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -112,7 +101,9 @@ def setup(cfg) -> Ranks:
 
 def peak_over_ranks(measured: dict[str, int], ranks: Ranks) -> dict[str, int]:
     """The `memory.measure` dict of the rank with the largest peak, plus `peak_rank` and every
-    rank's peak in `rank_peak_bytes` (a collective: every rank calls it)."""
+    rank's peak in `rank_peak_bytes` (a collective: every rank calls it; one process: `measured`)."""
+    if not ranks.active:
+        return measured
     import torch.distributed as dist
 
     every: list = [None] * ranks.world_size
@@ -131,12 +122,8 @@ def shutdown(ranks: Ranks) -> None:
             dist.destroy_process_group()
 
 
-def build_model(cfg, ranks: Ranks, model_path: str, build_single) -> nn.Module:
-    """The training model: FSDP2-sharded (loaded shard by shard), or DDP over `build_single`'s."""
-    from .config import compute_dtype as resolve_compute_dtype
-
-    if ranks.mode == "ddp":
-        return wrap_ddp(build_single(cfg, model_path).to(ranks.device), ranks.device)
+def build_sharded(cfg, ranks: Ranks, model_path: str) -> nn.Module:
+    """The training model sharded with FSDP2 per block, loaded shard by shard (model/shard.py)."""
     if cfg.quant_type == "none":
         raise ValueError("--quant-type none (16-bit LoRA) is not sharded by FSDP2 here; use --distributed ddp")
     if cfg.calibrate:
@@ -157,11 +144,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tensor]:
-    """This rank's contiguous rows of a global micro-batch, on its device."""
+    """This rank's contiguous rows of a global micro-batch, on its device (one process: all of them)."""
     return {k: shard_rows(v, ranks.rank, ranks.world_size).to(ranks.device) for k, v in batch.items()}
 
 
 def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """The sum of `t` over the ranks, on the CPU (one process: `t` itself)."""
+    if not ranks.active:
+        return t
     import torch.distributed as dist
 
     t = t.to(ranks.device)
@@ -169,24 +159,23 @@ def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return t.cpu()
 
 
-def forward_backward(model: nn.Module, micro: list[dict[str, torch.Tensor]], ranks: Ranks) -> torch.Tensor:
-    """Backward over this rank's share of `micro`; returns the step's global mean token loss.
+def broadcast(value, ranks: Ranks):
+    """Rank 0's `value` on every rank (a picklable object; one process: `value`)."""
+    if not ranks.active:
+        return value
+    import torch.distributed as dist
 
-    Each rank's loss is (its token-loss sum) / (global target tokens) x world_size: the
-    gradient average FSDP2 / DDP take then equals the single process's gradient."""
-    # target counts from the host-side rows: no device sync per micro-batch
-    counts = [int((shard_rows(b["labels"], ranks.rank, ranks.world_size)[:, 1:] != D.IGNORE).sum()) for b in micro]
-    n_step = float(all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64), ranks))
-    loss_sum = torch.zeros((), dtype=torch.float32, device=ranks.device)
-    for i, (b, n) in enumerate(zip(micro, counts)):
-        last = i == len(micro) - 1
-        sync = model.no_sync() if ranks.mode == "ddp" and not last else _null()
-        with sync:
-            # a share without target tokens still runs backward (collectives), with a zero loss
-            loss = causal_lm_loss(model, share(b, ranks)).float() * (n / max(n_step, 1))
-            (loss * ranks.world_size).backward()
-        loss_sum += loss.detach()
-    return all_reduce_sum(loss_sum, ranks)
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ranks: Ranks) -> None:
+    """Wait for every rank (one process: return)."""
+    if ranks.active:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 class StopRequest:
@@ -216,14 +205,6 @@ class StopRequest:
         self._saved = {}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 class NoMetrics:
     """Metrics for ranks other than 0: writes nothing."""
 
@@ -232,103 +213,3 @@ class NoMetrics:
 
     def close(self) -> None:
         pass
-
-
-# ---- checkpoints --------------------------------------------------------------------------------
-def gathered_adapter(model: nn.Module, ranks: Ranks) -> dict[str, torch.Tensor] | None:
-    """Full LoRA tensors under PEFT keys on rank 0 (None elsewhere); collective under FSDP2."""
-    out = {}
-    for key, p in adapter_tensors(unwrap(model)).items():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        if ranks.main:
-            out[key] = full.detach().cpu().contiguous()
-    return out if ranks.main else None
-
-
-def _broadcast(value, ranks: Ranks):
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
-
-
-def save_adapter_gathered(model: nn.Module, directory: Path, ranks: Ranks, base_model_name_or_path=None) -> None:
-    """Rank 0 writes the gathered adapter (PEFT format) atomically; every rank must call this."""
-    tensors = gathered_adapter(model, ranks)
-    if ranks.main:
-        with atomic_directory(directory) as tmp:
-            save_adapter(unwrap(model), tmp, base_model_name_or_path=base_model_name_or_path, tensors=tensors)
-    _barrier()
-
-
-def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_last: int, ranks: Ranks) -> Path:
-    """Adapter (rank 0), optimizer shard and RNG (each rank), trainer state; atomic; collective."""
-    from .loop import checkpoints, rng_state
-
-    target = output / "checkpoints" / f"step-{state['step']:07d}"
-    tensors = gathered_adapter(model, ranks)
-
-    def write_own(tmp: Path) -> None:
-        if ranks.mode == "fsdp" or ranks.main:
-            name = f"optimizer-rank{ranks.rank}.safetensors" if ranks.mode == "fsdp" else "optimizer.safetensors"
-            flat, meta = state_dict_to_tensors(optimizer.state_dict())
-            save_file(flat, str(tmp / name), metadata=meta)
-        save_file(rng_state(ranks.device), str(tmp / f"rng-rank{ranks.rank}.safetensors"))
-
-    if ranks.main:
-        with atomic_directory(target) as tmp:
-            _broadcast(str(tmp), ranks)
-            write_own(tmp)
-            _barrier()  # every rank has written its files
-            save_adapter(unwrap(model), tmp, tensors=tensors)
-            full = dict(state, scheduler=sched.state_dict(), world_size=ranks.world_size, distributed=ranks.mode)
-            (tmp / "trainer_state.json").write_text(json.dumps(full, indent=2))
-        for old in checkpoints(output)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        write_own(Path(_broadcast(None, ranks)))
-        _barrier()
-    _barrier()  # the directory is in place
-    return target
-
-
-def load_checkpoint(path: Path, model, optimizer, sched, ranks: Ranks) -> dict:
-    """Inverse of save_checkpoint, on the same world size and mode (a clear error otherwise)."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved_world, saved_mode = state.pop("world_size", 1), state.pop("distributed", "none")
-    if (saved_world, saved_mode) != (ranks.world_size, ranks.mode):
-        raise ValueError(f"{path}: written by {saved_world} process(es) ({saved_mode}); this run has "
-                         f"{ranks.world_size} ({ranks.mode}). Resume with the same torchrun --nproc-per-node/--nnodes "
-                         "and --distributed, or start a new --output")
-    _load_adapter_shards(path, model, ranks)
-    name = f"optimizer-rank{ranks.rank}.safetensors" if ranks.mode == "fsdp" else "optimizer.safetensors"
-    with safe_open(str(path / name), "pt") as f:
-        meta = f.metadata()
-    optimizer.load_state_dict(state_dict_from_tensors(load_file(str(path / name)), meta))
-    sched.load_state_dict(state.pop("scheduler"))
-    from .loop import set_rng_state
-
-    set_rng_state(load_file(str(path / f"rng-rank{ranks.rank}.safetensors")), ranks.device)
-    return state
-
-
-@torch.no_grad()
-def _load_adapter_shards(path: Path, model: nn.Module, ranks: Ranks) -> None:
-    """Copy each rank's piece of the saved (full) adapter into its LoRA shards."""
-    _, modules = read_adapter(path)
-    for key, p in adapter_tensors(unwrap(model)).items():
-        module, part = key[len(PREFIX):].rsplit(".lora_", 1)
-        full = modules.get(module, {}).get(part[0])
-        if full is None:
-            raise ValueError(f"{path}: lacks tensor {key!r} that this model's LoRA layer needs")
-        if tuple(full.shape) != tuple(p.shape):
-            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(full.shape)}, the model's is {tuple(p.shape)}")
-        piece = shard_rows(full, ranks.rank, ranks.world_size) if hasattr(p, "to_local") else full
-        local(p).copy_(piece)

@@ -12,42 +12,39 @@ optimizer, schedule, RNG, step) are written atomically every `save_every` steps,
 end and on Ctrl-C; `--resume` continues from the newest one bit for bit (on CPU): the data
 order is a function of (seed, micro-batch index), the index is saved, and so is the RNG.
 Under torchrun (WORLD_SIZE > 1) the model is sharded with FSDP2 or replicated with DDP, each
-rank takes its share of every micro-batch and only rank 0 reports: see distributed.py.
+rank takes its share of every micro-batch and only rank 0 reports: see distributed.py. One
+process is the world of size 1: the same forward/backward, checkpoint and report code runs.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..errors import QloraError
-from ..model.adapter import load_adapter, save_adapter
+from .. import memory as M
+from ..errors import TrainingError
 from ..model.checkpoint_files import resolve
 from ..model.gguf_model import gguf_source
 from ..model.load import load_model
-from ..model.loss import causal_lm_loss
+from ..model.loss import IGNORE, causal_lm_loss
 from ..model.prepare import prepare_model
-from ..model.save import atomic_directory
+from ..model.shard import shard_rows, wrap_ddp
 from ..nn.lora import LoraConfig
-from ..optim import AdamW, clip_grad_norm, scheduler, state_dict_from_tensors, state_dict_to_tensors
+from ..optim import AdamW, clip_grad_norm, scheduler
 from . import data as D
 from . import distributed as dist_
+from .checkpoint import checkpoints, load_checkpoint, rng_state, save_adapter_gathered, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .config import compute_dtype as resolve_compute_dtype
 from .config import device as resolve_device
 from .report import Metrics, demo_generations, demo_prompts, peak_memory_mb, write_summary
-from .. import memory as M
 
-
-class TrainingError(QloraError, RuntimeError):
-    """The run cannot continue; the message says why and what to do."""
+__all__ = ["TrainingError", "evaluate", "forward_backward", "train"]
 
 
 def _default_paths(cfg: TrainConfig) -> tuple[str, str]:
@@ -84,68 +81,34 @@ def _build_model(cfg: TrainConfig, model_path: str):
                          verbose=False)
 
 
-def checkpoints(output: Path) -> list[Path]:
-    """Complete checkpoints in `output`, oldest first."""
-    found = [p for p in (output / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+def _training_model(cfg: TrainConfig, model_path: str, ranks: dist_.Ranks):
+    """The model this process trains: FSDP2 shards loaded shard by shard, else the whole QLoRA
+    model (under --distributed ddp wrapped in DistributedDataParallel)."""
+    if ranks.mode == "fsdp":
+        return dist_.build_sharded(cfg, ranks, model_path)
+    model = _build_model(cfg, model_path)
+    return wrap_ddp(model.to(ranks.device), ranks.device) if ranks.mode == "ddp" else model
 
 
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The generators a step draws from: torch's CPU one (the LoRA dropout seeds) and, on CUDA,
-    the device's (the model's own dropout, e.g. GPT-2's, runs there)."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def forward_backward(model, micro: list[dict[str, torch.Tensor]], ranks: dist_.Ranks) -> torch.Tensor:
+    """Backward over this process's share of the micro-batches `micro`; returns the step's mean
+    token loss over all of them (and all ranks).
 
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Inverse of rng_state (a checkpoint without a CUDA state leaves the device's as it is)."""
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_checkpoint(output: Path, model, optimizer, sched, state: dict, keep_last: int,
-                    ranks: dist_.Ranks | None = None) -> Path:
-    """Adapter, optimizer, schedule, RNG and trainer state for `state["step"]`, atomically."""
-    if ranks is not None and ranks.active:
-        return dist_.save_checkpoint(output, model, optimizer, sched, state, keep_last, ranks)
-    target = output / "checkpoints" / f"step-{state['step']:07d}"
-    with atomic_directory(target) as tmp:
-        save_adapter(model, tmp)
-        tensors, meta = state_dict_to_tensors(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
-        save_file(rng_state(_device(model)), str(tmp / "rng.safetensors"))
-        full = dict(state, scheduler=sched.state_dict())
-        (tmp / "trainer_state.json").write_text(json.dumps(full, indent=2))
-    for old in checkpoints(output)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def load_checkpoint(path: Path, model, optimizer, sched, ranks: dist_.Ranks | None = None) -> dict:
-    if ranks is not None and ranks.active:
-        return dist_.load_checkpoint(path, model, optimizer, sched, ranks)
-    world = json.loads((path / "trainer_state.json").read_text()).get("world_size", 1)
-    if world != 1:
-        raise TrainingError(f"{path}: written by {world} processes; resume it under torchrun with the same "
-                            "world size, or start a new --output")
-    load_adapter(model, path, trainable=True)
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    from safetensors import safe_open
-
-    with safe_open(str(path / "optimizer.safetensors"), "pt") as f:
-        meta = f.metadata()
-    optimizer.load_state_dict(state_dict_from_tensors(tensors, meta))
-    state = json.loads((path / "trainer_state.json").read_text())
-    sched.load_state_dict(state.pop("scheduler"))
-    set_rng_state(load_file(str(path / "rng.safetensors")), _device(model))
-    return state
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    Each share's loss is (its token-loss sum) / (the step's target tokens, over all ranks) x
+    world_size: the gradient average FSDP2 / DDP take then equals the single process's gradient."""
+    # target counts from the host-side rows: no device sync per micro-batch
+    counts = [int((shard_rows(b["labels"], ranks.rank, ranks.world_size)[:, 1:] != IGNORE).sum())
+              for b in micro]
+    n_step = float(dist_.all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64), ranks))
+    loss_sum = torch.zeros((), dtype=torch.float32, device=ranks.device)  # a CPU sum += a CUDA loss fails
+    for i, (b, n) in enumerate(zip(micro, counts)):
+        last = i == len(micro) - 1
+        with model.no_sync() if ranks.mode == "ddp" and not last else contextlib.nullcontext():
+            # a share without target tokens still runs backward (collectives), with a zero loss
+            loss = causal_lm_loss(model, dist_.share(b, ranks)).float() * (n / max(n_step, 1))
+            (loss * ranks.world_size).backward()
+        loss_sum += loss.detach()
+    return dist_.all_reduce_sum(loss_sum, ranks)
 
 
 @torch.no_grad()
@@ -153,10 +116,10 @@ def evaluate(model, examples: list[D.Example], batch_size: int, pad: int, multip
     """(mean token loss, perplexity) over the eval rows."""
     model.eval()
     total, count = 0.0, 0
-    device = _device(model)
+    device = next(model.parameters()).device
     for batch in D.eval_batches(examples, batch_size, pad, multiple):
         batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
         total += float(causal_lm_loss(model, batch)) * n
         count += n
     model.train()
@@ -170,7 +133,7 @@ def train(cfg: TrainConfig) -> dict:
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    ranks = dist_.setup(cfg)  # one process: Ranks(world_size=1), nothing changes
+    ranks = dist_.setup(cfg)  # one process: Ranks(world_size=1) on --device, the collectives do nothing
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model_path, data_path = _default_paths(cfg)
@@ -189,8 +152,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # model, optimizer, schedule; the memory plan first, then the peak is measured from here
     plan = M.plan_run(cfg, model_path, train_rows, ranks.world_size) if ranks.main else None  # per process
-    baseline = M.start_measure(model_path, cfg.release_host_memory, ranks.device if ranks.active else resolve_device(cfg))
-    model = _build_model(cfg, model_path) if not ranks.active else dist_.build_model(cfg, ranks, model_path, _build_model)
+    baseline = M.start_measure(model_path, cfg.release_host_memory, ranks.device)
+    model = _training_model(cfg, model_path, ranks)
     if ranks.rank > 0:
         torch.manual_seed(cfg.seed + ranks.rank)  # the same init everywhere, then dropout masks of its own
     prompts = demo_prompts(cfg.data) if cfg.demo and not ranks.active else None
@@ -235,17 +198,7 @@ def train(cfg: TrainConfig) -> dict:
             baseline.before_step(max(b["input_ids"].numel() for b in micro))
             state["micro"] += cfg.grad_accum  # the data position moves on even if the step is skipped
             step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)  # counted on the host: no device sync
-            if ranks.active:  # each rank its share; the loss inside the wrapper's forward (distributed.py)
-                loss_sum = dist_.forward_backward(model, micro, ranks)
-            else:
-                targets = [int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in micro]
-                n_step = sum(targets)
-                loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # a CPU sum += a CUDA loss fails
-                for b, n in zip(micro, targets):
-                    b = {k: v.to(device) for k, v in b.items()}
-                    loss = causal_lm_loss(model, b).float() * (n / max(n_step, 1))
-                    loss.backward()
-                    loss_sum += loss.detach()
+            loss_sum = forward_backward(model, micro, ranks)  # each rank its share of every micro-batch
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
                                        error_if_nonfinite=False)
             if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
@@ -297,18 +250,13 @@ def train(cfg: TrainConfig) -> dict:
         eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
     metrics.close()
     save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
-    if ranks.active:
-        dist_.save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=cfg.model)
-        measured = dist_.peak_over_ranks(M.measure(baseline), ranks)
-        dist_.shutdown(ranks)
-        if not ranks.main:
-            return {"steps": state["step"], "rank": ranks.rank}
-        M.write_run_memory(output, plan, measured)
-        return write_summary(output, cfg, state, eval_loss, skipped, None, None, device)
-    with atomic_directory(output / "adapter") as tmp:
-        save_adapter(model, tmp, base_model_name_or_path=cfg.model)
+    save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=cfg.model)
     after = demo_generations(model, tokenizer, prompts) if prompts else None
-    M.write_run_memory(output, plan, M.measure(baseline))
+    measured = dist_.peak_over_ranks(M.measure(baseline), ranks)
+    dist_.shutdown(ranks)
+    if not ranks.main:
+        return {"steps": state["step"], "rank": ranks.rank}
+    M.write_run_memory(output, plan, measured)
     return write_summary(output, cfg, state, eval_loss, skipped, demo, after, device)
 
 

@@ -4,7 +4,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qlora.optim import AdamW, scheduler, state_dict_from_tensors, state_dict_to_tensors
+from qlora.optim import AdamW, scheduler
+from qlora.train.checkpoint import state_dict_from_tensors, state_dict_to_tensors
 
 SHAPES = [(96, 80), (5000,), (33,), (12000,)]
 VARIANTS = {

@@ -121,7 +121,7 @@ def test_settings_that_cannot_be_split_are_refused_clearly(model_dir, monkeypatc
         distributed.setup(TrainConfig(model=str(model_dir), batch_size=3))
     ranks = distributed.Ranks(rank=0, world_size=2, mode="fsdp")
     with pytest.raises(ValueError, match="use --distributed ddp"):
-        distributed.build_model(TrainConfig(model=str(model_dir), quant_type="none"), ranks, str(model_dir), None)
+        distributed.build_sharded(TrainConfig(model=str(model_dir), quant_type="none"), ranks, str(model_dir))
 
 
 def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_that_resumes(model_dir, alpaca_file, tmp_path):

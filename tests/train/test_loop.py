@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import qlora.train.checkpoint as checkpoint
 import qlora.train.loop as loop
 from qlora.train import TrainConfig, TrainingError, train
 from qlora.train.report import read_metrics
@@ -162,10 +163,10 @@ def test_checkpoint_rng_includes_the_cuda_generator():
     """The model's own dropout (e.g. GPT-2's) draws from the device's generator: a checkpoint
     restores it, so the draws after a resume are those of the uninterrupted run."""
     device = torch.device("cuda")
-    state = loop.rng_state(device)
+    state = checkpoint.rng_state(device)
     assert set(state) == {"torch", "cuda"}
     want = (torch.rand(4), torch.rand(4, device=device))
-    loop.set_rng_state(state, device)
+    checkpoint.set_rng_state(state, device)
     assert torch.equal(torch.rand(4), want[0]) and torch.equal(torch.rand(4, device=device), want[1])
 
 
