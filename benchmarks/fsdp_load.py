@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora.model.peak import peak_bytes, reset_peak  # noqa: E402
+from qlora.train.peak import peak_bytes, reset_peak  # noqa: E402
 from qlora.nn.lora import LoraConfig  # noqa: E402
 
 

@@ -324,7 +324,7 @@ CHILD = textwrap.dedent("""
         import bitsandbytes, peft
     import qlora
     from qlora.model.loss import causal_lm_loss
-    from qlora.model.peak import peak_bytes, reset_peak
+    from qlora.train.peak import peak_bytes, reset_peak
     if device == "cpu":  # --smoke: the Triton paths run on CPU tensors under the interpreter
         from qlora.nn import fused_lora
         from qlora import kernels

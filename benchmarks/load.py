@@ -23,7 +23,7 @@ CONFIGS = {
 
 CHILD = textwrap.dedent("""
     import json, sys, time, torch, transformers, qlora
-    from qlora.model.peak import reset_peak, peak_bytes
+    from qlora.train.peak import reset_peak, peak_bytes
     path, tool = sys.argv[1], sys.argv[2]
     transformers.LlamaForCausalLM
     if tool == "bnb":

@@ -8,10 +8,10 @@ is written with the shipped tiny-llama tokenizer (its 4096 ids fit any vocab her
 --max-length tokens, fp32 compute as on this CPU, paged AdamW 32-bit unless the case says)
 in a fresh subprocess. The trainer itself writes <output>/memory.json with the plan it
 printed before starting and the measured peak: the peak of live tensor bytes from the load
-on (qlora/model/live_bytes.py, qlora/memory.py `measure`), what the plan counts. Prints one
+on (qlora/train/live_bytes.py, qlora/train/memory.py `measure`), what the plan counts. Prints one
 row per case: predicted, live peak, live / predicted, and beside it the resident set's peak
 growth (VmHWM), the code pages it includes and what else it holds outside the tensors.
-tests/test_plan_memory.py runs two small cases.
+tests/memory/test_plan_memory.py runs two small cases.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ CASES = {
                             dict(max_length=512, batch_size=4, gradient_checkpointing=True, nproc=2,
                                  distributed="ddp")),
 }
-# the two small cases tests/test_plan_memory.py runs (not in the default table)
+# the two small cases tests/memory/test_plan_memory.py runs (not in the default table)
 TEST_CASES = {
     "test-ckpt": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4),
                   dict(max_length=256, batch_size=2, gradient_checkpointing=True)),

@@ -29,7 +29,7 @@ from pathlib import Path
 CHILD = textwrap.dedent("""
     import json, statistics, sys, time, torch, transformers
     from transformers import AutoModelForCausalLM
-    from qlora.model.peak import reset_peak, peak_bytes
+    from qlora.train.peak import reset_peak, peak_bytes
     path, setup, steps, warmup, seq, batch = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
     dtype = getattr(torch, sys.argv[7])
     transformers.LlamaForCausalLM
@@ -37,7 +37,7 @@ CHILD = textwrap.dedent("""
         import bitsandbytes, peft
     import qlora
     from qlora.model.loss import causal_lm_loss
-    from qlora.model.peak import return_freed_memory
+    from qlora.train.peak import return_freed_memory
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, 32000, (batch, seq), generator=g) for _ in range(steps + warmup)]
     if setup.endswith("release"):

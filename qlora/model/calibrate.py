@@ -135,7 +135,7 @@ def calibration_ids(tokenizer, path: str, rows: int = 128, seq: int = 512) -> to
     every string value of a row joined), as one stream cut into windows."""
     from pathlib import Path
 
-    from ..train.data import DataError, read_rows
+    from ..rows import DataError, read_rows
 
     file = Path(path)
     if file.suffix in (".jsonl", ".json", ".csv"):

@@ -36,18 +36,12 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraConfig, LoraLinear
-from .targets import is_linear, is_norm, output_head
+from .targets import is_linear, is_norm, matches, output_head
 
 DEFAULT_LORA = LoraConfig(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
 
 
 # ---- choosing layers ------------------------------------------------------------------------
-def _matches(name: str, selector: str | list[str] | tuple[str, ...]) -> bool:
-    if isinstance(selector, str):
-        return selector == "all-linear" or re.fullmatch(selector, name) is not None
-    return any(name == s or name.endswith("." + s) for s in selector)
-
-
 def select_modules(model: nn.Module, target_modules: str | list[str] | tuple[str, ...] = "all-linear",
                    exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Full names of the linear layers (nn.Linear, Conv1D, Linear4bit) that `target_modules`
@@ -65,11 +59,11 @@ def select_modules(model: nn.Module, target_modules: str | list[str] | tuple[str
     linears = [name for name, m in model.named_modules()
                if (is_linear(m) or isinstance(m, Linear4bit)) and m is not head and id(m) not in inside_lora]
     if not isinstance(target_modules, str):
-        unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in linears)]
+        unmatched = [t for t in target_modules if not any(matches(n, [t]) for n in linears)]
         if unmatched:
             raise ValueError(f"target_modules {unmatched} match no linear layer of {type(model).__name__}; "
                              f"its linear layers are e.g. {linears[:6]}")
-    chosen = [n for n in linears if _matches(n, target_modules) and not (exclude and _matches(n, list(exclude)))]
+    chosen = [n for n in linears if matches(n, target_modules) and not (exclude and matches(n, list(exclude)))]
     if not chosen:
         raise ValueError(f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
                          f"its linear layers are e.g. {linears[:6]}")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..errors import QloraError
+from ..model.targets import parse_targets
 
 if TYPE_CHECKING:
     import torch
@@ -92,8 +93,8 @@ class TrainConfig:
     distributed: str = "fsdp"  # under torchrun: fsdp (shard the model per block) or ddp (a whole model per rank)
 
     def targets(self) -> str | list[str]:
-        t = self.target_modules
-        return t if t == "all-linear" or "," not in t and not t.isidentifier() else [s.strip() for s in t.split(",")]
+        """--target-modules as a selector (model/targets.py: parse_targets)."""
+        return parse_targets(self.target_modules)
 
     def to_yaml(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")

@@ -100,7 +100,7 @@ def setup(cfg) -> Ranks:
 
 
 def peak_over_ranks(measured: dict[str, int], ranks: Ranks) -> dict[str, int]:
-    """The `memory.measure` dict of the rank with the largest peak, plus `peak_rank` and every
+    """The `train.memory.measure` dict of the rank with the largest peak, plus `peak_rank` and every
     rank's peak in `rank_peak_bytes` (a collective: every rank calls it; one process: `measured`)."""
     if not ranks.active:
         return measured

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import memory as M
 from ..errors import TrainingError
 from ..model.checkpoint_files import resolve
 from ..model.gguf_model import gguf_source
@@ -38,6 +37,7 @@ from ..nn.lora import LoraConfig
 from ..optim import AdamW, clip_grad_norm, scheduler
 from . import data as D
 from . import distributed as dist_
+from . import memory as M
 from .checkpoint import checkpoints, load_checkpoint, rng_state, save_adapter_gathered, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .config import compute_dtype as resolve_compute_dtype

@@ -21,7 +21,7 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of a run on `device`: that GPU's allocator peak, else the process high-water mark."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    from ..model.peak import peak_bytes
+    from .peak import peak_bytes
 
     return peak_bytes() / 2**20
 

@@ -93,7 +93,7 @@ def test_memory_bound_in_a_subprocess(tmp_path):
     write_random_checkpoint(config, tmp_path / "ck", shard_bytes=100 << 20)
     code = textwrap.dedent(f"""
         import json, transformers, qlora
-        from qlora.model.peak import reset_peak, peak_bytes
+        from qlora.train.peak import reset_peak, peak_bytes
         transformers.LlamaForCausalLM  # imports are not part of the measure
         start = reset_peak()
         model = qlora.load_model({str(tmp_path / "ck")!r}, progress=False)

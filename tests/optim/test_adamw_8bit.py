@@ -1,6 +1,5 @@
 """8-bit block-wise state: the memory it takes, and how closely it tracks 32-bit (its quantizer:
 tests/quant/test_blockwise8.py)."""
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 

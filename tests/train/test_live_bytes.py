@@ -1,7 +1,7 @@
-"""Tests of qlora/model/live_bytes.py: the live CPU tensor peak is exact and survives flushes."""
+"""Tests of qlora/train/live_bytes.py: the live CPU tensor peak is exact and survives flushes."""
 import torch
 
-from qlora.model.live_bytes import LiveTensorPeak
+from qlora.train.live_bytes import LiveTensorPeak
 
 
 def test_peak_is_the_highest_sum_of_live_tensor_bytes():

@@ -14,7 +14,7 @@ a microsecond per allocation, which on a model of small operators is a good part
 the trainer counts its first steps and then only steps with a longer batch than any counted
 (memory.Baseline.before_step). Tensors that were alive before `start` and are freed later
 count negative, so start before the work allocates.
-Tests: tests/model/test_live_bytes.py.
+Tests: tests/train/test_live_bytes.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Tests of qlora/memory.py, the memory planner.
+"""Tests of qlora/memory/, the memory planner.
 
-    pytest tests/test_plan_memory.py   (not test_memory.py: tests/model/test_memory.py has that basename)
+    pytest tests/memory/test_plan_memory.py   (not test_memory.py: tests/model/test_memory.py has that basename)
 
 - static parts equal memory_report() of really prepared models, byte for byte, per family;
 - optimizer state equals the bytes qlora's AdamW really allocates (32-bit and 8-bit);
@@ -24,10 +24,10 @@ import qlora
 from qlora.memory import MemoryPlanError, parse_bytes, plan_memory
 from qlora.nn.lora import LoraConfig
 
-sys.path.insert(0, str(Path(__file__).parent / "model"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
 from tiny_models import tiny_config, tiny_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _prepared(arch: str, dtype=torch.bfloat16, double_quant=True, dropout=0.05, targets="all-linear", **overrides):

@@ -5,7 +5,7 @@ import textwrap
 
 CHILD = textwrap.dedent("""
     import ctypes, sys
-    from qlora.model.peak import return_freed_memory
+    from qlora.train.peak import return_freed_memory
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]

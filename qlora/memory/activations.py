@@ -1,0 +1,161 @@
+"""The activation model: what autograd keeps for one training step, walked op by op as HF runs
+a decoder layer (qlora's Linear4bit / LoraLinear, SDPA attention, the fused chunked head of
+model/loss.py), and the peak of backward with or without per-layer checkpointing.
+
+    act = activation_bytes(shape, seq_len=512, batch_size=1, rank=64, lora=adapted, e=2,
+                           checkpointing=True, masked=False)   # {"peak", "saved", "per_layer", ...}
+
+Tests: tests/memory/test_plan_memory.py (against what autograd saves on tiny models) and
+benchmarks/memory.py (against the trainer's measured peak).
+"""
+from __future__ import annotations
+
+from ..model.loss import CHUNK_BYTES as CE_CHUNK_BYTES
+from .shape import Shape
+
+
+def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: int,
+                 masked: bool, stream_grad: bool) -> int:
+    """Bytes autograd saves for one decoder layer, walked op by op as HF runs it.
+
+    `lora[suffix]` says which linears carry an adapter; `stream_grad` whether the layer input
+    requires grad (always with checkpointing; without it, not for layer 0: the embeddings are
+    frozen). A frozen Linear4bit saves nothing (its input gradient needs only W); a LoRA
+    saves its input x (for A's gradient; with dropout, the seeded mask is regenerated from
+    x's indices in backward, so q, k and v share one saved x and no mask) and A's output (for
+    B's). Elementwise ops save an operand only when the other one requires grad (frozen norm
+    weights and RoPE tables never do).
+    """
+    n = b * t  # tokens
+    saved = 0
+    seen: set[str] = set()  # tensors saved by several ops count once
+
+    def keep(key: str, nbytes: int) -> None:
+        nonlocal saved
+        if key not in seen:
+            seen.add(key)
+            saved += nbytes
+
+    def linear(suffix: str, x_key: str, width: int, x_grad: bool) -> bool:
+        """A (LoRA-)linear on tensor `x_key` of `width`; returns whether its output requires grad."""
+        if not lora.get(suffix, False):
+            return x_grad
+        keep(x_key, n * width * e)  # x itself; seeded dropout is regenerated in backward (nn/dropout.py)
+        keep(suffix + ".a", n * r * e)
+        return True
+
+    def norm(key: str, x_grad: bool) -> None:
+        if x_grad:  # RMSNorm/LayerNorm: input x and the per-token rsqrt (fp32) / mean+rstd
+            keep(key, n * s.hidden * e)
+            keep(key + ".rstd", n * 4 * (2 if s.family == "gpt2" else 1))
+            if s.norm_offset:  # Gemma: output * (1 + weight) saves the fp32 (1 + weight)
+                keep(key + ".w", s.hidden * 4)
+
+    h, q_dim, kv_dim = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    g = stream_grad
+    norm("x", g)
+    if s.family == "phi3":
+        qkv = linear("self_attn.qkv_proj", "n1", h, g)
+        qg = kg = vg = qkv
+    elif s.family == "gpt2":
+        qkv = linear("attn.c_attn", "n1", h, g)
+        qg = kg = vg = qkv
+    else:
+        qg = linear("self_attn.q_proj", "n1", h, g)
+        kg = linear("self_attn.k_proj", "n1", h, g)
+        vg = linear("self_attn.v_proj", "n1", h, g)
+    attn_grad = qg or kg or vg
+    if attn_grad:
+        # SDPA (flash/efficient kernels, CPU and CUDA) saves q, k, v, out and the fp32 logsumexp.
+        # With a padding mask, HF repeats k/v to all heads (repeat_kv) and SDPA saves a float
+        # [b, 1, t, t] mask per call; without one, is_causal and GQA in the kernel.
+        repeated = masked and s.kv_heads != s.heads
+        kv_saved = q_dim if repeated else kv_dim
+        fused = n * (q_dim + 2 * kv_dim) * e  # gpt2: q, k, v are slices of c_attn's output
+        if s.family == "gpt2" and not repeated:  # no RoPE: q, k and v are all views of c_attn's output
+            keep("qkv", fused)
+        else:
+            keep("q", n * q_dim * e)  # RoPE makes new q and k tensors
+            keep("k", n * kv_saved * e)
+            # phi3's v is a view of the fused qkv output (no cache in training): its whole storage
+            keep("v", fused if s.family == "phi3" and not repeated else n * kv_saved * e)
+        keep("attn_out", n * q_dim * e)  # also o_proj's input: the kernel's output is [b, t, heads, d]
+        keep("lse", n * s.heads * 4)
+        if masked:
+            keep("mask", b * t * t * e)
+    o_suffix = "attn.c_proj" if s.family == "gpt2" else "self_attn.o_proj"
+    # SDPA's output takes the query's memory layout: [b, t, heads, d] after HF's RoPE on a
+    # transposed view, so o_proj's input (transpose(1, 2).contiguous()) is the same tensor; Phi-3
+    # builds q with torch.cat (head-major), so its o_proj input is a copy (checked on CPU; on
+    # CUDA the flash kernel's layout rule is assumed to be the same).
+    og = linear(o_suffix, "attn_out" if s.family != "phi3" else "attn_out_copy", q_dim, attn_grad)
+    g = g or og
+    norm("x2", g)
+    i = s.intermediate
+    if s.family == "gpt2":
+        ug = linear("mlp.c_fc", "n2", h, g)
+        if ug:  # gelu(tanh) saves its input
+            keep("fc_out", n * i * e)
+        linear("mlp.c_proj", "act", i, ug)
+    else:
+        if s.family == "phi3":
+            gg = ug = linear("mlp.gate_up_proj", "n2", h, g)
+        else:
+            gg = linear("mlp.gate_proj", "n2", h, g)
+            ug = linear("mlp.up_proj", "n2", h, g)
+        if gg:  # act(gate) saves gate
+            keep("gate", n * i * e)
+        if ug:  # act(gate) * up saves act(gate)
+            keep("act", n * i * e)
+        if gg:  # ... and up
+            keep("up", n * i * e)
+        linear("mlp.down_proj", "prod", i, gg or ug)
+    return saved
+
+
+def _backward_transient(s: Shape, b: int, t: int, e: int) -> int:
+    """Gradients alive at once inside one decoder layer's backward (estimate, derived):
+    at the MLP product, grad of the product + grads of both factors (3 x [n, intermediate]),
+    plus the residual-stream gradient and the gradient accumulating for the norm output
+    (2 x [n, hidden])."""
+    n = b * t
+    width = s.intermediate * (2 if s.family == "phi3" else 1)  # phi3: grad of the fused gate_up output
+    return n * e * (3 * width + 2 * s.hidden)
+
+
+def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora: dict[str, bool], e: int,
+                     checkpointing: bool, masked: bool, targets: int | None = None,
+                     keep_attention: bool = False) -> dict[str, int]:
+    """The activation memory at the peak of backward, and its pieces (bytes)."""
+    n = batch_size * seq_len
+    full = _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked,
+                        stream_grad=True)
+    first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked,
+                                                    stream_grad=False)
+    rope = 0 if s.family == "gpt2" else 2 * seq_len * s.head_dim * e  # cos, sin: shared by all layers
+    # the head (model/loss.py, fused and chunked): the final norm saves its input (+ rstd); the
+    # fused loss saves only d loss / d h for the target rows (n - b: the labels shift by one),
+    # computed in forward, and the boolean mask that picked those rows. While it runs, one chunk of
+    # logits exists: in float32 (softmax in place), beside the 16-bit logits it was copied from
+    # and later the 16-bit probabilities multiplied by W (none of these copies in fp32 compute).
+    targets = n - batch_size if targets is None else min(targets, n - batch_size)
+    rows = min(targets, max(1, CE_CHUNK_BYTES // (4 * s.vocab)))
+    head_saved = (n * s.hidden * e + n * 4 + targets * s.hidden * e + targets
+                  + (4 * s.hidden if s.norm_offset else 0))
+    head_peak = rows * s.vocab * (4 + (e if e < 4 else 0)) + targets * s.hidden * e  # + the gathered rows
+    transient = _backward_transient(s, batch_size, seq_len, e)
+    if checkpointing:
+        # each checkpointed layer keeps its input and, with keep_attention, what its attention
+        # kernel returned (the output and the fp32 logsumexp), which the recompute then skips
+        kept = n * s.hidden * e + (n * s.heads * s.head_dim * e + n * s.heads * 4 if keep_attention else 0)
+        at_head = s.layers * kept + rope + head_saved + head_peak
+        # the last layer recomputed (its kept attention output counted in `full`), then its backward
+        in_layer = s.layers * kept - (kept - n * s.hidden * e) + rope + full + transient
+    else:
+        layers = first + (s.layers - 1) * full + rope
+        at_head = layers + head_saved + head_peak
+        in_layer = layers + n * s.hidden * e + transient
+    peak = max(at_head, in_layer)
+    saved = at_head - head_peak  # what autograd holds when the forward ends
+    return {"peak": peak, "saved": saved, "per_layer": full, "at_head": at_head, "in_layer": in_layer,
+            "logits": head_saved + head_peak}
