@@ -1,13 +1,16 @@
 """qlora: fine-tune large language models with a frozen 4-bit base and LoRA adapters.
 
-The data flow, one folder a step:
-    quant/   numbers -> 4 bits (NF4/FP4/INT4, double quantization, native kernels)
-    nn/      4 bits -> a trainable layer (Linear4bit, LoraLinear)
-    model/   a transformers model -> a QLoRA model (prepare, adapters, load, save, merge)
-    optim/   the update (AdamW 32/8-bit, paged state, schedules)
-    train/   the loop (config, data, checkpoints, resume, reports, generate)
-    explain/ `qlora explain`: how it all works, with numbers computed on the spot
-    memory.py  `qlora memory`: a run's peak memory, planned from the config alone
+The data flow, one folder a step, each floor importing only from itself and the floors
+above it in this list (docs/architecture.md; tests/test_architecture.py checks it):
+    errors.py, rows.py, assets/   the ground: the error family, data files -> rows, shipped files
+    kernels/   native (C) and Triton kernels: 4-bit decode / quantize, seeded dropout, fused GEMMs
+    quant/     numbers -> 4 bits (NF4/FP4/INT4, double quantization, 8-bit codes, GPTQ, LoftQ)
+    nn/        4 bits -> a trainable layer (Linear4bit, LoraLinear, seeded dropout)
+    model/     a transformers model -> a QLoRA model (prepare, load, adapters, save, merge, shard)
+    optim/     the update (AdamW 32/8-bit, paged state, schedules)
+    memory/    `qlora memory`: a run's peak memory, planned from the config alone
+    train/     the loop (config, data, checkpoints, torchrun, memory.json, reports, generate)
+    explain/, cli.py   the front door: `qlora explain`, the `qlora` command
 """
 from . import explain, optim
 from .errors import CheckpointError, QloraError, TrainingError

@@ -73,12 +73,6 @@ def demo_model(quant_type: str | None, double_quant: bool = False):
     return load_model(path, quant_type, double_quant, torch.float32, progress=False).eval()
 
 
-def demo_perplexities(windows: int | None = None) -> dict[str, float]:
-    """Held-out perplexity of the demo model for each case of PPL_CASES."""
-    ids = heldout_ids(windows)
-    return {label: perplexity(demo_model(q, dq), ids) for label, q, dq in PPL_CASES}
-
-
 def demo_finetune(quant_type: str, output: str | Path, max_steps: int = -1) -> dict:
     """The tiny-model demo recipe (qlora/assets/demo_tiny.yaml) with `quant_type` ("nf4": QLoRA with
     DQ, "none": 16-bit LoRA), fp32 compute; returns eval loss before and after, time, steps."""

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..nn.linear4bit import Linear4bit, is_conv1d
+from ..nn.linear4bit import Linear4bit, features, is_conv1d
 from ..nn.lora import LoraLinear
 from .checkpoint_files import CheckpointError, read_tensors
 from .targets import is_linear
@@ -230,7 +230,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
                                  "loading an adapter")
             in_f, out_f = module.in_features, module.out_features
         elif is_linear(module) or isinstance(module, Linear4bit):
-            in_f, out_f = _features_of(module)
+            in_f, out_f = features(module)
         else:
             raise TypeError(f"{weights_path}: tensor {key_a!r} names {path!r}, a {type(module).__name__}, not a linear layer")
         a, b = ab["A"], ab["B"]
@@ -255,27 +255,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
     rslora = bool(config.get("use_rslora", False))
     for path, module, a, b, r, alpha in plan:
         if isinstance(module, LoraLinear) and module.r != r:
-            module = _swap(model, path, LoraLinear(module.base_layer, r, alpha, _dropout(module), rslora,
-                                                   module.lora_A.weight.dtype))
+            module = LoraLinear(module.base_layer, r, alpha, _dropout(module), rslora, module.lora_A.weight.dtype)
+            model.set_submodule(path, module)
         elif not isinstance(module, LoraLinear):
-            module = _swap(model, path, LoraLinear(module, r, alpha, dropout, rslora))
-        module.alpha, module.use_rslora = alpha, rslora
-        module.scaling = alpha / r ** 0.5 if rslora else alpha / r
+            module = LoraLinear(module, r, alpha, dropout, rslora)
+            model.set_submodule(path, module)
+        module.alpha, module.use_rslora = alpha, rslora  # its scaling follows
         with torch.no_grad():
             module.lora_A.weight.copy_(a)
             module.lora_B.weight.copy_(b)
         module.lora_A.weight.requires_grad_(trainable)
         module.lora_B.weight.requires_grad_(trainable)
     return model
-
-
-def _features_of(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, (nn.Linear, Linear4bit)):
-        return module.in_features, module.out_features
-    return tuple(module.weight.shape)  # Conv1D: [in, out]
-
-
-def _swap(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-    return new

@@ -13,7 +13,7 @@ on the spot by running transformers' own GGUF tensor processor back over it. The
 or q4_0), the rest F16; 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them.
 The base must be a GGUF file (its metadata is what llama.cpp runtimes need). The file is
 written atomically (gguf_file.write_gguf). Peak: the merged model in 16 bits + one tensor.
-Tests: tests/model/test_export_gguf.py.
+Tests: tests/model/test_smollm2.py (the round trip through transformers).
 """
 from __future__ import annotations
 

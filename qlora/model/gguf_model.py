@@ -13,7 +13,7 @@ directory under `$QLORA_CACHE` (default ~/.cache/qlora) keyed by the file's path
 modification time; the weights are never copied there. Tensors are dequantized one at a time
 from the memory-mapped file and renamed (and, for llama's q/k, un-permuted) by transformers'
 tensor processors, so loading streams like safetensors does.
-Tests: tests/model/test_gguf_model.py.
+Tests: tests/model/test_smollm2.py (against transformers' GGUF loader).
 """
 from __future__ import annotations
 

@@ -70,11 +70,6 @@ def select_modules(model: nn.Module, target_modules: str | list[str] | tuple[str
     return chosen
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 # ---- norms in fp32 ----------------------------------------------------------------------------
 def _norm_pre_hook(module: nn.Module, args: tuple):
     x = args[0] if args else None
@@ -140,12 +135,12 @@ def prepare_model(
         for name in select_modules(model, quant_modules):
             layer = model.get_submodule(name)
             if not isinstance(layer, Linear4bit):
-                _replace(model, name, Linear4bit.from_linear(layer, quant_type, blocksize, double_quant, compute_dtype))
+                model.set_submodule(name, Linear4bit.from_linear(layer, quant_type, blocksize, double_quant, compute_dtype))
                 del layer  # the 16-bit weight goes now, before the next layer is quantized
     keep_norms_fp32(model)
     if lora is not None:
         for name in select_modules(model, lora.target_modules, lora.exclude_modules):
-            _replace(model, name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout,
+            model.set_submodule(name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout,
                                              lora.use_rslora, lora.dtype))
     if gradient_checkpointing:
         enable_checkpointing(model, checkpoint_every, keep_attention)

@@ -165,8 +165,7 @@ def merged_model(base: str | os.PathLike, adapter: str | os.PathLike, quant_type
     load_adapter(model, adapter, trainable=False)
     layers = _dense_layers(model, dtype)
     for name, (layer, _, _) in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        model.set_submodule(name, layer)
     return model, layers
 
 
@@ -196,8 +195,7 @@ def merge_adapter(
             q = Linear4bit.from_linear(layer, quant_type, 64, double_quant)
             added += float((q.weight.dequantize(torch.float32) - layer.weight.float()).norm() ** 2)
             update += delta_norm**2
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, q)
+            model.set_submodule(name, q)
         ratio = (added / update) ** 0.5 if update else float("inf")
         warnings.warn(
             f"merge --requantize: re-quantizing the merged weights added an error {ratio:.2f}x the size of the "

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn.linear4bit import Linear4bit, flat_bytes, is_conv1d
+from ..nn.linear4bit import Linear4bit, features, flat_bytes, is_conv1d
 from ..nn.lora import LoraConfig, LoraLinear
 from ..quant.codebooks import codebook, signed_dynamic_map
 from ..quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor, quantize
@@ -68,11 +68,6 @@ def shard_rows(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return t.narrow(0, start, end - start)
 
 
-def gather_rows(shards: list[torch.Tensor]) -> torch.Tensor:
-    """The inverse of shard_rows over all ranks (what an all-gather returns, unpadded)."""
-    return torch.cat(shards, dim=0)
-
-
 # ---- building the sharded model -------------------------------------------------------------------
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The modules FSDP2 shards one by one: instances of the model's `_no_split_modules`."""
@@ -87,7 +82,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def _meta_linear4bit(layer: nn.Module, quant_type: str, blocksize: int, double_quant: bool,
                      compute_dtype: torch.dtype) -> Linear4bit:
     """A flat-mode Linear4bit on the meta device with the byte sizes `quantize` will produce."""
-    out_f, in_f = (layer.weight.shape[::-1] if is_conv1d(layer) else layer.weight.shape)
+    in_f, out_f = features(layer)
     n = out_f * in_f
     nblocks = -(-n // blocksize)
     meta = dict(device="meta")
@@ -101,11 +96,6 @@ def _meta_linear4bit(layer: nn.Module, quant_type: str, blocksize: int, double_q
     new = Linear4bit(qt, bias, compute_dtype).to_flat_parameters()
     new.fan_in_fan_out = is_conv1d(layer)
     return new
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def load_sharded(
@@ -144,7 +134,7 @@ def load_sharded(
     model.requires_grad_(False)
     targets = select_modules(model, target_modules)
     for name in targets:
-        _swap(model, name, _meta_linear4bit(model.get_submodule(name), quant_type, blocksize, double_quant,
+        model.set_submodule(name, _meta_linear4bit(model.get_submodule(name), quant_type, blocksize, double_quant,
                                             compute_dtype))
     for m in model.modules():  # the dtype load_model stores each unquantized tensor in (meta: no memory)
         for pname, p in m.named_parameters(recurse=False):
@@ -155,7 +145,7 @@ def load_sharded(
     keep_norms_fp32(model)
     # LoRA for real, in prepare_model's order and from the same RNG state: the same initial values
     for name in select_modules(model, lora.target_modules, lora.exclude_modules):
-        _swap(model, name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout, lora.use_rslora,
+        model.set_submodule(name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout, lora.use_rslora,
                                       lora.dtype, device="cpu"))
     if gradient_checkpointing:
         enable_checkpointing(model, keep_attention=keep_attention)

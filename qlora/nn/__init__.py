@@ -2,6 +2,8 @@
 
     linear4bit.py   Linear4bit: frozen 4-bit weight, decoded on the fly (autograd Function)
     lora.py         LoraLinear + LoraConfig: the trainable low-rank update, merge / unmerge
+    dropout.py      seeded dropout: the mask is a hash of (seed, index), regenerated in backward
+    fused_lora.py   the opt-in CUDA path: Linear4bit + LoRA in one Triton GEMM per direction
 """
 from .linear4bit import Linear4bit
 from .lora import LoraConfig, LoraLinear

@@ -331,3 +331,12 @@ class Linear4bit(nn.Module):
         elif strict:
             missing_keys.append(wkey)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear4bit, an nn.Linear or a transformers Conv1D (weight [in, out])."""
+    if isinstance(layer, (Linear4bit, nn.Linear)):
+        return layer.in_features, layer.out_features
+    if is_conv1d(layer):
+        return tuple(layer.weight.shape)
+    raise TypeError(f"a LoRA or 4-bit layer wraps a Linear4bit, nn.Linear or transformers Conv1D, got {type(layer).__name__}")

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import fused_lora
 from .dropout import new_seed, seeded_dropout
-from .linear4bit import Linear4bit, is_conv1d
+from .linear4bit import Linear4bit, features, is_conv1d
 
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -61,7 +61,12 @@ class LoraConfig:
         _check_hparams(self.r, self.alpha, self.dropout, self.dtype)
 
     def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor of the update B A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _check_hparams(r, alpha, dropout, dtype) -> None:
@@ -73,14 +78,6 @@ def _check_hparams(r, alpha, dropout, dtype) -> None:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     if dtype not in ADAPTER_DTYPES:
         raise TypeError(f"LoRA adapter dtype must be one of {ADAPTER_DTYPES}, got {dtype}")
-
-
-def _features(base: nn.Module) -> tuple[int, int]:
-    if isinstance(base, (Linear4bit, nn.Linear)):
-        return base.in_features, base.out_features
-    if is_conv1d(base):
-        return tuple(base.weight.shape)  # Conv1D stores [in, out]
-    raise TypeError(f"LoraLinear wraps Linear4bit, nn.Linear or transformers Conv1D, got {type(base).__name__}")
 
 
 class _DropoutA(torch.autograd.Function):
@@ -114,16 +111,20 @@ class LoraLinear(nn.Module):
                  use_rslora: bool = False, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
         _check_hparams(r, alpha, dropout, dtype)
-        self.in_features, self.out_features = _features(base_layer)
+        self.in_features, self.out_features = features(base_layer)
         self.base_layer = base_layer.requires_grad_(False)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         device = _device(base_layer) if device is None else device  # explicit: real adapters over a meta base
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
         self.reset_lora_parameters()
+
+    @property
+    def scaling(self) -> float:
+        """lora_scaling of this layer's r, alpha and rsLoRA flag (load_adapter may change them)."""
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))

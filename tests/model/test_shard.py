@@ -10,8 +10,14 @@ import torch
 from torch import nn
 from torch.distributed.fsdp._fully_shard._fsdp_common import _chunk_with_empty
 
-from qlora.model.shard import gather_rows, shard_bounds, shard_rows
+from qlora.model.shard import shard_bounds, shard_rows
 from qlora.nn.linear4bit import FLAT_PARAMETERS, Linear4bit
+
+
+def gather_rows(shards: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of shard_rows over all ranks (what an all-gather returns, unpadded)."""
+    return torch.cat(shards, dim=0)
+
 
 # (out, in): 7 x 96 = 672 elements (10.5 blocks of 64); 300 x 70 = 21000 (329 blocks: 2 nested
 # blocks, the second partial); 33 x 64 = 2112 (33 blocks); 1 x 64 (one row: shards come out empty)
