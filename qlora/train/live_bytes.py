@@ -37,6 +37,10 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+_counting: "LiveTensorPeak | None" = None
+"""The counter whose profiler is on now, if any."""
+
+
 class LiveTensorPeak:
     """Running sum and peak of live CPU tensor bytes between `start` and `stop`."""
 
@@ -58,6 +62,8 @@ class LiveTensorPeak:
             _prepare_profiler(config, activities)
             _enable_profiler(config, activities, {RecordScope.USER_SCOPE})
         self.running = True
+        global _counting
+        _counting = self
 
     def _collect(self) -> None:
         from torch._C._autograd import DeviceType, _disable_profiler
@@ -65,6 +71,8 @@ class LiveTensorPeak:
         with _quiet_stderr():
             result = _disable_profiler()
         self.running = False
+        global _counting
+        _counting = None
         events = [(e.start_ns(), e.nbytes()) for e in result.events()
                   if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
         for _, nbytes in sorted(events, key=lambda t: t[0]):  # stable: same-ns events keep their order
@@ -73,9 +81,12 @@ class LiveTensorPeak:
                 self.peak = self.live
 
     def start(self) -> "LiveTensorPeak":
-        """Begin counting; a no-op (`active` stays False) while another profiler runs."""
+        """Begin counting; a no-op (`active` stays False) while another profiler runs. A counter
+        left on (a run that raised before it measured) is stopped first."""
         import torch
 
+        if _counting is not None and _counting is not self:
+            _counting.stop()
         if torch.autograd._profiler_enabled():
             return self
         self._enable()

@@ -36,3 +36,13 @@ def test_inactive_under_another_profiler():
         assert not live.active
         _ = torch.empty(1000)
         assert live.stop() == 0
+
+
+def test_a_counter_left_on_does_not_blind_the_next():
+    """A run that raises after it started counting never stops its counter; the next one counts."""
+    left = LiveTensorPeak().start()
+    live = LiveTensorPeak().start()
+    assert live.active and not left.active
+    a = torch.empty(1000, dtype=torch.uint8)
+    assert live.stop() == 1000
+    del a
