@@ -49,6 +49,8 @@ MAX_ELEMENTS = 1 << 40
 # Smallest possible encodings, so a count can be bounded by the bytes left before reading on:
 # a key-value is a key (8-byte length + >= 0 bytes), a 4-byte type and a >= 1-byte value;
 # a tensor info is a name (>= 8), n_dims (4), >= 1 dim (8), a type (4) and an offset (8).
+DEQUANTIZE_CHUNK = 1 << 20
+"""Quantized tensors are decoded this many elements (whole rows) at a time into one float32 output."""
 MIN_KV_BYTES = 13
 MIN_TENSOR_INFO_BYTES = 32
 
@@ -123,11 +125,17 @@ class GGUFFile:
         if t in _PLAIN:
             values = np.frombuffer(raw, _PLAIN[t]).astype(np.float32)
         elif t == GGMLQuantizationType.BF16:
-            values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+            values = np.frombuffer(raw, "<u2").astype(np.uint32)
+            values <<= 16  # in place: no second copy
+            values = values.view(np.float32)
         else:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
+            rows = raw.reshape(-1, info.shape[-1] // block * type_size)
+            values = np.empty((rows.shape[0], info.shape[-1]), np.float32)
+            step = max(1, DEQUANTIZE_CHUNK // info.shape[-1])  # gguf.quants' temporaries are several x its output
             try:
-                values = quants.dequantize(raw.reshape(-1, info.shape[-1] // block * type_size), GGMLQuantizationType(t))
+                for i in range(0, rows.shape[0], step):
+                    values[i : i + step] = quants.dequantize(rows[i : i + step], GGMLQuantizationType(t))
             except NotImplementedError:
                 raise GGUFError(
                     f"{self.path}: tensor {name!r} has type {GGMLQuantizationType(t).name}, which the installed "

@@ -124,8 +124,11 @@ def stream_gguf(file: Path, model: nn.Module, progress: bool = True) -> Iterator
         result = processor.process(weights=gguf.read(info.name).numpy(), name=info.name,
                                    tensor_key_mapping=names, parsed_parameters=parsed)
         if result.name is None:  # the processor stored it itself (gpt2's output head)
-            for key, tensor in parsed["tensors"].items():
-                yield file, key, tensor
+            for key in list(parsed["tensors"]):
+                yield file, key, parsed["tensors"].pop(key)
             continue
         key = names.get(result.name)
-        yield file, key if key is not None else info.name, torch.from_numpy(np.ascontiguousarray(result.weights))  # a copy only where the processor permuted
+        tensor = torch.from_numpy(np.ascontiguousarray(result.weights))  # a copy only where the processor permuted
+        del result  # held here, the last tensor would stay alive while the next one is read
+        yield file, key if key is not None else info.name, tensor
+        del tensor

@@ -16,6 +16,9 @@ Peak memory: about the quantized model plus the largest single tensor in 16-bit.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import re
 import warnings
 from collections.abc import Iterator
@@ -31,6 +34,23 @@ from .gguf_model import gguf_source, stream_gguf
 from .prepare import select_modules
 
 _QUANT_PIECES = re.compile(r"^(?P<weight>.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc malloc_trim(0)); a no-op elsewhere.
+
+    Temporaries freed between long-lived tensors leave holes that glibc keeps: loading a 170M
+    Llama with the PyTorch reference quantizer (no C kernels) peaked anywhere from 199 to 307
+    MiB over five runs, and at 210-214 MiB when trimmed after each tensor (the model is 176)."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextlib.contextmanager
@@ -154,28 +174,32 @@ def load_model(
 
     stream = (stream_tensors(path, allow_pickle, progress, scratch=quantized_on_arrival) if gguf is None
               else stream_gguf(gguf, model, progress))
-    for file, key, tensor in stream:
+    def place(file: Path, key: str, tensor: torch.Tensor) -> None:
         piece = _weight_of_piece(key)
         name = model_key(piece or key)
         module = name.rpartition(".")[0] if name else None
         if name is not None and module in targets and (piece is not None or name.endswith(".weight")):
             if prequantized is not None:
                 pieces[module][key.replace(piece or key, "weight", 1) if piece else "weight"] = tensor.to(device)
-            else:
-                layer = model.get_submodule(module)
-                if tuple(tensor.shape) != tuple(layer.weight.shape):
-                    raise CheckpointError(
-                        f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config expects "
-                        f"{tuple(layer.weight.shape)}; the weights do not belong to this config.json"
-                    )
-                if is_conv1d(layer):  # Conv1D keeps [in, out]; store [out, in] like nn.Linear
-                    tensor = tensor.t().contiguous()
-                pieces[module]["qt"] = quantize(tensor.to(device), quant_type, blocksize, double_quant)
-            continue
-        if name is None:
+                return
+            layer = model.get_submodule(module)
+            if tuple(tensor.shape) != tuple(layer.weight.shape):
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config expects "
+                    f"{tuple(layer.weight.shape)}; the weights do not belong to this config.json"
+                )
+            if is_conv1d(layer):  # Conv1D keeps [in, out]; store [out, in] like nn.Linear
+                tensor = tensor.t().contiguous()
+            pieces[module]["qt"] = quantize(tensor.to(device), quant_type, blocksize, double_quant)
+            release_free_heap()  # the quantizer's freed temporaries
+        elif name is None:
             unexpected.append(key)
-            continue
-        _set_tensor(model, name, tensor.to(device), file, store_dtype)
+        else:
+            _set_tensor(model, name, tensor.to(device), file, store_dtype)
+
+    for file, key, tensor in stream:
+        place(file, key, tensor)
+        del tensor  # the loop variable would keep it alive while the next one is read
     for module, got in pieces.items():
         layer = model.get_submodule(module)
         if prequantized is not None:

@@ -144,3 +144,19 @@ def test_cuda_matches_cpu():
     assert torch.equal(gpu.data.cpu(), cpu.data) and torch.equal(gpu.absmax.cpu(), cpu.absmax)
     assert abs(gpu.nested_offset - cpu.nested_offset) <= 1e-6 * abs(cpu.nested_offset)
     torch.testing.assert_close(gpu.dequantize().cpu(), cpu.dequantize(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 3 * 256 + 63])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_reference_quantizes_in_chunks_exactly(monkeypatch, n, blocksize):
+    """Where the C kernel is not used, the reference runs a chunk at a time (bounded temporaries):
+    the codes and scales equal one whole-tensor quantize_4bit_ref, across chunk, block and odd-length edges."""
+    from qlora.quant import tensor as tensor_module
+    from qlora.quant.blockwise import quantize_4bit_ref
+
+    monkeypatch.setenv("QLORA_KERNELS", "reference")
+    monkeypatch.setattr(tensor_module, "REFERENCE_CHUNK", 128)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3
+    qt = qlora.quantize(x, "nf4", blocksize, double_quant=False)
+    want_packed, want_absmax = quantize_4bit_ref(x, qlora.NF4, blocksize)
+    assert torch.equal(qt.data.view(-1), want_packed) and torch.equal(qt.absmax, want_absmax)
