@@ -10,9 +10,14 @@ above it in this list (docs/architecture.md; tests/test_architecture.py checks i
     optim/     the update (AdamW 32/8-bit, paged state, schedules)
     memory/    `qlora memory`: a run's peak memory, planned from the config alone
     train/     the loop (config, data, checkpoints, torchrun, memory.json, reports, generate)
-    explain/, cli.py   the front door: `qlora explain`, the `qlora` command
+    explain/, cli.py, threads.py   the front door: `qlora explain`, the `qlora` command, OpenMP
+               workers that sleep when idle (threads.py: set on import, before torch loads)
 """
-from . import explain, optim
+from .threads import prefer_passive_openmp
+
+prefer_passive_openmp()  # before anything imports torch: libgomp reads it once, at load
+
+from . import explain, optim  # noqa: E402
 from .errors import CheckpointError, QloraError, TrainingError
 from .memory import MemoryPlan, plan_memory
 from .model.adapter import load_adapter, save_adapter

@@ -22,7 +22,7 @@ FLOORS = (
     ("optim",),  # the update
     ("memory",),  # the planner: a run's peak from the config
     ("train",),  # the loop and everything a run writes
-    ("explain", "cli", "__init__", "__main__"),  # the front door
+    ("explain", "cli", "threads", "__init__", "__main__"),  # the front door
 )
 FLOOR = {room: i for i, rooms in enumerate(FLOORS) for room in rooms}
 
