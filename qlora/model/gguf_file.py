@@ -12,7 +12,8 @@ byte offset, never another exception or a huge allocation. Tensor bytes are memo
 one tensor at a time and decoded with `gguf.quants` (F32/F16/BF16 and the integer types with
 plain numpy). The writer emits the whole header first, then asks `data(name)` for one tensor
 at a time, so the peak is one tensor; it writes a temp file beside the target, fsyncs and
-renames, so a failure leaves any existing file untouched.
+renames, so a failure leaves any existing file untouched (and the temp file of a writer killed
+outright is removed by the next write: temp_files.py).
 
 Test: `python -m pytest tests/model/test_gguf_file.py tests/fuzz -q`
 """
@@ -23,7 +24,6 @@ import errno
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
 from ..errors import CheckpointError
+from .temp_files import temp_beside
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -437,12 +438,12 @@ def write_gguf(path: str | os.PathLike, fields: dict[str, GGUFValue], tensors: l
     path = Path(path)
     header, layout = _header(path, fields, tensors, alignment)  # every check before a file exists
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = temp_beside(path, suffix=".tmp")  # what a killed writer left is removed here
     except OSError as e:
         raise GGUFError(f"{path}: cannot create a file in {path.parent} ({e.strerror or e})") from None
     name = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(header)
             for name, shape, ggml_type, nbytes in tqdm(layout, desc=f"writing {path.name}", disable=not progress):
                 blob = _encode_tensor(data(name), shape, ggml_type)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from .gguf_file import GGUFError, read_gguf
+from .temp_files import temp_beside
 
 SOURCE = "gguf_source.json"
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt2")
@@ -73,7 +73,7 @@ def gguf_checkpoint(file: Path) -> Path:
             raise GGUFError(f"{file}: its metadata does not describe a {arch} model transformers can build "
                             f"({type(e).__name__}: {e})") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = temp_beside(out, directory=True)
     try:
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -337,8 +337,7 @@ def test_failed_write_leaves_the_target_untouched_and_no_temp_file(tmp_path, mon
     if how == "data raises":
         data, match = failing_data, "writing tensor 'q8' failed .*source checkpoint unreadable"
     elif how == "write ENOSPC":
-        fdopen = os.fdopen
-        monkeypatch.setattr(gguf_file.os, "fdopen", lambda *a, **k: FullDisk(fdopen(*a, **k), ok=3))
+        monkeypatch.setattr(gguf_file, "open", lambda *a, **k: FullDisk(open(*a, **k), ok=3), raising=False)
     else:
         monkeypatch.setattr(gguf_file.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
     with pytest.raises(GGUFError, match=match) as e:
