@@ -3,7 +3,7 @@ and the errors raised on more than one floor (CheckpointError, TrainingError).
 
     try:
         qlora.load_model(path)
-    except qlora.QloraError as e:   # CheckpointError, DataError, ConfigError, TrainingError, ...
+    except qlora.QloraError as e:   # CheckpointError, DataError, ConfigError, TrainingError, InputError, ...
         print(e)                    # one line: the file (and tensor, line or byte) at fault, what to do
 
 The subclasses keep the builtin base they always had (ValueError, RuntimeError), so existing
@@ -23,3 +23,8 @@ class CheckpointError(QloraError, ValueError):
 
 class TrainingError(QloraError, RuntimeError):
     """The run cannot continue; the message says why and what to do."""
+
+
+class InputError(QloraError, ValueError):
+    """An argument or flag value qlora cannot use (files, data, recipes and quant states have
+    their own subclasses: CheckpointError, DataError, ConfigError, QuantStateError)."""

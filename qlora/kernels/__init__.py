@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import InputError
 from . import cpu
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ _warned = False
 def _mode() -> str:
     mode = os.environ.get("QLORA_KERNELS", "native")
     if mode not in ("native", "scalar", "reference"):
-        raise ValueError(f"QLORA_KERNELS={mode!r}: expected native, scalar or reference")
+        raise InputError(f"QLORA_KERNELS={mode!r}: expected native, scalar or reference")
     return mode
 
 

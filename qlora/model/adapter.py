@@ -137,10 +137,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dict[str
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise CheckpointError(f"{config_path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     if not weights_path.exists():
         hint = " (adapter_model.bin is a pickle: re-save it with safetensors)" if (directory / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"{weights_path} not found{hint}")
+        raise CheckpointError(f"{weights_path} not found{hint}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
@@ -232,7 +232,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
         elif is_linear(module) or isinstance(module, Linear4bit):
             in_f, out_f = features(module)
         else:
-            raise TypeError(f"{weights_path}: tensor {key_a!r} names {path!r}, a {type(module).__name__}, not a linear layer")
+            raise CheckpointError(f"{weights_path}: tensor {key_a!r} names {path!r}, a {type(module).__name__}, not a "
+                                  "linear layer; the adapter belongs to another base model")
         a, b = ab["A"], ab["B"]
         r = a.shape[0] if a.dim() == 2 else -1
         if a.dim() != 2 or a.shape[1] != in_f:

@@ -135,11 +135,22 @@ def calibration_ids(tokenizer, path: str, rows: int = 128, seq: int = 512) -> to
     every string value of a row joined), as one stream cut into windows."""
     from pathlib import Path
 
+    from ..errors import InputError
     from ..rows import DataError, read_rows
 
     file = Path(path)
+    if rows < 1 or seq < 2:
+        raise InputError(f"--calibrate-rows {rows} / --calibrate-seq {seq}: need at least 1 row of 2 tokens")
     if file.suffix in (".jsonl", ".json", ".csv"):
-        text = "\n\n".join(" ".join(_strings(row)) for _, row in read_rows(str(file)))
+        texts = []
+        for where, row in read_rows(str(file)):
+            if isinstance(row, DataError):  # a line that is not JSON
+                raise row
+            if not _strings(row):
+                raise DataError(f"{where}: no text in this row ({type(row).__name__} {str(row)[:60]!r}); calibration "
+                                "reads every string value of a row: fix or drop the row")
+            texts.append(" ".join(_strings(row)))
+        text = "\n\n".join(texts)
     else:
         try:
             text = file.read_text()

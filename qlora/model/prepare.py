@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from ..errors import InputError
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraConfig, LoraLinear
 from .targets import is_linear, is_norm, matches, output_head
@@ -53,7 +54,7 @@ def select_modules(model: nn.Module, target_modules: str | list[str] | tuple[str
         try:
             re.compile(target_modules)
         except re.error as e:
-            raise ValueError(f"target_modules={target_modules!r} is neither 'all-linear', a list nor a valid regex: {e}") from None
+            raise InputError(f"target_modules={target_modules!r} is neither 'all-linear', a list nor a valid regex: {e}") from None
     head = output_head(model)
     inside_lora = {id(m.base_layer) for m in model.modules() if isinstance(m, LoraLinear)}
     linears = [name for name, m in model.named_modules()
@@ -61,11 +62,11 @@ def select_modules(model: nn.Module, target_modules: str | list[str] | tuple[str
     if not isinstance(target_modules, str):
         unmatched = [t for t in target_modules if not any(matches(n, [t]) for n in linears)]
         if unmatched:
-            raise ValueError(f"target_modules {unmatched} match no linear layer of {type(model).__name__}; "
+            raise InputError(f"target_modules {unmatched} match no linear layer of {type(model).__name__}; "
                              f"its linear layers are e.g. {linears[:6]}")
     chosen = [n for n in linears if matches(n, target_modules) and not (exclude and matches(n, list(exclude)))]
     if not chosen:
-        raise ValueError(f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
+        raise InputError(f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
                          f"its linear layers are e.g. {linears[:6]}")
     return chosen
 

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,9 +20,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import InputError
 from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..nn.lora import LoraLinear
 from .targets import is_linear
+from .temp_files import temp_beside
 
 MAX_SHARD_BYTES = 2 << 30
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -34,8 +35,12 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success it replaces `target`."""
     target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_beside(target, directory=True)  # a killed run's leftovers are removed by the next one
+    except OSError as e:
+        raise InputError(f"{target}: cannot write a directory there ({e.strerror or e}); choose another "
+                         "output path") from None
     try:
         yield tmp
     except BaseException:
@@ -43,7 +48,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = temp_beside(target, directory=True, suffix=".old")
         os.replace(target, old)
     os.replace(tmp, target)
     if old is not None:
@@ -119,7 +124,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, max_shard_byt
         raise ValueError(f"save_quantized: layers mix quantization settings {sorted(kinds)}; bitsandbytes needs one")
     quant_type, double_quant = kinds.pop()
     if quant_type == "int4":
-        raise ValueError("save_quantized: int4 is qlora's own format and bitsandbytes cannot read it; use nf4 or fp4")
+        raise InputError("save_quantized: int4 is qlora's own format and bitsandbytes cannot read it; use nf4 or fp4")
     compute = {str(m.compute_dtype).removeprefix("torch.") for m in layers.values()}.pop()
     skip = sorted(name for name, m in model.named_modules() if is_linear(m) and name not in layers)
     state = {k: v for k, v in model.state_dict().items() if "lora_" not in k and k not in _tied(model)}

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from . import fused_lora
 from .dropout import new_seed, seeded_dropout
 from .linear4bit import Linear4bit, features, is_conv1d
@@ -71,11 +72,11 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
 
 def _check_hparams(r, alpha, dropout, dtype) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        raise InputError(f"LoRA rank r must be a positive int, got {r!r}")
     if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
+        raise InputError(f"LoRA alpha must be a positive number, got {alpha!r}")
     if not 0 <= dropout < 1:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        raise InputError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     if dtype not in ADAPTER_DTYPES:
         raise TypeError(f"LoRA adapter dtype must be one of {ADAPTER_DTYPES}, got {dtype}")
 

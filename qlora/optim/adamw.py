@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from qlora.errors import InputError
 from qlora.optim.paging import ALIGN, DEFAULT_PAGE_BYTES, Job, Pager, align, chunks, nbytes
 from qlora.quant.blockwise8 import BLOCK, dequantize_8bit, dynamic_map_on, quantize_8bit_nearest
 from qlora.quant.codebooks import signed_dynamic_map
@@ -181,13 +182,13 @@ class AdamW(torch.optim.Optimizer):
         page_size: int = DEFAULT_PAGE_BYTES,
     ) -> None:
         if not lr >= 0.0:
-            raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
+            raise InputError(f"AdamW: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
+            raise InputError(f"AdamW: betas must be in [0, 1), got {betas}")
         if not eps >= 0.0:
-            raise ValueError(f"AdamW: eps must be >= 0, got {eps}")
+            raise InputError(f"AdamW: eps must be >= 0, got {eps}")
         if not weight_decay >= 0.0:
-            raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
+            raise InputError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
         _check_bits(state_bits)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_bits=state_bits)
         super().__init__(params, defaults)
@@ -391,7 +392,7 @@ class AdamW(torch.optim.Optimizer):
 
 def _check_bits(bits: int) -> None:
     if bits not in (32, 8):
-        raise ValueError(f"AdamW: state_bits must be 32 or 8, got {bits!r}")
+        raise InputError(f"AdamW: state_bits must be 32 or 8, got {bits!r}")
 
 
 def _check_state_shape(i: int, p: torch.Tensor, key: str, t: torch.Tensor) -> None:

@@ -22,15 +22,17 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..errors import InputError
+
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 def lr_schedule(name: str, warmup_steps: int = 0, total_steps: int | None = None) -> Callable[[int], float]:
     """The lr multiplier at step s for schedule `name` (see the module docstring)."""
     if name not in SCHEDULES:
-        raise ValueError(f"lr_schedule: unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
+        raise InputError(f"lr_schedule: unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
     if warmup_steps < 0:
-        raise ValueError(f"lr_schedule: warmup_steps must be >= 0, got {warmup_steps}")
+        raise InputError(f"lr_schedule: warmup_steps must be >= 0, got {warmup_steps}")
     if name == "constant":
         if warmup_steps:
             raise ValueError(

@@ -20,6 +20,8 @@ import functools
 
 import torch
 
+from ..errors import InputError
+
 QUANT_TYPES = ("nf4", "fp4", "int4")
 
 NF4 = torch.tensor(
@@ -98,7 +100,7 @@ def codebook(quant_type: str) -> torch.Tensor:
     """The 16-entry float32 table of `quant_type` ("nf4", "fp4" or "int4")."""
     tables = {"nf4": NF4, "fp4": FP4, "int4": INT4}
     if quant_type not in tables:
-        raise ValueError(f"unknown quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
+        raise InputError(f"unknown quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
     return tables[quant_type]
 
 

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from ..errors import InputError
 from .codebooks import QUANT_TYPES, codebook
 from .tensor import quantize
 
@@ -49,17 +50,20 @@ def linear_weights(path: Path) -> dict[str, torch.Tensor]:
     """The Linear weights of a safetensors file or of every *.safetensors in a directory."""
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors files found (pass a model directory or a .safetensors file)")
+        raise InputError(f"{path}: no *.safetensors files found (pass a model directory or a .safetensors file)")
     weights = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if name.endswith(".weight") and not _NOT_LINEAR.search(name):
-                    t = f.get_tensor(name)
-                    if t.ndim == 2 and t.is_floating_point():
-                        weights[name] = t
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith(".weight") and not _NOT_LINEAR.search(name):
+                        t = f.get_tensor(name)
+                        if t.ndim == 2 and t.is_floating_point():
+                            weights[name] = t
+        except SafetensorError as e:
+            raise InputError(f"{file}: not a readable safetensors file ({e}); re-download or re-save it") from None
     if not weights:
-        raise ValueError(f"{path}: no 2-D Linear '*.weight' tensors found")
+        raise InputError(f"{path}: no 2-D Linear '*.weight' tensors found")
     return weights
 
 
@@ -133,7 +137,7 @@ def run(model: str | None = None, output: str | Path = "runs/quantize-report", b
     if model is not None:
         path = Path(model)
         if not path.exists():
-            raise FileNotFoundError(f"--model {model}: no such file or directory")
+            raise InputError(f"--model {model}: no such file or directory")
         source, weights = str(path), linear_weights(path)
     elif (path := minilm_path()) is not None:
         source, weights = f"MiniLM-L6 (real pretrained weights, {path})", linear_weights(path)

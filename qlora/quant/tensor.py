@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import QloraError
+from ..errors import InputError, QloraError
 from .. import kernels
 from ..kernels.packed import NESTED_BLOCKSIZE
 from .blockwise import dequantize_4bit_ref, nearest, pack_4bit, quantize_4bit_ref, sort_order, thresholds
@@ -241,7 +241,7 @@ def _expect(name: str, t: torch.Tensor, count: int) -> None:
 
 def _check_blocksize(blocksize: int) -> None:
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"unsupported blocksize {blocksize}: use a power of two from 32 to 4096")
+        raise InputError(f"unsupported blocksize {blocksize}: use a power of two from 32 to 4096")
 
 
 def quantize(
@@ -258,10 +258,10 @@ def quantize(
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize expects a float32, float16 or bfloat16 tensor, got {tensor.dtype}")
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
+        raise InputError(f"unknown quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
     _check_blocksize(blocksize)
     if tensor.numel() == 0:
-        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(tensor.shape)})")
+        raise InputError(f"cannot quantize an empty tensor (shape {tuple(tensor.shape)})")
     tensor = tensor.detach().contiguous()
     code = codebook(quant_type).to(tensor.device)
     native = kernels.quantize_4bit(tensor, sort_order(code).to(torch.uint8).contiguous(),
@@ -269,7 +269,7 @@ def quantize(
     finite = native[2] if native is not None else bool(torch.isfinite(tensor).all())
     if not finite:
         bad = ~torch.isfinite(tensor)
-        raise ValueError(
+        raise InputError(
             f"tensor of shape {tuple(tensor.shape)} holds {int(bad.sum())} NaN/Inf value(s), first at index "
             f"{bad.nonzero()[0].tolist()}; quantization needs finite weights"
         )
@@ -325,7 +325,7 @@ def from_codes(
     `qt.scales()` then returns the reconstructed scales a loader will decode with.
     """
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
+        raise InputError(f"unknown quant_type {quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
     _check_blocksize(blocksize)
     shape = torch.Size(shape)
     n = math.prod(shape)

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import TrainingError
+from ..errors import CheckpointError, TrainingError
 from ..model.adapter import PREFIX, adapter_tensors, load_adapter, read_adapter, save_adapter
 from ..model.save import atomic_directory
 from ..model.shard import shard_rows
@@ -122,9 +122,9 @@ def _load_adapter(path: Path, model: nn.Module, ranks: Ranks) -> None:
         module, part = key[len(PREFIX):].rsplit(".lora_", 1)
         full = modules.get(module, {}).get(part[0])
         if full is None:
-            raise ValueError(f"{path}: lacks tensor {key!r} that this model's LoRA layer needs")
+            raise CheckpointError(f"{path}: lacks tensor {key!r} that this model's LoRA layer needs")
         if tuple(full.shape) != tuple(p.shape):
-            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(full.shape)}, the model's is {tuple(p.shape)}")
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(full.shape)}, the model's is {tuple(p.shape)}")
         piece = shard_rows(full, ranks.rank, ranks.world_size) if hasattr(p, "to_local") else full
         local(p).copy_(piece)
 

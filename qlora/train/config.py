@@ -228,6 +228,9 @@ def read_recipe(path: Path) -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Reject impossible settings with a message naming the flag."""
+    from ..optim.schedule import SCHEDULES
+    from ..quant.tensor import BLOCKSIZES
+
     checks = [
         (cfg.quant_type in ("nf4", "fp4", "int4", "none"), "--quant-type must be nf4, fp4, int4 or none"),
         (cfg.calibrate is None or cfg.quant_type != "none", "--calibrate chooses 4-bit codes: it needs a 4-bit "
@@ -237,6 +240,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.compute_dtype in ("bfloat16", "float16", "float32", "auto"),
          "--compute-dtype must be bfloat16, float16, float32 or auto"),
         (cfg.lora_r > 0, "--lora-r must be positive"),
+        (cfg.lora_alpha > 0, "--lora-alpha must be positive"),
+        (cfg.blocksize in BLOCKSIZES, f"--blocksize must be a power of two from {BLOCKSIZES[0]} to {BLOCKSIZES[-1]}"),
+        (cfg.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+        (cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
         (0 <= cfg.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
         (cfg.lr > 0, "--lr must be positive"),
         (cfg.batch_size > 0 and cfg.grad_accum > 0, "--batch-size and --grad-accum must be positive"),

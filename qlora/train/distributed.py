@@ -44,6 +44,7 @@ from torch import nn
 
 from ..model.shard import load_sharded, shard_rows
 from ..nn.lora import LoraConfig
+from .config import ConfigError
 from .config import compute_dtype as resolve_compute_dtype
 from .config import device as resolve_device
 
@@ -79,13 +80,13 @@ def setup(cfg) -> Ranks:
     from torch.distributed.device_mesh import init_device_mesh
 
     if cfg.distributed not in MODES:
-        raise ValueError(f"--distributed must be one of {', '.join(MODES)}, got {cfg.distributed!r}")
+        raise ConfigError(f"--distributed must be one of {', '.join(MODES)}, got {cfg.distributed!r}")
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be a multiple of the "
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global micro-batch and must be a multiple of the "
                          f"{world} ranks (each takes batch_size / world_size rows); pass e.g. "
                          f"--batch-size {world * max(1, cfg.batch_size // world)}")
     if "RANK" not in os.environ:
-        raise ValueError(f"WORLD_SIZE={world} but RANK is not set: launch several processes with torchrun "
+        raise ConfigError(f"WORLD_SIZE={world} but RANK is not set: launch several processes with torchrun "
                          "(torchrun --nproc-per-node N -m qlora train ...)")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -125,9 +126,9 @@ def shutdown(ranks: Ranks) -> None:
 def build_sharded(cfg, ranks: Ranks, model_path: str) -> nn.Module:
     """The training model sharded with FSDP2 per block, loaded shard by shard (model/shard.py)."""
     if cfg.quant_type == "none":
-        raise ValueError("--quant-type none (16-bit LoRA) is not sharded by FSDP2 here; use --distributed ddp")
+        raise ConfigError("--quant-type none (16-bit LoRA) is not sharded by FSDP2 here; use --distributed ddp")
     if cfg.calibrate:
-        raise ValueError("--calibrate loads the whole model to calibrate it, which FSDP2's sharded loading does not; "
+        raise ConfigError("--calibrate loads the whole model to calibrate it, which FSDP2's sharded loading does not; "
                          "use --distributed ddp, or calibrate once with `qlora quantize --calibrate` and train on that")
     lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.targets(),
                       use_rslora=cfg.use_rslora)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from .data import ALPACA
 
 
@@ -22,8 +23,8 @@ def generate(model_path: str, prompt: str, adapter: str | None = None, max_new_t
     from ..model.checkpoint_files import resolve
     from ..model.load import load_model
 
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise InputError("--temperature must be >= 0, --top-p in (0, 1] and --max-new-tokens >= 1")
     path = resolve(model_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"

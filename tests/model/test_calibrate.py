@@ -6,12 +6,14 @@ a calibrated checkpoint is a plain bitsandbytes one, and it is closer to the 16-
 import inspect
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qlora
 from qlora.assets import asset_path
 from qlora.model.calibrate import calibration_ids, load_calibrated
+from qlora.rows import DataError
 
 from tiny_models import bnb_dequantize_path
 
@@ -58,9 +60,26 @@ def test_calibration_windows_from_data_rows(tmp_path):
     rows.write_text("".join(json.dumps({"instruction": f"say {i}", "output": "word " * 30}) + "\n" for i in range(20)))
     ids = calibration_ids(AutoTokenizer.from_pretrained(MODEL), str(rows), rows=4, seq=32)
     assert ids.shape == (4, 32) and ids.dtype == torch.long
-    import pytest
-
-    from qlora.train.data import DataError
-
     with pytest.raises(DataError, match="rows.jsonl.*calibration needs"):
         calibration_ids(AutoTokenizer.from_pretrained(MODEL), str(rows), rows=400, seq=512)
+
+
+BAD_CALIBRATION = {
+    "rows.jsonl": ('{"text": "a b c"}\n{"id": 3}\n', r"rows.jsonl:2: no text in this row"),  # a row with no text field
+    "cut.jsonl": ('{"text": "a b c"}\n{"text": "d e', r"cut.jsonl:2: not valid JSON"),  # truncated mid-row
+    "list.json": ('[{"text": "a"}, 7]', r"list.json\[1\]: no text in this row \(int"),
+    "model.txt": (b"GGUF\x03\x00\x00\x00\xff\xfe" + bytes(range(256)), r"model.txt: cannot read calibration text"),
+    "data.jsonl": (b"\xff\xfe{}", r"data.jsonl: not UTF-8"),  # mislabelled: binary named .jsonl
+    "missing.txt": (None, r"missing.txt: cannot read calibration text"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CALIBRATION)
+def test_bad_calibration_data_is_named(tmp_path, name):
+    content, match = BAD_CALIBRATION[name]
+    if isinstance(content, str):
+        (tmp_path / name).write_text(content)
+    elif content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        calibration_ids(AutoTokenizer.from_pretrained(MODEL), str(tmp_path / name), rows=1, seq=2)
