@@ -198,7 +198,7 @@ def _check_config(path: Path, config: object) -> None:
         raise bad(f"use_rslora={config['use_rslora']!r:.40} is not true or false")
     patterns = (("rank_pattern", "ranks", lambda v: type(v) is int and v >= 1), ("alpha_pattern", "numbers", _is_number))
     for key, values, ok in patterns:
-        pattern = config.get(key) or {}
+        pattern = {} if config.get(key) is None else config[key]
         if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
             raise bad(f"{key}={pattern!r:.60} is not a mapping of module names to {values}")
         for name in pattern:

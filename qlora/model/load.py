@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from torch import nn
 from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..quant.tensor import QuantizedTensor, quantize
 from .checkpoint_files import CheckpointError, resolve, stream_tensors, tensor_table
+from .gguf_file import read_gguf
 from .gguf_model import gguf_source, stream_gguf
 from .prepare import select_modules
 
@@ -70,18 +72,66 @@ def meta_parameters() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def bnb_quantization(config) -> dict | None:
+def bnb_quantization(config, where: str | Path = "config.json") -> dict | None:
     """The bitsandbytes 4-bit quantization_config of a transformers config, if any."""
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+    if qc.get("quant_method") != "bitsandbytes" or qc.get("load_in_4bit", qc.get("_load_in_4bit")) is not True:
         raise CheckpointError(
-            f"quantization_config {qc.get('quant_method')!r} (load_in_4bit={qc.get('load_in_4bit')}) is not a "
-            "bitsandbytes 4-bit checkpoint; qlora reads 16-bit checkpoints and bitsandbytes 4-bit ones"
+            f"{where}: quantization_config {qc.get('quant_method')!r:.40} (load_in_4bit={qc.get('load_in_4bit')!r:.20}) "
+            "is not a bitsandbytes 4-bit checkpoint; qlora reads 16-bit checkpoints and bitsandbytes 4-bit ones"
         )
     return qc
+
+
+def read_config(path: Path, trust_remote_code: bool = False):
+    """The transformers config of model directory `path`; CheckpointError if transformers cannot read it."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: no config.json; a model directory holds config.json and its weights")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, ArithmeticError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: transformers cannot read it ({type(e).__name__}: "
+                              f"{str(e)[:300]}); re-download it or fix the file") from None
+
+
+_SIZES = ("hidden_size", "intermediate_size", "vocab_size", "head_dim", "num_attention_heads", "num_key_value_heads",
+          "n_embd", "n_inner", "n_head", "moe_intermediate_size", "num_experts", "num_local_experts")
+_LAYERS = ("num_hidden_layers", "n_layer")
+
+
+def check_config(config, shapes: list[list[int]], names: list[str], where: Path) -> None:
+    """Sizes in config.json that the weights cannot back are refused before a model is built from
+    them (a declared 10^5 layers would hang the build, a vocab of 2^40 allocate from it): every
+    layer count at most the layers the tensor names hold, every size at most the largest tensor's
+    element count (x2: packed 4-bit bytes hold two)."""
+    largest = 2 * max((math.prod(s) for s in shapes), default=0)
+    layers = 1 + max((int(i) for name in names for i in re.findall(r"(?:^|\.)(\d+)\.", name)), default=0)
+    for key in _SIZES + _LAYERS:
+        value = getattr(config, key, None)
+        if value is None:
+            continue
+        bound = layers if key in _LAYERS else largest
+        if type(value) is not int or not 0 < value <= bound:
+            raise CheckpointError(f"{where}: {key}={value!r:.40} does not fit the weights (at most {bound} for their "
+                                  f"{len(names)} tensors); the config belongs to another checkpoint or is corrupt")
+
+
+def build_model(config, where: Path, trust_remote_code: bool = False) -> nn.Module:
+    """The model of `config` with every parameter on the meta device (buffers real)."""
+    from transformers import AutoModelForCausalLM
+
+    with meta_parameters(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ArithmeticError) as e:
+            raise CheckpointError(f"{where}: transformers cannot build the model it describes ({type(e).__name__}: "
+                                  f"{str(e)[:300]}); fix the file or re-download it") from None
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, file: Path, dtype: torch.dtype) -> None:
@@ -128,22 +178,19 @@ def load_model(
     bounded memory peak (see the module docstring). Other float weights are stored in the
     checkpoint's 16-bit dtype (bf16 if it is fp32; fp32 if `compute_dtype` is), all frozen.
     `quant_type="none"` keeps every weight so (16-bit LoRA)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = resolve(path_or_hub_id)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path}: no config.json; a model directory holds config.json and its weights")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    prequantized = bnb_quantization(config)
+    config = read_config(path, trust_remote_code)
+    prequantized = bnb_quantization(config, path / "config.json")
     if prequantized is not None:
         config.quantization_config = None
         del config.quantization_config
     device = torch.device(device or "cpu")
     gguf = gguf_source(path)
     names = tensor_table(path, allow_pickle) if gguf is None else {}
-    with meta_parameters(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    shapes = {n: s for n, (_, s, _) in names.items()} if gguf is None else {
+        n: list(t.shape) for n, t in read_gguf(gguf).tensors.items()}
+    check_config(config, list(shapes.values()), list(shapes), path / "config.json")
+    model = build_model(config, path / "config.json", trust_remote_code)
     model.eval()
     # unquantized weights: 16-bit as in the checkpoint, or fp32 when the compute is fp32 (so no
     # matmul falls back to bf16 on CPUs where bf16 is emulated)

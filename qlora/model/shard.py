@@ -47,7 +47,7 @@ from ..nn.lora import LoraConfig, LoraLinear
 from ..quant.codebooks import codebook, signed_dynamic_map
 from ..quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor, quantize
 from .checkpoint_files import CheckpointError, resolve, stream_tensors
-from .load import _checkpoint_dtype, bnb_quantization, meta_parameters
+from .load import _checkpoint_dtype, bnb_quantization, meta_parameters, read_config
 from .prepare import enable_checkpointing, keep_norms_fp32, select_modules
 
 
@@ -118,13 +118,11 @@ def load_sharded(
     """A QLoRA model sharded with FSDP2 per transformer block, loaded shard by shard (see the
     module docstring). Collective: every rank of the default process group calls it."""
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = resolve(path_or_hub_id)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path}: no config.json; a model directory holds config.json and its weights")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if getattr(config, "quantization_config", None) is not None and bnb_quantization(config) is not None:
+    config = read_config(path, trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None and bnb_quantization(config, path) is not None:
         raise CheckpointError(f"{path}: a pre-quantized bitsandbytes checkpoint cannot be loaded shard by shard under "
                               "FSDP2; use --distributed ddp, or train from the 16-bit checkpoint")
     with meta_parameters(), warnings.catch_warnings():

@@ -215,6 +215,9 @@ def _quant_state(key: str, blob: torch.Tensor) -> dict:
         raise bad(f"the quant state is a JSON {type(info).__name__}, not an object")
     if info.get("quant_type") not in QUANT_TYPES:
         raise bad(f"unknown quant_type {info.get('quant_type')!r:.40}; expected one of {QUANT_TYPES}")
+    named = key.rpartition("__")[2]
+    if named in QUANT_TYPES and named != info["quant_type"]:
+        raise bad(f"the key says {named}, the JSON quant state says {info['quant_type']}")
     for name in ("blocksize", "dtype", "shape"):
         if name not in info:
             raise bad(f"JSON quant state lacks {name!r}")
