@@ -11,7 +11,9 @@
    later moves norms to fp32 for training).
 3. A checkpoint that is already 4-bit (config.json carries a bitsandbytes
    `quantization_config`) is read as is, bit-exact, with no re-quantization.
-Peak memory: about the quantized model plus the largest single tensor in 16-bit.
+Peak memory: about the quantized model plus the largest single tensor in 16-bit (a GGUF
+tensor is decoded to float32 a few rows at a time, then converted). Before any of that, the
+config's layer counts and sizes are checked against the tensors the files hold (check_config).
 """
 from __future__ import annotations
 
