@@ -6,8 +6,12 @@
 Llama config hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 32000 (~58M
 parameters), bf16 random weights (or --model smollm2: the real SmolLM2-135M-Instruct); LoRA r=64, alpha=16, dropout 0.05 on all linear
 layers; gradient checkpointing; paged AdamW 32-bit; the same random token batches.
-Each setup runs in a fresh subprocess; peak = growth of VmHWM over the process after
-its imports (model code included); tokens/s = batch x seq / median step time.
+Each setup runs in a fresh subprocess; tokens/s = batch x seq / median step time. Two
+peaks, each measured the same way for every setup: live = the most CPU tensor bytes alive at
+once, from the load through the first (warm-up) step, which creates the optimizer state
+(qlora/train/live_bytes.py: torch's allocator reports; what `qlora memory` predicts and the
+trainer prints); resident = growth of VmHWM over the process after its imports (model code,
+glibc's freed-but-kept heap and oneDNN's primitive caches included).
 Setups: qlora QLoRA (nf4 + DQ; what `qlora train` runs: fused head + cross-entropy, seeded
 LoRA dropout), the same with --keep-attention (checkpointed layers keep their attention
 output: no attention recompute), the same without gradient checkpointing (no recompute, paid
@@ -38,11 +42,13 @@ CHILD = textwrap.dedent("""
     import qlora
     from qlora.model.loss import causal_lm_loss
     from qlora.train.peak import return_freed_memory
+    from qlora.train.live_bytes import LiveTensorPeak
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, 32000, (batch, seq), generator=g) for _ in range(steps + warmup)]
     if setup.endswith("release"):
         return_freed_memory()  # as `qlora train --release-host-memory` does
     start = reset_peak()
+    live = LiveTensorPeak().start()  # counts the load and the first (warm-up) step, not the timed ones
     if setup.startswith("qlora"):
         model = qlora.load_model(path, compute_dtype=dtype, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
@@ -68,6 +74,8 @@ CHILD = textwrap.dedent("""
     model.train()
     times = []
     for i, ids in enumerate(data):
+        if i == 1:  # the first step made the optimizer state; later steps free what they allocate
+            live.pause()
         t = time.perf_counter()
         with autocast:
             inputs = {"input_ids": ids, "labels": ids}
@@ -79,7 +87,7 @@ CHILD = textwrap.dedent("""
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
     print(json.dumps({"tokens_per_s": batch * seq / med, "step_s": med, "peak_mb": (peak_bytes() - start) / 2**20,
-                      "loss": float(loss)}))
+                      "live_mb": live.stop() / 2**20, "loss": float(loss)}))
 """)
 
 
@@ -154,12 +162,15 @@ def main() -> None:
     if args.repeat > 1:
         for setup, rs in runs.items():
             print(f"  {setup}: tokens/s of each run " + ", ".join(f"{r['tokens_per_s']:.0f}" for r in rs))
-    print(f"{'setup':<34}{'tokens/s':>10}{'step s':>9}{'peak MiB':>10}{'tok/s vs peer QLoRA':>22}{'peak vs peer':>14}")
+    print("peak: live = the most tensor bytes alive at once (torch's allocator reports: load + first step); "
+          "resident = growth of VmHWM over the process after imports (adds glibc's freed-but-kept heap, oneDNN caches)")
+    print(f"{'setup':<34}{'tokens/s':>10}{'step s':>9}{'live MiB':>10}{'resident MiB':>14}"
+          f"{'tok/s vs peer':>15}{'live vs peer':>14}{'resident vs peer':>18}")
     base = results.get("peer-qlora")
     for setup, r in results.items():
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base else "-"
-        print(f"{labels[setup]:<34}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.2f}{r['peak_mb']:>10.0f}{ratio:>22}{mem:>14}")
+        ratios = [f"{r[k] / base[k]:.2f}x" if base else "-" for k in ("tokens_per_s", "live_mb", "peak_mb")]
+        print(f"{labels[setup]:<34}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.2f}{r['live_mb']:>10.0f}{r['peak_mb']:>14.0f}"
+              f"{ratios[0]:>15}{ratios[1]:>14}{ratios[2]:>18}")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ from .gguf_file import GGUFError, read_gguf
 from .temp_files import temp_beside
 
 SOURCE = "gguf_source.json"
-SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt2")
-"""GGUF architectures qlora loads (transformers' GGUF loader supports these among others)."""
+SUPPORTED = ("llama", "qwen2", "gemma2", "gemma3", "phi3", "gpt2")
+"""GGUF architectures qlora loads, each tested against transformers' GGUF loader on a tiny file
+written as llama.cpp writes it (tests/model/test_gguf_model.py). Mistral models are among them:
+llama.cpp writes them as "llama" (it has no "mistral" architecture)."""
+CACHE_VERSION = 2  # bump when what gguf_checkpoint writes changes, so old translations are redone
 
 
 def cache_root() -> Path:
@@ -53,15 +56,16 @@ def gguf_checkpoint(file: Path) -> Path:
     """A directory with the config.json and tokenizer files of GGUF `file` (made once, atomically)."""
     file = file.resolve()
     stat = file.stat()
-    key = hashlib.sha256(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{CACHE_VERSION}:{file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_root() / f"{file.stem}-{key}"
     if (out / SOURCE).is_file():
         return out
     gguf = read_gguf(file)  # validated before transformers' reader sees it
     arch = gguf.get("general.architecture")
     if arch not in SUPPORTED:
+        hint = " (llama.cpp writes Mistral models as 'llama')" if arch == "mistral" else ""
         raise GGUFError(f"{file}: architecture {arch!r} is not supported; qlora loads GGUF files of "
-                        f"{', '.join(SUPPORTED)}")
+                        f"{', '.join(SUPPORTED)}{hint}")
     from transformers import AutoConfig, AutoTokenizer
 
     with warnings.catch_warnings():
@@ -72,11 +76,21 @@ def gguf_checkpoint(file: Path) -> Path:
         except (ValueError, KeyError, TypeError) as e:
             raise GGUFError(f"{file}: its metadata does not describe a {arch} model transformers can build "
                             f"({type(e).__name__}: {e})") from None
+    if arch == "gpt2" and gguf.get("gpt2.context_length") is not None:
+        # transformers maps it to n_ctx, which GPT2Config no longer reads: the position table
+        # would keep the default 1024 rows and any other length fail to load
+        config.n_positions = gguf.get("gpt2.context_length")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(out, directory=True)
     try:
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # read back as the tokenizer.json written, not through a model class (Gemma's, GPT-2's)
+        # that rebuilds its own pipeline from the vocabulary and so differs from, or fails on,
+        # the tokenizer transformers built from this file (e.g. Gemma with a byte-level vocabulary)
+        settings = json.loads((tmp / "tokenizer_config.json").read_text())
+        settings["tokenizer_class"] = "TokenizersBackend"
+        (tmp / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
         record = {"file": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "architecture": arch}
         (tmp / SOURCE).write_text(json.dumps(record, indent=2))
         try:
