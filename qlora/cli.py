@@ -29,19 +29,33 @@ def _quantize_report(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .model.load import load_model
     from .model.save import save_quantized
 
-    if args.calibrate:
+    if args.calibrate or args.init == "loftq" or args.keep_16bit:
         from .model.calibrate import load_calibrated
 
         model = load_calibrated(args.model, args.calibrate, args.quant_type, args.double_quant,
                                 rows=args.calibrate_rows, seq=args.calibrate_seq,
-                                trust_remote_code=args.trust_remote_code)
+                                trust_remote_code=args.trust_remote_code,
+                                loftq_rank=args.lora_r if args.init == "loftq" else 0, loftq_iters=args.loftq_iters,
+                                keep_16bit=[s.strip() for s in args.keep_16bit.split(",")] if args.keep_16bit else ())
     else:
         model = load_model(args.model, args.quant_type, args.double_quant, trust_remote_code=args.trust_remote_code,
                            allow_pickle=args.allow_pickle)
     print(f"wrote {save_quantized(model, args.output)}")
+    if args.init == "loftq":  # as PEFT's LoftQ example: the base, and the adapter's start beside it
+        from .model.adapter import save_adapter
+        from .model.prepare import prepare_model
+        from .nn.lora import LoraConfig
+
+        prepare_model(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha), quant_type=None,
+                      gradient_checkpointing=False, verbose=False)
+        out = Path(args.output) / "loftq_init"
+        save_adapter(model, out, base_model_name_or_path=str(Path(args.output).resolve()))
+        print(f"wrote {out} (the LoftQ adapter start: train from it on this base)")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -125,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "each layer's output error on it (GPTQ), same format and bits")
     p.add_argument("--calibrate-rows", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calibrate-seq", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--init", default="default", choices=["default", "loftq"],
+                   help="loftq: also write loftq_init/, a PEFT adapter whose B A is the rank-r part of W - Q(W)")
+    p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ alternations (default 1)")
+    p.add_argument("--lora-r", type=int, default=64, help="LoftQ adapter rank (default 64)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoftQ adapter alpha (default 16)")
+    p.add_argument("--keep-16bit", metavar="NAMES", help="comma-separated linears kept 16-bit (e.g. mlp.down_proj)")
     _model_flags(p)
     p.set_defaults(func=_quantize)
 

@@ -63,12 +63,8 @@ def _build_model(cfg: TrainConfig, model_path: str):
 
         model = AutoModelForCausalLM.from_pretrained(resolve(model_path), dtype=compute_dtype,
                                                      trust_remote_code=cfg.trust_remote_code).to(resolve_device(cfg))
-    elif cfg.calibrate:
-        from ..model.calibrate import load_calibrated
-
-        model = load_calibrated(model_path, cfg.calibrate, cfg.quant_type, cfg.double_quant, compute_dtype,
-                                cfg.calibrate_rows, cfg.calibrate_seq, cfg.blocksize, cfg.trust_remote_code,
-                                progress=False).to(resolve_device(cfg))
+    elif requantized(cfg):
+        model = _requantized_base(cfg, model_path, compute_dtype).to(resolve_device(cfg))
     else:
         model = load_model(model_path, cfg.quant_type, cfg.double_quant, compute_dtype, device=resolve_device(cfg),
                            blocksize=cfg.blocksize, trust_remote_code=cfg.trust_remote_code, target_modules=targets,
@@ -81,9 +77,39 @@ def _build_model(cfg: TrainConfig, model_path: str):
                          verbose=False)
 
 
+BASE = "base-4bit"
+"""Where a run whose base is not plain absmax (--calibrate, --init loftq, --keep-16bit) writes it."""
+
+
+def requantized(cfg: TrainConfig) -> bool:
+    return bool(cfg.calibrate or cfg.init == "loftq" or cfg.keep_16bit)
+
+
+def _requantized_base(cfg: TrainConfig, model_path: str, compute_dtype: torch.dtype):
+    """The base re-quantized from its 16-bit weights as the flags say, written once to
+    <output>/base-4bit (the adapter names it as its base; a resumed run reads it back)."""
+    from ..model.calibrate import load_calibrated
+    from ..model.save import save_quantized
+
+    base = Path(cfg.output) / BASE
+    if cfg.resume and (base / "config.json").is_file():
+        return load_model(base, compute_dtype=compute_dtype, progress=False)
+    keep = [s.strip() for s in cfg.keep_16bit.split(",")] if cfg.keep_16bit else ()
+    model = load_calibrated(model_path, cfg.calibrate, cfg.quant_type, cfg.double_quant, compute_dtype,
+                            cfg.calibrate_rows, cfg.calibrate_seq, cfg.blocksize, cfg.trust_remote_code,
+                            progress=False, loftq_rank=cfg.lora_r if cfg.init == "loftq" else 0,
+                            loftq_iters=cfg.loftq_iters, keep_16bit=keep, target_modules=cfg.targets())
+    save_quantized(model, base)
+    return model
+
+
 def _training_model(cfg: TrainConfig, model_path: str, ranks: dist_.Ranks):
     """The model this process trains: FSDP2 shards loaded shard by shard, else the whole QLoRA
     model (under --distributed ddp wrapped in DistributedDataParallel)."""
+    if ranks.active and requantized(cfg):
+        raise TrainingError("--calibrate, --init loftq and --keep-16bit re-quantize the whole base in one process: "
+                            "run `qlora quantize --model M --calibrate DATA --output BASE` once, then train on BASE "
+                            "under torchrun")
     if ranks.mode == "fsdp":
         return dist_.build_sharded(cfg, ranks, model_path)
     model = _build_model(cfg, model_path)
@@ -250,7 +276,8 @@ def train(cfg: TrainConfig) -> dict:
         eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
     metrics.close()
     save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
-    save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=cfg.model)
+    base = str((output / BASE).resolve()) if requantized(cfg) else cfg.model
+    save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=base)
     after = demo_generations(model, tokenizer, prompts) if prompts else None
     measured = dist_.peak_over_ranks(M.measure(baseline), ranks)
     dist_.shutdown(ranks)
