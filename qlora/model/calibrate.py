@@ -112,14 +112,14 @@ def _hessians(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torc
     tensor (q/k/v, gate/up) share one matrix."""
     hess: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # holding x: its memory cannot be reused meanwhile
     tokens = 0
 
     def hook(name):
         def fn(module, args, output):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            first = alias.setdefault(name, seen.setdefault(key, name))
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            first = alias.setdefault(name, seen.setdefault(key, (name, x))[0])
             if first == name:
                 x = x.reshape(-1, x.shape[-1])
                 hess.setdefault(name, torch.zeros(x.shape[1], x.shape[1], device=x.device)).addmm_(x.T, x)
@@ -205,7 +205,7 @@ def calibrate_model(
                 new.fan_in_fan_out = m.fan_in_fan_out
             else:  # kept 16-bit
                 new = linears[n].to(store)
-            layer.set_submodule(n, new)
+            layer.set_submodule(n, new.train(m.training))
         if progress:
             print(f"calibrate: layer {i + 1}/{len(layers)} ({len(linears)} linears) in {time.time() - t0:.1f}s",
                   flush=True)

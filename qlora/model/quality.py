@@ -91,7 +91,7 @@ def load_recipe(model: str, recipe: str, calib_ids: torch.Tensor | None, rank: i
 
 def token_windows(tokenizer, text: str, count: int, seq: int, what: str) -> torch.Tensor:
     """The first count x seq tokens of `text` as [count, seq]; a clear error if it is shorter."""
-    from ..train.data import DataError
+    from ..rows import DataError
 
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if ids.numel() < count * seq:

@@ -120,6 +120,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
         self.reset_lora_parameters()
+        self.train(base_layer.training)  # an adapter added to a model in eval mode does not drop out
 
     @property
     def scaling(self) -> float:
