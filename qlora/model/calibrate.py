@@ -148,6 +148,7 @@ def calibrate_model(
     double_quant: bool = True,
     progress: bool = True,
     batch_size: int = 8,
+    sensitivity: dict[str, float] | None = None,
 ) -> dict[str, Result]:
     """Re-quantize every Linear4bit of model.model.layers in place from its 16-bit weight
     (`weights(names)`, float32 [out, in]); returns module name -> result.
@@ -156,6 +157,8 @@ def calibrate_model(
     QuantizedTensor, a LoftQ triple (Q, A, B) whose B A the layer computes with during the
     pass, or None to keep that linear 16-bit (an nn.Linear; left out of the result). Without
     `calibration_ids` nothing runs forward and `hessian` is None (absmax / LoftQ / keep only).
+    A `sensitivity` dict gets, per quantized linear, ||y_q - y||^2 / ||y||^2 for the decoder
+    layer's output y on the first calibration batch when only that linear is quantized.
     """
     if quantize_fn is None:
         quantize_fn = make_quantizer(quant_type, blocksize, double_quant)
@@ -190,12 +193,23 @@ def calibrate_model(
                      torch.float32)
         layer.float()
         hess = _hessians(layer, linears, hidden, kwargs) if hidden else {}
+        done = {}
         for n, lin in linears.items():
             result = quantize_fn(prefix + n, lin.weight.detach().clone(), hess.get(n))
             if result is not None:
-                lin.weight.copy_(decoded(result))
-                results[prefix + n] = result
+                done[n] = result
         del hess
+        if sensitivity is not None and hidden:
+            y = _hidden(layer(hidden[0], **kwargs))
+            for n, result in done.items():
+                w16 = linears[n].weight.detach().clone()
+                linears[n].weight.copy_(decoded(result))
+                sensitivity[prefix + n] = float((_hidden(layer(hidden[0], **kwargs)) - y).square().sum()
+                                                / y.square().sum())
+                linears[n].weight.copy_(w16)
+        for n, result in done.items():
+            linears[n].weight.copy_(decoded(result))
+            results[prefix + n] = result
         hidden = [_hidden(layer(h, **kwargs)) for h in hidden]
         layer.to(store)
         for n, m in originals.items():
@@ -210,6 +224,33 @@ def calibrate_model(
             print(f"calibrate: layer {i + 1}/{len(layers)} ({len(linears)} linears) in {time.time() - t0:.1f}s",
                   flush=True)
     return results
+
+
+def keep_most_sensitive(model: nn.Module, sensitivity: dict[str, float], budget_bytes: int,
+                        weights: WeightsFn) -> dict[str, int]:
+    """Put back into 16 bits the quantized linears with the most `sensitivity` per extra byte
+    while their extra bytes (16-bit weight minus 4-bit storage) fit in `budget_bytes`;
+    returns name -> extra bytes of those kept, in the order chosen."""
+    cost = {}
+    for name in sensitivity:
+        m = model.get_submodule(name)
+        cost[name] = m.weight.numel() * (4 if m.compute_dtype == torch.float32 else 2) - m.weight.nbytes
+    kept: dict[str, int] = {}
+    left = budget_bytes
+    for name in sorted(sensitivity, key=lambda n: sensitivity[n] / max(cost[n], 1), reverse=True):
+        if cost[name] <= left:
+            kept[name] = cost[name]
+            left -= cost[name]
+    for name, w in weights(list(kept)).items():
+        m = model.get_submodule(name)
+        store = torch.float32 if m.compute_dtype == torch.float32 else torch.bfloat16
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=store)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        model.set_submodule(name, lin.requires_grad_(False).train(m.training))
+    return kept
 
 
 def calibration_ids(tokenizer, path: str, rows: int = 128, seq: int = 512) -> torch.Tensor:
@@ -275,27 +316,40 @@ def checkpoint_weights(path: str, model: nn.Module, allow_pickle: bool = False) 
 def load_calibrated(path: str, data: str | None = None, quant_type: str = "nf4", double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16, rows: int = 128, seq: int = 512,
                     blocksize: int = 64, trust_remote_code: bool = False, progress: bool = True,
-                    loftq_rank: int = 0, loftq_iters: int = 1, keep_16bit: Collection[str] = (),
-                    target_modules: str | list[str] = "all-linear") -> nn.Module:
+                    loftq_rank: int = 0, loftq_iters: int = 1, keep_16bit: Collection[str] | str = (),
+                    keep_budget_bytes: int = 0, target_modules: str | list[str] = "all-linear") -> nn.Module:
     """A model like load_model's whose decoder-layer linears are re-quantized from their 16-bit
     weights by `make_quantizer`: GPTQ against calibration text `data` (calibration_ids) when
     given, LoftQ when `loftq_rank` > 0 (its (A, B) left on the Linear4bit as `lora_init` for
-    prepare_model), 16-bit for the names in `keep_16bit`; the bitsandbytes layout throughout."""
+    prepare_model), 16-bit for the names in `keep_16bit`; the bitsandbytes layout throughout.
+    `keep_16bit="auto"` keeps the linears most sensitive on `data` whose extra bytes fit in
+    `keep_budget_bytes` (keep_most_sensitive; the choice is left in `model.qlora_kept_16bit`)."""
     from transformers import AutoTokenizer
 
     from .checkpoint_files import resolve
     from .load import load_model
 
+    auto = keep_16bit == "auto"
+    if auto and data is None:
+        raise ValueError("--keep-16bit auto measures each layer's sensitivity on calibration data: give --calibrate DATA")
     ids = None
     if data is not None:
         tokenizer = AutoTokenizer.from_pretrained(resolve(path), trust_remote_code=trust_remote_code)
         ids = calibration_ids(tokenizer, data, rows, seq)
     model = load_model(path, quant_type, double_quant, compute_dtype, trust_remote_code=trust_remote_code,
                        blocksize=blocksize, target_modules=target_modules, progress=progress)
-    quantize_fn = make_quantizer(quant_type, blocksize, double_quant, loftq_rank, loftq_iters, keep_16bit)
-    results = calibrate_model(model, ids, checkpoint_weights(path, model), quantize_fn, quant_type, blocksize,
-                              double_quant, progress, batch_size=next(b for b in (8, 4, 2, 1) if rows % b == 0))
+    quantize_fn = make_quantizer(quant_type, blocksize, double_quant, loftq_rank, loftq_iters,
+                                 () if auto else keep_16bit)
+    weights = checkpoint_weights(path, model)
+    sensitivity: dict[str, float] | None = {} if auto else None
+    results = calibrate_model(model, ids, weights, quantize_fn, quant_type, blocksize, double_quant, progress,
+                              batch_size=next(b for b in (8, 4, 2, 1) if rows % b == 0), sensitivity=sensitivity)
+    kept = keep_most_sensitive(model, sensitivity, keep_budget_bytes, weights) if auto else {}
     for name, result in results.items():
-        if isinstance(result, tuple):
+        if isinstance(result, tuple) and name not in kept:
             model.get_submodule(name).lora_init = result[1:]
+    model.qlora_kept_16bit = kept
+    if progress and auto:
+        print(f"keep-16bit auto: {len(kept)} linears, +{sum(kept.values()) / 2**20:.1f} MiB of "
+              f"{keep_budget_bytes / 2**20:.1f} MiB: {', '.join(kept) or 'none fit'}")
     return model

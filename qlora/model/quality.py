@@ -100,29 +100,36 @@ def token_windows(tokenizer, text: str, count: int, seq: int, what: str) -> torc
     return ids[: count * seq].view(count, seq)
 
 
-def quality_report(model: str, data: str, calibrate: str | None = None, recipes: tuple[str, ...] = RECIPES[:2] + RECIPES[4:6],
-                   windows: int = 16, calibrate_rows: int = 32, seq: int = 512, rank: int = 64, loftq_iters: int = 1,
-                   progress: bool = True) -> list[Row]:
-    """Perplexity of each recipe on text file `data` (see the module docstring)."""
+def _read(path: str) -> str:
     from pathlib import Path
 
+    from ..rows import DataError
+
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the text ({e.strerror or e})") from None
+
+
+def quality_report(model: str, data: str, calibrate: str | None = None,
+                   recipes: tuple[str, ...] = ("bf16", "absmax", "calibrated", "loftq"), windows: int = 16,
+                   calibrate_rows: int = 32, seq: int = 512, rank: int = 64, loftq_iters: int = 1,
+                   progress: bool = True) -> list[Row]:
+    """Perplexity of each recipe on text file `data` (see the module docstring)."""
     from transformers import AutoTokenizer
 
     from .checkpoint_files import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(model))
-    text = Path(data).read_text(errors="replace")
-    calib_ids = None
-    if any(r in ("calibrated", "loftq") for r in recipes):
-        if calibrate is None:
-            both = token_windows(tokenizer, text, calibrate_rows + windows, seq, data)
-            calib_ids, eval_ids = both[:calibrate_rows], both[calibrate_rows:]
-        else:
-            calib_ids = token_windows(tokenizer, Path(calibrate).read_text(errors="replace"), calibrate_rows, seq,
-                                      calibrate)
-    if calib_ids is None or calibrate is not None:
+    text = _read(data)
+    calibrated = any(r in ("calibrated", "loftq") for r in recipes)
+    if calibrated and calibrate is None:  # the first windows calibrate, the rest evaluate
+        both = token_windows(tokenizer, text, calibrate_rows + windows, seq, data)
+        calib_ids, eval_ids = both[:calibrate_rows], both[calibrate_rows:]
+    else:
         eval_ids = token_windows(tokenizer, text, windows, seq, data)
-    rows = []
+        calib_ids = token_windows(tokenizer, _read(calibrate), calibrate_rows, seq, calibrate) if calibrated else None
+    rows: list[Row] = []
     for recipe in recipes:
         t0 = time.time()
         m = load_recipe(model, recipe, calib_ids, rank, loftq_iters)
@@ -142,3 +149,28 @@ def format_row(row: Row, bf16: float | None) -> str:
 
 def as_dicts(rows: list[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def write_report(model: str | None, data: str, output: str, calibrate: str | None = None,
+                 recipes: tuple[str, ...] = ("bf16", "absmax", "calibrated", "loftq"), windows: int = 16,
+                 calibrate_rows: int = 32, rank: int = 64, loftq_iters: int = 1) -> list[Row]:
+    """`qlora quantize-report --data`: quality_report printed and written to OUTPUT/quality.json."""
+    import json
+    from pathlib import Path
+
+    if model is None:
+        raise ValueError("quantize-report --data needs --model: the causal LM to score (a directory or .gguf)")
+    for recipe in recipes:
+        if recipe not in RECIPES:
+            raise ValueError(f"--recipes: unknown recipe {recipe!r}; expected some of {', '.join(RECIPES)}")
+    print(f"model {model}: perplexity on {data} ({windows} x 512 tokens)"
+          + (f", calibrated on {calibrate}" if calibrate else f", calibrated on its first {calibrate_rows} windows"))
+    rows = quality_report(model, data, calibrate, recipes, windows, calibrate_rows, rank=rank, loftq_iters=loftq_iters)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "quality.json.tmp"
+    tmp.write_text(json.dumps({"model": str(model), "data": data, "calibrate": calibrate, "rows": as_dicts(rows)},
+                              indent=1))
+    tmp.replace(out / "quality.json")
+    print(f"wrote {out / 'quality.json'}")
+    return rows

@@ -18,6 +18,7 @@ process is the world of size 1: the same forward/backward, checkpoint and report
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -94,11 +95,22 @@ def _requantized_base(cfg: TrainConfig, model_path: str, compute_dtype: torch.dt
     base = Path(cfg.output) / BASE
     if cfg.resume and (base / "config.json").is_file():
         return load_model(base, compute_dtype=compute_dtype, progress=False)
-    keep = [s.strip() for s in cfg.keep_16bit.split(",")] if cfg.keep_16bit else ()
+    auto = cfg.keep_16bit == "auto"
+    room = 0
+    if auto:  # the room between this run's plan (every linear 4-bit) and the budget
+        from ..memory import parse_bytes
+
+        room = max(0, parse_bytes(cfg.memory_budget) - M.plan_for_run(cfg, model_path, compute_dtype).total_bytes)
     model = load_calibrated(model_path, cfg.calibrate, cfg.quant_type, cfg.double_quant, compute_dtype,
                             cfg.calibrate_rows, cfg.calibrate_seq, cfg.blocksize, cfg.trust_remote_code,
                             progress=False, loftq_rank=cfg.lora_r if cfg.init == "loftq" else 0,
-                            loftq_iters=cfg.loftq_iters, keep_16bit=keep, target_modules=cfg.targets())
+                            loftq_iters=cfg.loftq_iters, keep_16bit="auto" if auto else M.kept_names(cfg),
+                            keep_budget_bytes=room, target_modules=cfg.targets())
+    if auto:
+        kept = model.qlora_kept_16bit
+        print(f"--keep-16bit auto: kept {len(kept)} linears 16-bit (+{sum(kept.values()) / 2**20:,.1f} MiB of "
+              f"{room / 2**20:,.1f} MiB of room under --memory-budget {cfg.memory_budget})"
+              + (f": {', '.join(kept)}" if kept else ""))
     save_quantized(model, base)
     return model
 
@@ -180,6 +192,11 @@ def train(cfg: TrainConfig) -> dict:
     plan = M.plan_run(cfg, model_path, train_rows, ranks.world_size) if ranks.main else None  # per process
     baseline = M.start_measure(model_path, cfg.release_host_memory, ranks.device)
     model = _training_model(cfg, model_path, ranks)
+    if cfg.keep_16bit == "auto" and ranks.main:  # plan again with the linears it chose
+        kept = [n.replace(".base_layer", "") for n, m in model.named_modules()
+                if type(m) is torch.nn.Linear and ".layers." in n and not n.endswith(("lora_A", "lora_B"))]
+        plan = M.plan_run(dataclasses.replace(cfg, keep_16bit=",".join(kept) or None), model_path, train_rows,
+                          ranks.world_size)
     if ranks.rank > 0:
         torch.manual_seed(cfg.seed + ranks.rank)  # the same init everywhere, then dropout masks of its own
     prompts = demo_prompts(cfg.data) if cfg.demo and not ranks.active else None

@@ -154,3 +154,27 @@ def test_calibration_streams_one_layer_at_a_time(tmp_path):
     assert asked == [str(i) for i in range(len(model.model.layers))]
     assert set(results) == {n for n, m in model.named_modules() if isinstance(m, qlora.Linear4bit)
                             and n.startswith("model.layers")}
+
+
+def test_keep_16bit_auto_fills_the_budget_with_the_most_sensitive_per_byte(tmp_path):
+    from qlora.model.calibrate import calibrate_model, checkpoint_weights, keep_most_sensitive
+
+    calib = tmp_path / "calib.txt"
+    import collections
+
+    calib.write_text(inspect.getsource(collections))
+    ids = calibration_ids(AutoTokenizer.from_pretrained(MODEL), str(calib), rows=4, seq=64)
+    model = qlora.load_model(MODEL, compute_dtype=torch.float32, progress=False)
+    sens: dict = {}
+    calibrate_model(model, ids, checkpoint_weights(MODEL, model), progress=False, batch_size=4, sensitivity=sens)
+    linears = {n for n, m in model.named_modules() if isinstance(m, qlora.Linear4bit) and ".layers." in n}
+    assert set(sens) == linears and all(v > 0 for v in sens.values())
+    cost = {n: model.get_submodule(n).weight.numel() * 4 - model.get_submodule(n).weight.nbytes for n in sens}
+    ranked = sorted(sens, key=lambda n: sens[n] / cost[n], reverse=True)
+    budget = cost[ranked[0]] + cost[ranked[1]]
+    kept = keep_most_sensitive(model, sens, budget, checkpoint_weights(MODEL, model))
+    assert list(kept)[:2] == ranked[:2] and sum(kept.values()) <= budget
+    dense = qlora.load_model(MODEL, quant_type="none", compute_dtype=torch.float32, progress=False)
+    for name in kept:
+        assert torch.equal(model.get_submodule(name).weight, dense.get_submodule(name).weight)
+
