@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory or Hub id (16-bit safetensors)")
     p.add_argument("--output", required=True, help="output directory (written atomically)")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (torch.load weights_only=True)")
-    p.add_argument("--calibrate", metavar="DATA", help="text or data rows: choose codes and scales that minimize "
-                   "each layer's output error on it (GPTQ), same format and bits")
+    p.add_argument("--calibrate", metavar="DATA", help="text or data rows (or `self`: text the model samples "
+                   "itself): choose codes and scales that minimize each layer's output error on it (GPTQ), same "
+                   "format and bits")
     p.add_argument("--calibrate-rows", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calibrate-seq", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--init", default="default", choices=["default", "loftq"],

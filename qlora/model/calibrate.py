@@ -275,6 +275,29 @@ def calibration_ids(tokenizer, path: str, rows: int = 128, seq: int = 512) -> to
     return ids[: rows * seq].view(rows, seq)
 
 
+SELF = "self"
+"""`--calibrate self`: calibrate on text the model writes itself (no data needed)."""
+
+
+@torch.no_grad()
+def generated_ids(model: nn.Module, rows: int, seq: int, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
+    """[rows, seq] tokens sampled from `model` itself (temperature 1), each row started from a
+    random vocabulary token, as in data-free quantization-aware training (LLM-QAT): calibration
+    inputs drawn from the model's own distribution when the user has no text."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, rows, batch_size):
+            first = torch.randint(0, vocab, (min(batch_size, rows - start), 1)).to(device)
+            ids = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=seq - 1, min_new_tokens=seq - 1,
+                                 pad_token_id=0)
+            out.append(ids.cpu())
+    return torch.cat(out)
+
+
 def _strings(value) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -333,11 +356,13 @@ def load_calibrated(path: str, data: str | None = None, quant_type: str = "nf4",
     if auto and data is None:
         raise ValueError("--keep-16bit auto measures each layer's sensitivity on calibration data: give --calibrate DATA")
     ids = None
-    if data is not None:
+    if data is not None and data != SELF:
         tokenizer = AutoTokenizer.from_pretrained(resolve(path), trust_remote_code=trust_remote_code)
         ids = calibration_ids(tokenizer, data, rows, seq)
     model = load_model(path, quant_type, double_quant, compute_dtype, trust_remote_code=trust_remote_code,
                        blocksize=blocksize, target_modules=target_modules, progress=progress)
+    if data == SELF:
+        ids = generated_ids(model, rows, seq)
     quantize_fn = make_quantizer(quant_type, blocksize, double_quant, loftq_rank, loftq_iters,
                                  () if auto else keep_16bit)
     weights = checkpoint_weights(path, model)

@@ -10,7 +10,8 @@ of the evaluation text, in float32 on the CPU (the compute dtype elsewhere):
   bitsandbytes does (absmax NF4 is bit-exact with it);
 - calibrated: GPTQ on the calibration text (model/calibrate.py), same format and bits;
 - loftq: calibrated + LoftQ rank-`rank` factors as the LoRA start (adapter bits reported apart);
-- loftq-absmax: LoftQ on absmax codes, no calibration data.
+- loftq-absmax: LoftQ on absmax codes, no calibration data;
+- self-calibrated: GPTQ on text the model samples itself (`--calibrate self`), no data.
 Without `calibrate` the evaluation text's first windows calibrate and the rest evaluate, so
 the two never overlap. Bits per parameter count the quantized linears' storage (4.127 with DQ)
 over all their parameters; `adapter_bits` is LoftQ's 16-bit A and B over the same count.
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-RECIPES = ("bf16", "absmax", "fp4", "int4", "calibrated", "loftq", "loftq-absmax")
+RECIPES = ("bf16", "absmax", "fp4", "int4", "calibrated", "loftq", "loftq-absmax", "self-calibrated")
 
 
 @dataclass
@@ -68,7 +69,7 @@ def load_recipe(model: str, recipe: str, calib_ids: torch.Tensor | None, rank: i
                 progress: bool = False) -> nn.Module:
     """The model under `recipe` (see the module docstring), float32 compute, eval mode."""
     from ..nn.lora import LoraConfig
-    from .calibrate import calibrate_model, checkpoint_weights, make_quantizer
+    from .calibrate import calibrate_model, checkpoint_weights, generated_ids, make_quantizer
     from .load import load_model
     from .prepare import prepare_model
 
@@ -76,9 +77,12 @@ def load_recipe(model: str, recipe: str, calib_ids: torch.Tensor | None, rank: i
         raise ValueError(f"unknown recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
     quant_type = {"bf16": "none", "fp4": "fp4", "int4": "int4"}.get(recipe, "nf4")
     m = load_model(model, quant_type=quant_type, compute_dtype=torch.float32, progress=progress)
-    if recipe in ("calibrated", "loftq", "loftq-absmax"):
+    if recipe in ("calibrated", "loftq", "loftq-absmax", "self-calibrated"):
         fn = make_quantizer(loftq_rank=rank if recipe.startswith("loftq") else 0, loftq_iters=loftq_iters)
         ids = None if recipe == "loftq-absmax" else calib_ids
+        if recipe == "self-calibrated":
+            rows, seq = calib_ids.shape if calib_ids is not None else (32, 512)
+            ids = generated_ids(m, rows, seq)
         for name, result in calibrate_model(m, ids, checkpoint_weights(model, m), fn, progress=progress).items():
             if isinstance(result, tuple):
                 m.get_submodule(name).lora_init = result[1:]

@@ -54,7 +54,7 @@ class TrainConfig:
     quant_type: str = "nf4"  # nf4, fp4 or int4 (none: 16-bit LoRA)
     double_quant: bool = True  # quantize the block scales too
     blocksize: int = 64  # elements per scale
-    calibrate: str | None = None  # text or data rows: GPTQ-calibrated 4-bit codes and scales (same format)
+    calibrate: str | None = None  # text or data rows (or self: text the model writes): GPTQ-chosen 4-bit codes and scales, same format
     calibrate_rows: int = 128  # calibration windows of calibrate_seq tokens
     calibrate_seq: int = 512  # tokens per calibration window
     init: str = "default"  # adapter start: default (B = 0) or loftq (B A = the rank-r part of W - Q(W))

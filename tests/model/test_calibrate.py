@@ -178,3 +178,15 @@ def test_keep_16bit_auto_fills_the_budget_with_the_most_sensitive_per_byte(tmp_p
     for name in kept:
         assert torch.equal(model.get_submodule(name).weight, dense.get_submodule(name).weight)
 
+
+
+def test_self_generated_calibration_text_is_the_models_own_and_reproducible():
+    from qlora.model.calibrate import generated_ids
+
+    model = qlora.load_model(MODEL, compute_dtype=torch.float32, progress=False)
+    a, b, c = generated_ids(model, 3, 48), generated_ids(model, 3, 48), generated_ids(model, 3, 48, seed=1)
+    assert a.shape == (3, 48) and torch.equal(a, b) and not torch.equal(a, c)
+    with torch.no_grad():  # the model finds its own samples far likelier than random tokens
+        own = model(a, labels=a).loss
+        noise = model(torch.randint_like(a, 3, 4000), labels=torch.randint_like(a, 3, 4000)).loss
+    assert own < noise - 1.0, (own, noise)
