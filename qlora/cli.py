@@ -1,6 +1,6 @@
 """The `qlora` command: a thin argparse layer over the public API.
 
-    qlora quantize-report [--model PATH] [--output DIR] [--blocksize 64]
+    qlora quantize-report [--model PATH] [--output DIR] [--blocksize 64] [--data TEXT [--calibrate CALIB]]
     qlora quantize --model PATH|HUB_ID --output DIR [--quant-type nf4] [--no-double-quant]
     qlora merge --model BASE --adapter DIR --output OUT [--requantize]
     qlora export --gguf OUT.gguf --model BASE.gguf --adapter DIR [--type f16|q8_0|q4_0]
@@ -23,25 +23,48 @@ from .errors import QloraError
 
 
 def _quantize_report(args: argparse.Namespace) -> None:
-    from .quant.report import run
+    if args.data is None:
+        from .quant.report import run
 
-    run(args.model, args.output, args.blocksize)
+        run(args.model, args.output, args.blocksize)
+        return
+    from .model.quality import write_report
+
+    write_report(args.model, args.data, args.output, args.calibrate, tuple(args.recipes.split(",")), args.windows,
+                 args.calibrate_rows, args.rank, args.loftq_iters)
 
 
 def _quantize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .model.load import load_model
     from .model.save import save_quantized
 
-    if args.calibrate:
+    if args.calibrate or args.init == "loftq" or args.keep_16bit:
+        from .memory import keep_budget
         from .model.calibrate import load_calibrated
 
+        auto = args.keep_16bit == "auto"
         model = load_calibrated(args.model, args.calibrate, args.quant_type, args.double_quant,
                                 rows=args.calibrate_rows, seq=args.calibrate_seq,
-                                trust_remote_code=args.trust_remote_code)
+                                trust_remote_code=args.trust_remote_code,
+                                loftq_rank=args.lora_r if args.init == "loftq" else 0, loftq_iters=args.loftq_iters,
+                                keep_16bit="auto" if auto else [k.strip() for k in (args.keep_16bit or "").split(",") if k],
+                                keep_budget_bytes=keep_budget(args.model, args.memory_budget) if auto else 0)
     else:
         model = load_model(args.model, args.quant_type, args.double_quant, trust_remote_code=args.trust_remote_code,
                            allow_pickle=args.allow_pickle)
     print(f"wrote {save_quantized(model, args.output)}")
+    if args.init == "loftq":  # as PEFT's LoftQ example: the base, and the adapter's start beside it
+        from .model.adapter import save_adapter
+        from .model.prepare import prepare_model
+        from .nn.lora import LoraConfig
+
+        prepare_model(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha), quant_type=None,
+                      gradient_checkpointing=False, verbose=False)
+        out = Path(args.output) / "loftq_init"
+        save_adapter(model, out, base_model_name_or_path=str(Path(args.output).resolve()))
+        print(f"wrote {out} (the LoftQ adapter start: train from it on this base)")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -92,7 +115,8 @@ def _memory(args: argparse.Namespace) -> None:
                        quant_type=args.quant_type,
                        double_quant=args.double_quant, blocksize=args.blocksize, compute_dtype=args.compute_dtype,
                        method=args.method, world_size=args.world_size, device_memory=args.device_memory,
-                       device=args.device, lora_dropout=args.lora_dropout)
+                       device=args.device, lora_dropout=args.lora_dropout,
+                       keep_16bit=tuple(k.strip() for k in args.keep_16bit.split(",")) if args.keep_16bit else ())
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
 
 
@@ -114,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory or .safetensors file (default: MiniLM-L6 if installed, else synthetic)")
     p.add_argument("--output", default="runs/quantize-report", help="where report.json and report.png go")
     p.add_argument("--blocksize", type=int, default=64, help="elements per scale (power of two, 32..4096)")
+    p.add_argument("--data", metavar="TEXT", help="a text file: report the perplexity of each base recipe on it "
+                   "(bf16, NF4 absmax, NF4 calibrated, +LoftQ) and its bits per parameter, for the causal LM --model")
+    p.add_argument("--calibrate", metavar="CALIB", help="calibration text (default: the first windows of TEXT, "
+                   "left out of the evaluation)")
+    p.add_argument("--recipes", default="bf16,absmax,calibrated,loftq",
+                   help="comma-separated: bf16, absmax, fp4, int4, calibrated, loftq, loftq-absmax")
+    p.add_argument("--windows", type=int, default=16, help="512-token evaluation windows (default 16)")
+    p.add_argument("--calibrate-rows", type=int, default=32, help="512-token calibration windows (default 32)")
+    p.add_argument("--rank", type=int, default=64, help="LoftQ rank (default 64)")
+    p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ alternations (default 1)")
     p.set_defaults(func=_quantize_report)
 
     p = sub.add_parser("quantize", parents=[debug],
@@ -121,10 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory or Hub id (16-bit safetensors)")
     p.add_argument("--output", required=True, help="output directory (written atomically)")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (torch.load weights_only=True)")
-    p.add_argument("--calibrate", metavar="DATA", help="text or data rows: choose codes and scales that minimize "
-                   "each layer's output error on it (GPTQ), same format and bits")
+    p.add_argument("--calibrate", metavar="DATA", help="text or data rows (or `self`: text the model samples "
+                   "itself): choose codes and scales that minimize each layer's output error on it (GPTQ), same "
+                   "format and bits")
     p.add_argument("--calibrate-rows", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calibrate-seq", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--init", default="default", choices=["default", "loftq"],
+                   help="loftq: also write loftq_init/, a PEFT adapter whose B A is the rank-r part of W - Q(W)")
+    p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ alternations (default 1)")
+    p.add_argument("--lora-r", type=int, default=64, help="LoftQ adapter rank (default 64)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoftQ adapter alpha (default 16)")
+    p.add_argument("--keep-16bit", metavar="NAMES|auto", help="comma-separated linears kept 16-bit (e.g. "
+                   "mlp.down_proj), or auto: the most sensitive on --calibrate DATA that fit --memory-budget")
+    p.add_argument("--memory-budget", metavar="SIZE", help="with --keep-16bit auto: what `qlora memory --model M` "
+                   "may reach (e.g. 24GiB); the layers kept fill the room under it")
     _model_flags(p)
     p.set_defaults(func=_quantize)
 
@@ -199,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory", help="memory of one device, e.g. 24GiB or 48GB: say whether it fits and how")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run goes (default cuda)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (> 0 saves masks; default 0.05)")
+    p.add_argument("--keep-16bit", metavar="NAMES", help="comma-separated linears kept 16-bit (e.g. mlp.down_proj)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_memory)
     return parser

@@ -17,6 +17,7 @@ fitted to measurements; where a term is an estimate the comment says so.
 - weights_4bit: ceil(n/2) bytes per quantized linear weight (two codes a byte).
 - quant_constants: per block of `blocksize`, a float32 absmax; with double quantization an
   uint8 absmax + one float32 per 256 blocks; + the code books (16 and 256 float32) per layer.
+- kept_16bit: linears --keep-16bit leaves unquantized, in the unquantized params' dtype.
 - unquantized_params: embeddings, lm_head (once if tied), biases in the compute dtype if that
   is fp32 else 16-bit (load_model); norms in fp32 (prepare_model).
 - lora_params / lora_grads: r * (in + out) fp32 per adapted linear.
@@ -49,8 +50,8 @@ the loading peak (load_model holds one extra tensor at a time), GPT-2's attentio
 residual dropouts (its static parts are exact).
 Tests: tests/memory/test_plan_memory.py; measured against the trainer: benchmarks/memory.py.
 """
-from .plan import LABELS, PART_NAMES, MemoryPlan, parse_bytes, plan_memory
+from .plan import LABELS, PART_NAMES, MemoryPlan, keep_budget, parse_bytes, plan_memory
 from .shape import SHIPPED, MemoryPlanError, Shape, load_config, model_shape
 
 __all__ = ["LABELS", "PART_NAMES", "SHIPPED", "MemoryPlan", "MemoryPlanError", "Shape", "load_config", "model_shape",
-           "parse_bytes", "plan_memory"]
+           "keep_budget", "parse_bytes", "plan_memory"]

@@ -20,9 +20,10 @@ from ..quant.tensor import NESTED_BLOCKSIZE
 from .activations import activation_bytes
 from .shape import MemoryPlanError, Shape, load_config, model_shape
 
-PART_NAMES = ("weights_4bit", "quant_constants", "unquantized_params", "lora_params", "lora_grads",
+PART_NAMES = ("weights_4bit", "quant_constants", "kept_16bit", "unquantized_params", "lora_params", "lora_grads",
               "optimizer_state", "activations", "decode_workspace", "runtime_overhead")
 LABELS = {"weights_4bit": "4-bit weights", "quant_constants": "quantization constants",
+          "kept_16bit": "linears kept 16-bit (--keep-16bit)",
           "unquantized_params": "unquantized params (embeddings, lm_head, norms, biases)",
           "lora_params": "LoRA parameters", "lora_grads": "LoRA gradients", "optimizer_state": "optimizer state",
           "activations": "activations (peak of backward)", "decode_workspace": "decode workspace",
@@ -80,6 +81,8 @@ class MemoryPlan:
         lines = [head, f"  {'part':<56} {'MiB':>12} {'GB':>9}"]
         full = st["method"] == "full16"
         for k, v in self.parts.items():
+            if k == "kept_16bit" and not v:
+                continue
             label = LABELS[k]
             if st["method"] != "qlora" and k == "unquantized_params":
                 label = "16-bit weights (all), norms fp32"
@@ -110,21 +113,25 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                 double_quant: bool = True,
                 blocksize: int = 64, compute_dtype: str = "bfloat16", method: str = "qlora", world_size: int = 1,
                 device_memory: int | str | None = None, device: str = "cuda", lora_dropout: float = 0.05,
-                padded: bool | None = None, target_tokens: int | None = None, _suggest: bool = True) -> MemoryPlan:
+                padded: bool | None = None, target_tokens: int | None = None, keep_16bit: tuple[str, ...] = (),
+                _suggest: bool = True) -> MemoryPlan:
     """Predict the peak memory of fine-tuning `model` (a config; see the module docstring).
 
     Extra keywords beyond the shared contract: `device` ("cuda": the question "does it fit my
     card"; "cpu": what this trainer measures here), `lora_dropout` (recorded; the seeded
     dropout keeps no mask), `padded` (rows padded to a common length, so SDPA gets a mask;
     default: batch_size > 1), `target_tokens` (labelled tokens per micro-batch, which go
-    through the fused head; default: all but the first of each row).
+    through the fused head; default: all but the first of each row), `keep_16bit` (linear
+    names, full or their last parts, stored 16-bit in a qlora run; their extra bytes are in
+    details["kept_16bit"]).
     """
     settings = dict(model=str(model) if not isinstance(model, dict) else model.get("_name_or_path", "config"),
                     seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=target_modules, optim=optim,
                     gradient_checkpointing=gradient_checkpointing, keep_attention=keep_attention,
                     quant_type=quant_type, double_quant=double_quant,
                     blocksize=blocksize, compute_dtype=compute_dtype, method=method, world_size=world_size,
-                    device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens)
+                    device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens,
+                    keep_16bit=list(keep_16bit))
     _check(settings)
     if hasattr(model, "to_dict") and not isinstance(model, dict):
         settings["model"] = getattr(model, "_name_or_path", "") or type(model).__name__
@@ -138,6 +145,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
 
     # ---- parameters ----
     lora_on: dict[str, bool] = {}
+    kept: dict[str, int] = {}
     linear_params = lora_count = lora_state = biases = 0
     absmax_fp32 = absmax_dq = 0
     largest = 0
@@ -149,10 +157,14 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
             linear_params += numel
             biases += fan_out if bias else 0
             largest = max(largest, numel)
-            blocks = -(-numel // blocksize)
-            absmax_fp32 += 4 * blocks + 16 * 4  # float32 absmax + the 16-entry code book
-            absmax_dq += blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 16 * 4 + 256 * 4
-            parts["weights_4bit"] += -(-numel // 2)
+            if method == "qlora" and any(name == k or name.endswith("." + k) for k in keep_16bit):
+                parts["kept_16bit"] += store * numel
+                kept[name] = store * numel
+            else:
+                blocks = -(-numel // blocksize)
+                absmax_fp32 += 4 * blocks + 16 * 4  # float32 absmax + the 16-entry code book
+                absmax_dq += blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 16 * 4 + 256 * 4
+                parts["weights_4bit"] += -(-numel // 2)
             if method != "full16" and matches(name, selector):
                 lora_on[suffix] = True
                 for numel_ad in (rank * fan_in, fan_out * rank):
@@ -167,7 +179,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     total_params = linear_params + biases + embed + head + norms
     details.update(total_params=total_params, linear_params=linear_params, embedding_params=embed,
                    lm_head_params=head, norm_params=norms, bias_params=biases,
-                   quant_constants_other_dq=absmax_fp32 if double_quant else absmax_dq)
+                   quant_constants_other_dq=absmax_fp32 if double_quant else absmax_dq, kept_16bit=kept)
 
     if method == "qlora":
         parts["quant_constants"] = absmax_dq if double_quant else absmax_fp32
@@ -240,6 +252,16 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     if limit is not None and not plan.fits and _suggest:
         plan.suggestions = _suggestions(model, settings, limit)
     return plan
+
+
+def keep_budget(model: Any, budget: int | str | None, **settings: Any) -> int:
+    """Bytes a --keep-16bit auto choice may add: `budget` minus the plan of `model` with every
+    linear in 4 bits (plan_memory's defaults, overridden by `settings`)."""
+    limit = parse_bytes(budget)
+    if limit is None:
+        raise MemoryPlanError("--keep-16bit auto needs --memory-budget SIZE (e.g. 24GiB): the layers it keeps "
+                              "fill the room between the plan and that budget")
+    return max(0, limit - plan_memory(model, _suggest=False, **settings).total_bytes)
 
 
 def _check(st: dict) -> None:

@@ -172,14 +172,18 @@ def read_header(file: Path) -> dict[str, dict]:
 
 
 def read_tensors(
-    file: Path, scratch: Callable[[str], bool] | None = None, buffer: torch.Tensor | None = None
+    file: Path, scratch: Callable[[str], bool] | None = None, buffer: torch.Tensor | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Read tensors one at a time with plain reads (no memory map, so pages of the file
     never count against this process's resident memory). Tensors for which `scratch(name)`
-    is true are read into `buffer` (uint8, large enough) and are valid only until the next."""
+    is true are read into `buffer` (uint8, large enough) and are valid only until the next;
+    with `select`, only the tensors it accepts are read."""
     header = read_header(file)
     with open(file, "rb", buffering=0) as f:
         for name, info in header.items():
+            if select is not None and not select(name):
+                continue
             dtype, shape = _DTYPES[info["dtype"]], info["shape"]
             nbytes = info["data_offsets"][1] - info["data_offsets"][0]
             if buffer is not None and scratch is not None and scratch(name):
@@ -225,24 +229,26 @@ def tensor_table(path: Path, allow_pickle: bool = False) -> dict[str, tuple[Path
 
 
 def stream_tensors(
-    path: Path, allow_pickle: bool = False, progress: bool = True, scratch: Callable[[str], bool] | None = None
+    path: Path, allow_pickle: bool = False, progress: bool = True, scratch: Callable[[str], bool] | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """Yield (file, name, tensor) for every weight of the checkpoint at `path`, one at a time.
+    """Yield (file, name, tensor) for every weight of the checkpoint at `path` (or every one
+    `select(name)` accepts), one at a time.
 
     Tensors selected by `scratch(name)` (the ones the caller consumes at once, e.g. to
     quantize them) share one reused buffer sized to the largest of them, so reading adds
     no allocation churn: the peak is what the caller keeps plus that one buffer.
     """
-    table = tensor_table(path, allow_pickle)
+    table = {k: v for k, v in tensor_table(path, allow_pickle).items() if select is None or select(k)}
     sizes = [nbytes for name, (_, _, nbytes) in table.items() if scratch is not None and scratch(name)]
     buffer = torch.empty(max(sizes), dtype=torch.uint8) if sizes else None
     total = sum(nbytes for _, _, nbytes in table.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
         for file in dict.fromkeys(f for f, _, _ in table.values()):
             if file.suffix == ".safetensors":
-                tensors = read_tensors(file, scratch, buffer)
+                tensors = read_tensors(file, scratch, buffer, select)
             else:
-                tensors = iter(_load_pickle(file, map_location="cpu", mmap=True).items())
+                tensors = ((k, t) for k, t in _load_pickle(file, map_location="cpu", mmap=True).items() if k in table)
             for name, t in tensors:
                 bar.update(t.numel() * t.element_size())
                 yield file, name, t

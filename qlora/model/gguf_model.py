@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -123,9 +123,11 @@ def gguf_names(model: nn.Module, arch: str, processor) -> dict[str, str]:
     return names
 
 
-def stream_gguf(file: Path, model: nn.Module, progress: bool = True) -> Iterator[tuple[Path, str, torch.Tensor]]:
+def stream_gguf(file: Path, model: nn.Module, progress: bool = True,
+                select: Callable[[str], bool] | None = None) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """(file, name, float32 tensor) for each tensor of GGUF `file`: named as in `model` (built
-    from its config, parameters on meta) where it has the tensor, else by its GGUF name."""
+    from its config, parameters on meta) where it has the tensor, else by its GGUF name. With
+    `select`, only the tensors whose model name it accepts are read."""
     from tqdm import tqdm
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
@@ -133,7 +135,8 @@ def stream_gguf(file: Path, model: nn.Module, progress: bool = True) -> Iterator
     arch = gguf.get("general.architecture")
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
     names = gguf_names(model, arch, processor)
-    for info in tqdm(list(gguf.tensors.values()), desc="load", unit="tensor", disable=not progress):
+    infos = [i for i in gguf.tensors.values() if select is None or select(names.get(i.name, i.name))]
+    for info in tqdm(infos, desc="load", unit="tensor", disable=not progress):
         parsed: dict = {"tensors": {}}
         result = processor.process(weights=gguf.read(info.name).numpy(), name=info.name,
                                    tensor_key_mapping=names, parsed_parameters=parsed)

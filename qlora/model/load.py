@@ -275,7 +275,7 @@ def load_model(
         )
     if unexpected:
         warnings.warn(f"{path}: ignored {len(unexpected)} tensor(s) the model does not use, e.g. {unexpected[:3]}")
-    model.requires_grad_(False)
+    model.requires_grad_(False).eval()  # the swapped-in layers too
     model.qlora_source = str(path)  # where save_quantized / merge_adapter copy the tokenizer from
     return model.to(device)
 

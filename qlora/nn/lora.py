@@ -4,7 +4,7 @@
     y = layer(x)       # base(x) + scaling * B(A(dropout(x))), scaling = alpha / r
 
 - A [r, in] starts kaiming-uniform (a = sqrt(5), bound 1/sqrt(in)), B [out, r] at zero, so
-  a fresh adapter changes nothing. `use_rslora` scales by alpha / sqrt(r) instead.
+  a fresh adapter changes nothing; a base carrying LoftQ factors (`lora_init`) starts at them. `use_rslora` scales by alpha / sqrt(r) instead.
 - Dropout (training only) is seeded by element index (dropout.py), so backward regenerates
   the mask: the branch keeps x, not a dropped copy of it (`_DropoutA`).
 - The update is added inside the second GEMM (addmm: base output + s xa B^T, rounded once)
@@ -121,6 +121,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
         self.reset_lora_parameters()
+        self.train(base_layer.training)  # an adapter added to a model in eval mode does not drop out
 
     @property
     def scaling(self) -> float:
@@ -128,8 +129,21 @@ class LoraLinear(nn.Module):
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        """Kaiming A, zero B; or, where the base carries `lora_init` = (A, B) (LoftQ:
+        W ~ base + B A), those factors divided by sqrt(scaling) so that scaling * B A = B A."""
+        init = getattr(self.base_layer, "lora_init", None)
+        if init is None:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+            return
+        A, B = init
+        if A.shape != self.lora_A.weight.shape or B.shape != self.lora_B.weight.shape:
+            raise ValueError(f"the base layer's LoftQ factors have rank {A.shape[0]}, this adapter r={self.r}: "
+                             "use the same rank for both")
+        root = math.sqrt(self.scaling)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(A / root)
+            self.lora_B.weight.copy_(B / root)
 
     @property
     def compute_dtype(self) -> torch.dtype:

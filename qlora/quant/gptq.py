@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import torch
 
-from .blockwise import TINY, nearest
+from .blockwise import TINY
 from .codebooks import codebook
-from .tensor import NESTED_BLOCKSIZE, QuantizedTensor, from_codes
+from .tensor import QuantizedTensor, from_codes
 
 SHRINK = torch.linspace(0.6, 1.0, 17)
 """Candidate scale factors (of the block's absmax) tried by the scale search: steps of 0.025."""
@@ -52,10 +52,21 @@ def _blocks(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
     return weight.float().reshape(out, inp // blocksize, blocksize)
 
 
+def _nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """blockwise.nearest (ties to the lower value), as the count of code midpoints below x:
+    one comparison per midpoint is several times faster than bucketize here."""
+    order = torch.argsort(code)
+    ordered = code[order]
+    idx = torch.zeros(x.shape, dtype=torch.long, device=x.device)
+    for m in ((ordered[:-1] + ordered[1:]) / 2).tolist():
+        idx += x > m
+    return order[idx]
+
+
 def _round(w: torch.Tensor, scale: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Nearest code index of w given scale (broadcast), normalising as `quantize` does."""
     safe = torch.where(scale.abs() < TINY, torch.full_like(scale, TINY), scale)
-    return nearest((w * (1.0 / safe)).clamp(-1, 1), code)
+    return _nearest((w * (1.0 / safe)).clamp(-1, 1), code)
 
 
 def _search(
@@ -94,11 +105,60 @@ def search_scales(
     return _search(_blocks(weight, blocksize), code, diag, None).reshape(-1)
 
 
-def _dq_snap(qt: QuantizedTensor, block: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(8-bit codes, reconstructed scales) of `scale` for blocks `block` on qt's fixed DQ grid."""
-    nested = qt.nested_absmax[block // NESTED_BLOCKSIZE]
-    idx = nearest(((scale - qt.nested_offset) / nested.clamp(min=TINY)).clamp(-1, 1), qt.nested_code)
-    return idx.to(torch.uint8), qt.nested_code[idx] * nested + qt.nested_offset
+def fit_scales(weight: torch.Tensor, codes: torch.Tensor, hessian: torch.Tensor, code: torch.Tensor,
+               blocksize: int, old: torch.Tensor) -> torch.Tensor:
+    """Block scales [out * nb] minimising tr((W - Q) H (W - Q)^T) for fixed codes [out, in].
+
+    Q_r = sum_b s_rb C_rb, so each row's scales solve G_r s_r = g_r with
+    G_r[a, b] = C_ra H_ab C_rb^T and g_r[a] = C_ra (H W_r^T)_a. Blocks whose codes are all
+    zero (or whose fit is not positive) keep their `old` scale.
+    """
+    out, inp = weight.shape
+    nb = inp // blocksize
+    C = code[codes].reshape(out, nb, blocksize)
+    H = hessian.reshape(nb, blocksize, nb, blocksize)
+    G = torch.einsum("rai,aibj,rbj->rab", C, H, C)
+    g = (C * (weight.float() @ hessian).reshape(out, nb, blocksize)).sum(dim=2)
+    live = G.diagonal(dim1=1, dim2=2) > 0
+    eye = torch.eye(nb, device=G.device).expand_as(G)
+    G = torch.where(live.unsqueeze(1) & live.unsqueeze(2), G, eye)  # dead blocks decouple: s = g = 0 ...
+    g = torch.where(live, g, torch.zeros_like(g))
+    G = G + 1e-6 * G.diagonal(dim1=1, dim2=2).mean(dim=1).view(out, 1, 1) * eye
+    s = torch.linalg.solve(G, g.unsqueeze(2)).squeeze(2)
+    old = old.reshape(out, nb)
+    return torch.where(live & (s > 0), s, old).reshape(-1)  # ... and keep the old scale
+
+
+def _gptq_codes(W: torch.Tensor, S: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor, code: torch.Tensor,
+                blocksize: int, group: int) -> torch.Tensor:
+    """GPTQ's column loop: code indices [out, in] (original column order) for weight W [out, in]
+    (already in `perm` order) with block scales S [out, nb] and the upper Cholesky factor of H^-1.
+
+    Works on W^T so that a column is a contiguous row; the nearest code is the count of
+    midpoints below w / s (blockwise.nearest, without its per-call set-up)."""
+    order = torch.argsort(code)
+    mid = (code[order][:-1] + code[order][1:]) / 2
+    safe = torch.where(S.abs() < TINY, torch.full_like(S, TINY), S)
+    St = S.t()[perm // blocksize].contiguous()  # [in, out]: the scale each column is rounded with
+    inv = (1.0 / safe).t()[perm // blocksize].contiguous()
+    Wt = W.t().contiguous()
+    codes = torch.empty(Wt.shape, dtype=torch.long, device=W.device)
+    for i1 in range(0, Wt.shape[0], group):
+        i2 = min(i1 + group, Wt.shape[0])
+        W1, Hinv1 = Wt[i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            w = W1[i]
+            c = order[((w * inv[j]).clamp_(-1, 1).unsqueeze(1) > mid).sum(dim=1)]
+            codes[j] = c
+            e = (w - code[c] * St[j]).div_(Hinv1[i, i])
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], e, alpha=-1)
+            err1[i] = e
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), err1, alpha=-1)
+    unperm = torch.empty_like(codes)
+    unperm[perm] = codes
+    return unperm.t()
 
 
 @torch.no_grad()
@@ -111,71 +171,41 @@ def gptq_quantize(
     act_order: bool = True,
     damp: float = 0.01,
     scale_search: bool = True,
+    refit: int = 1,
     group: int = 128,
-    rechoose_scales: bool = False,
 ) -> QuantizedTensor:
     """Quantize weight [out, in] to minimise tr((W - Q) H (W - Q)^T); see the module docstring."""
     out, inp = weight.shape
     if hessian.shape != (inp, inp):
         raise ValueError(f"hessian must be [{inp}, {inp}] for weight {tuple(weight.shape)}, got {tuple(hessian.shape)}")
-    if rechoose_scales and act_order:
-        raise ValueError("rechoose_scales needs act_order=False (a block's columns must be consecutive)")
     device = weight.device
     code = codebook(quant_type).to(device)
     nb = inp // blocksize
-    W = _blocks(weight, blocksize).reshape(out, inp).clone()
+    W = _blocks(weight, blocksize).reshape(out, inp)
     H = hessian.float().to(device).clone()
     dead = H.diagonal() <= 0
     H[dead, dead] = 1.0
 
-    # 1. block scales from the original weight, then the double quantization they will get.
+    # 1. block scales from the original weight.
     if scale_search:
         hb = H.reshape(nb, blocksize, nb, blocksize).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
         scales = _search(W.view(out, nb, blocksize), code, None, hb).reshape(-1)
     else:
         scales = W.view(out, nb, blocksize).abs().amax(dim=2).reshape(-1)
-    qt = from_codes(torch.zeros(out * inp, dtype=torch.uint8, device=device), scales, weight.shape,
-                    weight.dtype, quant_type, blocksize, double_quant)
-    S = qt.scales().reshape(out, nb).clone()  # what a loader decodes with
 
-    # 2. GPTQ with those scales.
+    # 2. GPTQ against the scales a loader decodes with (after double quantization); then,
+    #    `refit` times, the least-squares scales for those codes and GPTQ again.
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(inp, device=device)
-    W, H = W[:, perm], H[perm][:, perm]
-    H.diagonal().add_(damp * H.diagonal().mean())
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    hdiag = H.diagonal().clone()
-    col_block = perm // blocksize
-    codes = torch.empty(out, inp, dtype=torch.long, device=device)
-    rows = torch.arange(out, device=device)
-    for i1 in range(0, inp, group):
-        i2 = min(i1 + group, inp)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if rechoose_scales and j % blocksize == 0:  # natural order: this block's columns are next
-                # the block's not-yet-updated columns beyond this lazy group still lag; use what is known
-                wblk = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :blocksize].reshape(out, 1, blocksize)
-                s_new = _search(wblk, code, hdiag[j:j + blocksize].view(1, blocksize), None).reshape(-1)
-                b = rows * nb + j // blocksize
-                if double_quant:
-                    qt.absmax[b], s_new = _dq_snap(qt, b, s_new)
-                else:
-                    qt.absmax[b] = s_new
-                S[:, j // blocksize] = s_new
-            s = S[rows, col_block[j]]
-            w = W1[:, i]
-            c = _round(w, s, code)
-            codes[:, j] = c
-            e = (w - code[c] * s) / Hinv1[i, i]
-            W1[:, i:] -= e.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
-
-    unperm = torch.empty_like(codes)
-    unperm[:, perm] = codes
-    flat = unperm.reshape(-1)
-    qt.data = from_codes(flat, scales, weight.shape, weight.dtype, quant_type, blocksize, False).data
+    Hp = H[perm][:, perm]
+    Hp.diagonal().add_(damp * Hp.diagonal().mean())
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
+    dummy = torch.zeros(out * inp, dtype=torch.uint8, device=device)
+    for round_ in range(refit + 1):
+        qt = from_codes(dummy, scales, weight.shape, weight.dtype, quant_type, blocksize, double_quant)
+        codes = _gptq_codes(W[:, perm], qt.scales().reshape(out, nb), Hinv, perm, code, blocksize, group)
+        if round_ < refit:
+            scales = fit_scales(W, codes, H, code, blocksize, qt.scales())
+    qt.data = from_codes(codes.reshape(-1), scales, weight.shape, weight.dtype, quant_type, blocksize, False).data
     return qt
 
 

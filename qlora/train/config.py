@@ -54,9 +54,13 @@ class TrainConfig:
     quant_type: str = "nf4"  # nf4, fp4 or int4 (none: 16-bit LoRA)
     double_quant: bool = True  # quantize the block scales too
     blocksize: int = 64  # elements per scale
-    calibrate: str | None = None  # text or data rows: GPTQ-calibrated 4-bit codes and scales (same format)
+    calibrate: str | None = None  # text or data rows (or self: text the model writes): GPTQ-chosen 4-bit codes and scales, same format
     calibrate_rows: int = 128  # calibration windows of calibrate_seq tokens
     calibrate_seq: int = 512  # tokens per calibration window
+    init: str = "default"  # adapter start: default (B = 0) or loftq (B A = the rank-r part of W - Q(W))
+    loftq_iters: int = 1  # LoftQ alternations of quantizing W - B A and refitting B A
+    keep_16bit: str | None = None  # linears kept unquantized: comma-separated names, or auto (see --memory-budget)
+    memory_budget: str | None = None  # with --keep-16bit auto: the peak the run may plan for (e.g. 24GiB)
     compute_dtype: str = "bfloat16"  # matmul dtype: bfloat16, float16, float32 or auto (bf16 where it is native)
     device: str = "auto"  # where one process trains: auto (cuda when available), cuda, cuda:N or cpu (torchrun: per rank)
     # LoRA
@@ -236,6 +240,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.calibrate is None or cfg.quant_type != "none", "--calibrate chooses 4-bit codes: it needs a 4-bit "
          "--quant-type (nf4, fp4 or int4), not none"),
         (cfg.calibrate_rows > 0 and cfg.calibrate_seq > 1, "--calibrate-rows must be positive, --calibrate-seq > 1"),
+        (cfg.init in ("default", "loftq"), "--init must be default or loftq"),
+        (cfg.init == "default" or cfg.quant_type != "none", "--init loftq starts the adapter at what 4 bits lose: "
+         "it needs a 4-bit --quant-type (nf4, fp4 or int4), not none"),
+        (cfg.loftq_iters >= 1, "--loftq-iters must be at least 1"),
+        (cfg.keep_16bit is None or cfg.quant_type != "none", "--keep-16bit needs a 4-bit --quant-type, not none"),
+        (cfg.keep_16bit != "auto" or (cfg.calibrate and cfg.memory_budget), "--keep-16bit auto ranks layers by "
+         "their error on calibration data and fills a budget: give --calibrate DATA and --memory-budget SIZE"),
         (cfg.optim in OPTIMIZERS, f"--optim must be one of {', '.join(OPTIMIZERS)}"),
         (cfg.compute_dtype in ("bfloat16", "float16", "float32", "auto"),
          "--compute-dtype must be bfloat16, float16, float32 or auto"),

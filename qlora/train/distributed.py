@@ -127,9 +127,6 @@ def build_sharded(cfg, ranks: Ranks, model_path: str) -> nn.Module:
     """The training model sharded with FSDP2 per block, loaded shard by shard (model/shard.py)."""
     if cfg.quant_type == "none":
         raise ConfigError("--quant-type none (16-bit LoRA) is not sharded by FSDP2 here; use --distributed ddp")
-    if cfg.calibrate:
-        raise ConfigError("--calibrate loads the whole model to calibrate it, which FSDP2's sharded loading does not; "
-                         "use --distributed ddp, or calibrate once with `qlora quantize --calibrate` and train on that")
     lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.targets(),
                       use_rslora=cfg.use_rslora)
     return load_sharded(model_path, lora, rank=ranks.rank, world_size=ranks.world_size, device=ranks.device,

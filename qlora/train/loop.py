@@ -18,6 +18,7 @@ process is the world of size 1: the same forward/backward, checkpoint and report
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -63,12 +64,8 @@ def _build_model(cfg: TrainConfig, model_path: str):
 
         model = AutoModelForCausalLM.from_pretrained(resolve(model_path), dtype=compute_dtype,
                                                      trust_remote_code=cfg.trust_remote_code).to(resolve_device(cfg))
-    elif cfg.calibrate:
-        from ..model.calibrate import load_calibrated
-
-        model = load_calibrated(model_path, cfg.calibrate, cfg.quant_type, cfg.double_quant, compute_dtype,
-                                cfg.calibrate_rows, cfg.calibrate_seq, cfg.blocksize, cfg.trust_remote_code,
-                                progress=False).to(resolve_device(cfg))
+    elif requantized(cfg):
+        model = _requantized_base(cfg, model_path, compute_dtype).to(resolve_device(cfg))
     else:
         model = load_model(model_path, cfg.quant_type, cfg.double_quant, compute_dtype, device=resolve_device(cfg),
                            blocksize=cfg.blocksize, trust_remote_code=cfg.trust_remote_code, target_modules=targets,
@@ -81,9 +78,50 @@ def _build_model(cfg: TrainConfig, model_path: str):
                          verbose=False)
 
 
+BASE = "base-4bit"
+"""Where a run whose base is not plain absmax (--calibrate, --init loftq, --keep-16bit) writes it."""
+
+
+def requantized(cfg: TrainConfig) -> bool:
+    return bool(cfg.calibrate or cfg.init == "loftq" or cfg.keep_16bit)
+
+
+def _requantized_base(cfg: TrainConfig, model_path: str, compute_dtype: torch.dtype):
+    """The base re-quantized from its 16-bit weights as the flags say, written once to
+    <output>/base-4bit (the adapter names it as its base; a resumed run reads it back)."""
+    from ..model.calibrate import load_calibrated
+    from ..model.save import save_quantized
+
+    base = Path(cfg.output) / BASE
+    if cfg.resume and (base / "config.json").is_file():
+        return load_model(base, compute_dtype=compute_dtype, progress=False)
+    auto = cfg.keep_16bit == "auto"
+    room = 0
+    if auto:  # the room between this run's plan (every linear 4-bit) and the budget
+        from ..memory import parse_bytes
+
+        room = max(0, parse_bytes(cfg.memory_budget) - M.plan_for_run(cfg, model_path, compute_dtype).total_bytes)
+    model = load_calibrated(model_path, cfg.calibrate, cfg.quant_type, cfg.double_quant, compute_dtype,
+                            cfg.calibrate_rows, cfg.calibrate_seq, cfg.blocksize, cfg.trust_remote_code,
+                            progress=False, loftq_rank=cfg.lora_r if cfg.init == "loftq" else 0,
+                            loftq_iters=cfg.loftq_iters, keep_16bit="auto" if auto else M.kept_names(cfg),
+                            keep_budget_bytes=room, target_modules=cfg.targets())
+    if auto:
+        kept = model.qlora_kept_16bit
+        print(f"--keep-16bit auto: kept {len(kept)} linears 16-bit (+{sum(kept.values()) / 2**20:,.1f} MiB of "
+              f"{room / 2**20:,.1f} MiB of room under --memory-budget {cfg.memory_budget})"
+              + (f": {', '.join(kept)}" if kept else ""))
+    save_quantized(model, base)
+    return model
+
+
 def _training_model(cfg: TrainConfig, model_path: str, ranks: dist_.Ranks):
     """The model this process trains: FSDP2 shards loaded shard by shard, else the whole QLoRA
     model (under --distributed ddp wrapped in DistributedDataParallel)."""
+    if ranks.active and requantized(cfg):
+        raise TrainingError("--calibrate, --init loftq and --keep-16bit re-quantize the whole base in one process: "
+                            "run `qlora quantize --model M --calibrate DATA --output BASE` once, then train on BASE "
+                            "under torchrun")
     if ranks.mode == "fsdp":
         return dist_.build_sharded(cfg, ranks, model_path)
     model = _build_model(cfg, model_path)
@@ -154,6 +192,11 @@ def train(cfg: TrainConfig) -> dict:
     plan = M.plan_run(cfg, model_path, train_rows, ranks.world_size) if ranks.main else None  # per process
     baseline = M.start_measure(model_path, cfg.release_host_memory, ranks.device)
     model = _training_model(cfg, model_path, ranks)
+    if cfg.keep_16bit == "auto" and ranks.main:  # plan again with the linears it chose
+        kept = [n.replace(".base_layer", "") for n, m in model.named_modules()
+                if type(m) is torch.nn.Linear and ".layers." in n and not n.endswith(("lora_A", "lora_B"))]
+        plan = M.plan_run(dataclasses.replace(cfg, keep_16bit=",".join(kept) or None), model_path, train_rows,
+                          ranks.world_size)
     if ranks.rank > 0:
         torch.manual_seed(cfg.seed + ranks.rank)  # the same init everywhere, then dropout masks of its own
     prompts = demo_prompts(cfg.data) if cfg.demo and not ranks.active else None
@@ -250,7 +293,8 @@ def train(cfg: TrainConfig) -> dict:
         eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
     metrics.close()
     save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
-    save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=cfg.model)
+    base = str((output / BASE).resolve()) if requantized(cfg) else cfg.model
+    save_adapter_gathered(model, output / "adapter", ranks, base_model_name_or_path=base)
     after = demo_generations(model, tokenizer, prompts) if prompts else None
     measured = dist_.peak_over_ranks(M.measure(baseline), ranks)
     dist_.shutdown(ranks)

@@ -47,7 +47,13 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
                        blocksize=cfg.blocksize, compute_dtype=str(compute_dtype).replace("torch.", ""), method=method,
                        device=device, lora_dropout=cfg.lora_dropout,
                        padded=not cfg.packing and cfg.batch_size // world_size > 1,
-                       target_tokens=target_tokens)
+                       target_tokens=target_tokens, keep_16bit=kept_names(cfg))
+
+
+def kept_names(cfg) -> tuple[str, ...]:
+    """The linears --keep-16bit names (none for auto, whose choice is made while loading)."""
+    keep = getattr(cfg, "keep_16bit", None)
+    return () if keep in (None, "auto") else tuple(k.strip() for k in keep.split(",") if k.strip())
 
 
 @dataclass

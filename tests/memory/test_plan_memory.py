@@ -214,3 +214,16 @@ def test_target_tokens_shrink_the_head_where_it_sets_the_peak():
     chunk_rows = CHUNK_BYTES // (4 * 100_000)  # 167: the fused loss's chunk at this vocabulary
     # (chunk_rows - 100) fewer rows of float32 logits at the head's peak, plus their d/dh rows
     assert every.parts["activations"] - half.parts["activations"] >= (chunk_rows - 100) * 100_000 * 4
+
+
+def test_kept_16bit_layers_are_counted_in_16_bits():
+    import qlora
+    from qlora.assets import asset_path
+
+    plain = qlora.plan_memory(str(asset_path("tiny-llama")), device="cpu")
+    kept = qlora.plan_memory(str(asset_path("tiny-llama")), device="cpu", keep_16bit=("mlp.down_proj",))
+    layers = 4
+    numel = 256 * 688 * layers
+    assert kept.parts["kept_16bit"] == 2 * numel
+    assert plain.parts["weights_4bit"] - kept.parts["weights_4bit"] == numel // 2
+    assert len(kept.details["kept_16bit"]) == layers and "16-bit" in kept.table()

@@ -212,3 +212,37 @@ def test_a_cpu_run_on_a_machine_with_a_gpu_measures_the_cpu(model_dir, alpaca_fi
     assert all(r["peak_mem_mb"] > 10 for r in read_metrics(out / "metrics.jsonl") if "loss" in r)
     measured = json.loads((out / "memory.json").read_text())
     assert "max_allocated_bytes" not in json.dumps(measured), measured  # the CUDA form of the measurement
+
+
+def test_requantized_base_is_written_once_and_paired_with_the_adapter(model_dir, alpaca_file, tmp_path, monkeypatch):
+    """--calibrate / --init loftq: the base the adapter was trained on goes to <output>/base-4bit,
+    the adapter names it, and a resumed run reads it back instead of re-calibrating."""
+    import qlora
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("".join(f"def g{i}(a, b):\n    return a * {i} + b\n" for i in range(400)))
+    out = tmp_path / "run"
+    cfg = dict(model=str(model_dir), data=str(alpaca_file), output=str(out), calibrate=str(calib), calibrate_rows=4,
+               calibrate_seq=64, init="loftq", loftq_iters=2, save_every=2, compute_dtype="float32", **FAST)
+    train(TrainConfig(max_steps=2, **cfg))
+    base = out / loop.BASE
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve())
+    written = (base / "model.safetensors").stat().st_mtime_ns
+
+    import qlora.model.calibrate as calibrate
+
+    calls = []
+    real = calibrate.load_calibrated
+    monkeypatch.setattr(calibrate, "load_calibrated", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert train(TrainConfig(max_steps=4, resume=True, **cfg))["steps"] == 4
+    assert not calls
+    assert (base / "model.safetensors").stat().st_mtime_ns == written
+
+    ids = torch.arange(3, 40).view(1, -1)
+    model = qlora.load_model(base, compute_dtype=torch.float32, progress=False)
+    qlora.load_adapter(model, out / "adapter")
+    plain = qlora.load_model(model_dir, compute_dtype=torch.float32, progress=False)
+    qlora.load_adapter(plain, out / "adapter")
+    with torch.no_grad():  # the adapter belongs to the calibrated base, not to absmax codes of the original
+        assert not torch.equal(model(ids).logits, plain(ids).logits)
