@@ -95,6 +95,18 @@ def test_packed_batch_equals_documents_one_by_one_bf16(arch):
     assert gap(_grads(model, causal_lm_loss(model, mixed))) > 0.5  # documents not kept apart
 
 
+def test_eager_attention_keeps_documents_apart_too():
+    model = _model("llama", torch.float32)
+    model.set_attn_implementation("eager")
+    assert packs_exactly(model)
+    docs = _documents(seed=5)
+    ref_loss, ref_grads = _one_by_one(model, docs)
+    loss, grads = _packed(model, docs)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_sliding_window_attention_stays_inside_each_document():
     """Mistral with a window shorter than the documents: the window and the boundaries both hold."""
     model = _model("mistral", torch.float32, sliding_window=6)
