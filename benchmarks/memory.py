@@ -4,8 +4,8 @@
 
 For each case a random-weight bf16 Llama-family checkpoint (qlora.model.random_checkpoint)
 is written with the shipped tiny-llama tokenizer (its 4096 ids fit any vocab here), then
-`qlora.finetune` trains it for 2 optimizer steps (grad_accum 2, packed rows of exactly
---max-length tokens, fp32 compute as on this CPU, paged AdamW 32-bit unless the case says)
+`qlora.finetune` trains it for 2 optimizer steps (grad_accum 2, packed rows of at most
+--max-length tokens, documents kept apart, fp32 compute as on this CPU, paged AdamW 32-bit unless the case says)
 in a fresh subprocess. The trainer itself writes <output>/memory.json with the plan it
 printed before starting and the measured peak: the peak of live tensor bytes from the load
 on (qlora/train/live_bytes.py, qlora/train/memory.py `measure`), what the plan counts. Prints one

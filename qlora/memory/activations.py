@@ -3,7 +3,7 @@ a decoder layer (qlora's Linear4bit / LoraLinear, SDPA attention, the fused chun
 model/loss.py), and the peak of backward with or without per-layer checkpointing.
 
     act = activation_bytes(shape, seq_len=512, batch_size=1, rank=64, lora=adapted, e=2,
-                           checkpointing=True, masked=False)   # {"peak", "saved", "per_layer", ...}
+                           checkpointing=True, masked=False, packed=False)   # {"peak", "saved", "per_layer", ...}
 
 Tests: tests/memory/test_plan_memory.py (against what autograd saves on tiny models) and
 benchmarks/memory.py (against the trainer's measured peak).
@@ -67,8 +67,9 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     attn_grad = qg or kg or vg
     if attn_grad:
         # SDPA (flash/efficient kernels, CPU and CUDA) saves q, k, v, out and the fp32 logsumexp.
-        # With a padding mask, HF repeats k/v to all heads (repeat_kv) and SDPA saves a float
-        # [b, 1, t, t] mask per call; without one, is_causal and GQA in the kernel.
+        # With a mask (padding, or packed documents kept apart), HF repeats k/v to all heads
+        # (repeat_kv) and SDPA saves a float [b, 1, t, t] mask per call; without one, is_causal and
+        # GQA in the kernel.
         repeated = masked and s.kv_heads != s.heads
         kv_saved = q_dim if repeated else kv_dim
         fused = n * (q_dim + 2 * kv_dim) * e  # gpt2: q, k, v are slices of c_attn's output
@@ -125,22 +126,25 @@ def _backward_transient(s: Shape, b: int, t: int, e: int) -> int:
 
 def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora: dict[str, bool], e: int,
                      checkpointing: bool, masked: bool, targets: int | None = None,
-                     keep_attention: bool = False) -> dict[str, int]:
-    """The activation memory at the peak of backward, and its pieces (bytes)."""
+                     keep_attention: bool = False, packed: bool = False) -> dict[str, int]:
+    """The activation memory at the peak of backward, and its pieces (bytes). `packed`: rows of
+    packed documents, with position ids of their own (RoPE tables per row) and a mask."""
     n = batch_size * seq_len
     full = _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked,
                         stream_grad=True)
     first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked,
                                                     stream_grad=False)
-    rope = 0 if s.family == "gpt2" else 2 * seq_len * s.head_dim * e  # cos, sin: shared by all layers
+    # cos, sin: shared by all layers; per row when each row has position ids of its own (packed)
+    rope = 0 if s.family == "gpt2" else 2 * (batch_size if packed else 1) * seq_len * s.head_dim * e
     # the head (model/loss.py, fused and chunked): the final norm saves its input (+ rstd); the
     # fused loss saves only d loss / d h for the target rows (n - b: the labels shift by one),
-    # computed in forward, and the boolean mask that picked those rows. While it runs, one chunk of
+    # computed in forward, and the boolean mask that picked those rows (one byte per shifted
+    # position, target or not). While it runs, one chunk of
     # logits exists: in float32 (softmax in place), beside the 16-bit logits it was copied from
     # and later the 16-bit probabilities multiplied by W (none of these copies in fp32 compute).
     targets = n - batch_size if targets is None else min(targets, n - batch_size)
     rows = min(targets, max(1, CE_CHUNK_BYTES // (4 * s.vocab)))
-    head_saved = (n * s.hidden * e + n * 4 + targets * s.hidden * e + targets
+    head_saved = (n * s.hidden * e + n * 4 + targets * s.hidden * e + n - batch_size
                   + (4 * s.hidden if s.norm_offset else 0))
     head_peak = rows * s.vocab * (4 + (e if e < 4 else 0)) + targets * s.hidden * e  # + the gathered rows
     transient = _backward_transient(s, batch_size, seq_len, e)

@@ -113,7 +113,8 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                 double_quant: bool = True,
                 blocksize: int = 64, compute_dtype: str = "bfloat16", method: str = "qlora", world_size: int = 1,
                 device_memory: int | str | None = None, device: str = "cuda", lora_dropout: float = 0.05,
-                padded: bool | None = None, target_tokens: int | None = None, keep_16bit: tuple[str, ...] = (),
+                padded: bool | None = None, target_tokens: int | None = None, packed: bool = False,
+                keep_16bit: tuple[str, ...] = (),
                 _suggest: bool = True) -> MemoryPlan:
     """Predict the peak memory of fine-tuning `model` (a config; see the module docstring).
 
@@ -121,9 +122,10 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     card"; "cpu": what this trainer measures here), `lora_dropout` (recorded; the seeded
     dropout keeps no mask), `padded` (rows padded to a common length, so SDPA gets a mask;
     default: batch_size > 1), `target_tokens` (labelled tokens per micro-batch, which go
-    through the fused head; default: all but the first of each row), `keep_16bit` (linear
-    names, full or their last parts, stored 16-bit in a qlora run; their extra bytes are in
-    details["kept_16bit"]).
+    through the fused head; default: all but the first of each row), `packed` (rows of packed
+    documents kept apart, train/data.py pack: SDPA gets their block mask, and RoPE tables are
+    per row), `keep_16bit` (linear names, full or their last parts, stored 16-bit in a qlora
+    run; their extra bytes are in details["kept_16bit"]).
     """
     settings = dict(model=str(model) if not isinstance(model, dict) else model.get("_name_or_path", "config"),
                     seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=target_modules, optim=optim,
@@ -131,14 +133,14 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                     quant_type=quant_type, double_quant=double_quant,
                     blocksize=blocksize, compute_dtype=compute_dtype, method=method, world_size=world_size,
                     device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens,
-                    keep_16bit=list(keep_16bit))
+                    keep_16bit=list(keep_16bit), packed=packed)
     _check(settings)
     if hasattr(model, "to_dict") and not isinstance(model, dict):
         settings["model"] = getattr(model, "_name_or_path", "") or type(model).__name__
     shape = model_shape(load_config(model))
     e = DTYPE_BYTES[compute_dtype]
     cuda = device == "cuda"
-    masked = batch_size > 1 if padded is None else padded
+    masked = packed or (batch_size > 1 if padded is None else padded)
     store = 4 if compute_dtype == "float32" else 2  # unquantized tensors (load_model)
     parts = dict.fromkeys(PART_NAMES, 0)
     details: dict[str, Any] = {}
@@ -211,7 +213,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     lora = {k: True for k in lora_on} if method != "full16" else {x[0]: True for x in shape.linears()}
     # full16: a dense Linear saves its input for the weight gradient, like a LoRA's A (rank 0: no xa)
     kw = dict(seq_len=seq_len, batch_size=batch_size, rank=rank if method != "full16" else 0, lora=lora, e=e,
-              masked=masked, targets=target_tokens)
+              masked=masked, targets=target_tokens, packed=packed)
     act = activation_bytes(shape, checkpointing=gradient_checkpointing, keep_attention=keep_attention, **kw)
     other = activation_bytes(shape, checkpointing=not gradient_checkpointing, **kw)
     parts["activations"] = act["peak"]
@@ -308,7 +310,8 @@ def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
     """The cheapest single changes (then pairs) that make the plan fit, with the total each gives."""
     base = {k: st[k] for k in ("seq_len", "batch_size", "rank", "target_modules", "optim", "gradient_checkpointing",
                                "keep_attention", "quant_type", "double_quant", "blocksize", "compute_dtype", "method",
-                               "world_size", "device", "lora_dropout", "padded", "target_tokens")}
+                               "world_size", "device", "lora_dropout", "padded", "target_tokens",
+                               "packed")}
     changes: list[tuple[str, dict]] = []
     if not st["gradient_checkpointing"]:
         changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))

@@ -10,6 +10,7 @@
     save.py              save_quantized / merge_adapter: bitsandbytes and merged 16-bit checkpoints
     export_gguf.py       the merged model as a GGUF file
     loss.py              the causal-LM loss with the head and cross-entropy fused (IGNORE: -100)
+    packing.py           packed batches: the model's inputs that keep each document apart
     shard.py             FSDP2 sharding per block (load_sharded), DDP
     random_checkpoint.py random-weight checkpoints of any config, for tests and benchmarks
 """

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packing import model_inputs
+
 IGNORE = -100
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
 """Architectures whose logits are exactly lm_head(final hidden states); others fall back."""
@@ -104,7 +106,7 @@ def _wrapped(model: nn.Module) -> bool:
 
 def _fused_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None) -> torch.Tensor:
     base = getattr(model, model.base_model_prefix)
-    out = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    out = base(**model_inputs(batch))
     hidden = out[0][:, :-1]
     labels = batch["labels"][:, 1:].to(hidden.device)
     keep = labels != IGNORE
@@ -116,8 +118,9 @@ def _loss_as_forward(model: nn.Module, chunk_tokens: int | None):
     """While open, `model(**batch)` returns the fused loss (the hooks around forward still run).
     A forward set on the instance before (e.g. by accelerate's hooks) is put back after."""
     own = vars(model).get("forward")
-    model.forward = lambda input_ids, attention_mask=None, labels=None, **_: _fused_loss(
-        model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, chunk_tokens)
+    model.forward = lambda input_ids, attention_mask=None, labels=None, position_ids=None, **_: _fused_loss(
+        model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "position_ids": position_ids}, chunk_tokens)
     try:
         yield
     finally:
@@ -128,13 +131,14 @@ def _loss_as_forward(model: nn.Module, chunk_tokens: int | None):
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
-    """Mean next-token loss over the labelled tokens of `batch` (input_ids, attention_mask, labels).
+    """Mean next-token loss over the labelled tokens of `batch` (input_ids, attention_mask, labels;
+    a packed batch also position_ids, model/packing.py).
 
     A DDP-wrapped or FSDP2-sharded model computes it inside its own forward. A batch without
     labelled tokens gives a zero loss (zero gradients), not NaN."""
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if not fusable(inner):
-        out = model(**batch)
+        out = model(**model_inputs(batch), labels=batch["labels"])
         if not bool((batch["labels"][:, 1:] != IGNORE).any()):
             return out.logits.float().sum() * 0.0  # still through the graph: collectives, if any, run
         return out.loss

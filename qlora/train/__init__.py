@@ -2,6 +2,7 @@
 
     config.py       TrainConfig: one dataclass = CLI flags = YAML recipe
     data.py         rows -> tokens: Alpaca, input/output, prompt/completion, chat, text; packing
+                    (documents side by side, kept apart; the default)
     loop.py         train(): accumulation, clipping, schedule, eval, exact resume
     checkpoint.py   checkpoints: list, save, load (adapter, optimizer, schedule, RNG), any world size
     distributed.py  torchrun ranks, FSDP2 / DDP, the data split and the collectives

@@ -85,8 +85,9 @@ class TrainConfig:
     keep_attention: bool = False  # with checkpointing: keep attention outputs, skip their recompute (faster, more memory)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     # data
-    max_length: int = 512  # tokens per row (longer rows are truncated)
-    packing: bool = False  # concatenate rows into max_length sequences
+    max_length: int = 512  # tokens per row (a packed row: the documents in it, together)
+    long_rows: str = "truncate"  # a row longer than max_length: truncate, split (into max_length pieces) or drop
+    packing: bool = True  # rows side by side in max_length rows, each document kept apart (where exact; --no-packing: pad)
     group_by_length: bool = True  # batch rows of similar length (less padding)
     train_on_prompt: bool = False  # also compute the loss on prompts (default: responses only)
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
@@ -259,6 +260,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.lr > 0, "--lr must be positive"),
         (cfg.batch_size > 0 and cfg.grad_accum > 0, "--batch-size and --grad-accum must be positive"),
         (cfg.max_length >= 8, "--max-length must be at least 8"),
+        (cfg.long_rows in ("truncate", "split", "drop"), "--long-rows must be truncate, split or drop"),
         (0 <= cfg.eval_split < 1, "--eval-split must be in [0, 1)"),
         (cfg.max_steps == -1 or cfg.max_steps > 0, "--max-steps must be positive (or -1 for epochs)"),
         (cfg.epochs > 0, "--epochs must be positive"),

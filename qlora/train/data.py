@@ -1,8 +1,10 @@
 """Training data: rows from JSONL / JSON / CSV (or a Hub dataset) -> token ids and labels.
 
     rows = read_rows("data.jsonl")                      # [(where, dict)], where = "file:line" (qlora/rows.py)
-    examples = tokenize_rows(rows, tokenizer, max_length=512)
-    batches = Batches(train, batch_size=4, seed=42, group_by_length=True)
+    examples, skipped = tokenize_rows(rows, tokenizer, max_length=512)
+    train, held = split(examples, 0.05, seed=42)         # the eval rows are held out before packing
+    rows = pack(train, max_length=512)                  # documents side by side, kept apart (below)
+    batches = Batches(rows, batch_size=4, seed=42, group_by_length=False, pad=pad_id(tokenizer))
 
 Row shapes (detected per row):
     {"instruction", "input"?, "output"}   Alpaca: prompt rendered with ALPACA templates
@@ -12,9 +14,19 @@ Row shapes (detected per row):
 Labels are -100 on prompts (unless train_on_prompt) and on padding. A malformed row raises
 DataError naming file:line and the reason, or is skipped and counted with skip_bad_rows.
 Padding uses the pad token, else eos, else 0: no new token, no embedding resize.
+A row longer than --max-length is truncated, split into max-length documents, or dropped
+(`long_rows`).
+
+Packing (`pack`, the default of `qlora train`): rows are placed side by side in rows of at
+most max_length tokens (best fit, longest first: a deterministic function of the rows, so a
+resumed run finds the same rows). Each keeps its own documents apart: `collate` gives
+position ids that restart at every document, the model confines attention to each document
+(model/packing.py), and the first label of every document is -100, so no label is predicted
+across a boundary. Only the padding at a row's end remains.
 """
 from __future__ import annotations
 
+import bisect
 import random
 import re
 from collections.abc import Iterator
@@ -29,10 +41,15 @@ ALPACA = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
+LONG_ROWS = ("truncate", "split", "drop")
+
+
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
+    lengths: tuple[int, ...] = ()
+    """A packed row: the lengths of its documents, in order (they sum to len(input_ids)); () for one."""
 
 
 def _text(where: str, row: dict, key: str, required: bool = True) -> str:
@@ -100,9 +117,13 @@ def _chat(where: str, tokenizer, messages: list[dict], add_generation_prompt: bo
 
 
 def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, max_length: int, train_on_prompt: bool = False,
-                  skip_bad_rows: bool = False) -> tuple[list[Example], int]:
+                  skip_bad_rows: bool = False, long_rows: str = "truncate") -> tuple[list[Example], int]:
     """(examples, skipped rows). Each example starts with bos if the tokenizer adds one to
-    plain text, ends with eos, and is cut to max_length."""
+    plain text and ends with eos. A row longer than max_length is cut to max_length
+    (long_rows="truncate"), cut into pieces of max_length, each its own example, those with
+    something to learn kept ("split"), or dropped and counted as skipped ("drop")."""
+    if long_rows not in LONG_ROWS:
+        raise ValueError(f"long_rows must be one of {', '.join(LONG_ROWS)}, got {long_rows!r}")
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [bos]  # do what the tokenizer does for text
     examples, skipped = [], 0
@@ -122,29 +143,59 @@ def tokenize_rows(rows: list[tuple[str, dict]], tokenizer, max_length: int, trai
             if eos is not None:
                 ids.append(eos)
                 labels.append(eos)
-            ids, labels = ids[:max_length], labels[:max_length]
-            if all(label == IGNORE for label in labels[1:]):
+            if len(ids) > max_length and long_rows == "drop":
+                skipped += 1
+                continue
+            cut = len(ids) if long_rows == "split" else max_length
+            pieces = [Example(ids[i: i + max_length], labels[i: i + max_length]) for i in range(0, cut, max_length)]
+            pieces = [p for p in pieces if any(label != IGNORE for label in p.labels[1:])]
+            if not pieces:
                 raise DataError(f"{where}: nothing to learn once cut to --max-length {max_length} (the prompt fills it)")
         except DataError:
             if not skip_bad_rows:
                 raise
             skipped += 1
             continue
-        examples.append(Example(ids, labels))
+        examples += pieces
     if not examples:
         source = re.sub(r"(:\d+|\[\d+\])$", "", rows[0][0]) if rows else "the data"  # where = file:line or file[i]
-        raise DataError(f"{source}: no usable rows ({skipped} skipped as malformed)")
+        raise DataError(f"{source}: no usable rows ({skipped} skipped as malformed"
+                        f"{' or longer than --max-length' if long_rows == 'drop' else ''})")
     return examples, skipped
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenate examples into sequences of exactly max_length tokens (the last may be shorter)."""
+    """Packed rows of at most max_length tokens: best fit, longest first (each example goes
+    into the fullest row it fits in, else a new row; ties by position), so the rows are a
+    deterministic function of `examples`. A row keeps its documents' lengths, and the first
+    label of each document is -100: no label is predicted from the document before it."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, row), sorted: the fullest row that fits is found by bisection
+    for i in order:
+        n = len(examples[i].input_ids)
+        if not 0 < n <= max_length:
+            raise ValueError(f"pack: example {i} has {n} tokens; every example must have 1 to {max_length}")
+        j = bisect.bisect_left(room, (n, -1))
+        if j == len(room):
+            rows.append([i])
+            left, r = max_length - n, len(rows) - 1
+        else:
+            left, r = room.pop(j)
+            rows[r].append(i)
+            left -= n
+        if left:
+            bisect.insort(room, (left, r))
+    return [_join([examples[i] for i in row]) for row in rows]
+
+
+def _join(docs: list[Example]) -> Example:
     ids: list[int] = []
     labels: list[int] = []
-    for e in examples:
-        ids += e.input_ids
-        labels += e.labels
-    return [Example(ids[i: i + max_length], labels[i: i + max_length]) for i in range(0, len(ids), max_length)]
+    for d in docs:
+        ids += d.input_ids
+        labels += [IGNORE, *d.labels[1:]]
+    return Example(ids, labels, tuple(len(d.input_ids) for d in docs))
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -168,7 +219,9 @@ def pad_id(tokenizer) -> int:
 def collate(batch: list[Example], pad: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask and labels (-100 on padding), the length rounded
     up to a multiple of `multiple`: fewer distinct shapes for the GEMM libraries to cache
-    primitives for (on the demo, bf16 on oneDNN: 924 -> 269 MiB peak, 12% more tokens/s)."""
+    primitives for (on the demo, bf16 on oneDNN: 924 -> 269 MiB peak, 12% more tokens/s).
+    Packed rows also get position_ids, restarting at each document (and at the padding, which
+    is a document of its own): the model keeps the documents apart by them (model/packing.py)."""
     width = -(-max(len(e.input_ids) for e in batch) // multiple) * multiple
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -178,7 +231,11 @@ def collate(batch: list[Example], pad: int, multiple: int = 1) -> dict[str, torc
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.lengths for e in batch):
+        out["position_ids"] = torch.stack([torch.cat([torch.arange(n) for n in (
+            *(e.lengths or (len(e.input_ids),)), width - len(e.input_ids)) if n]) for e in batch])
+    return out
 
 
 class Batches:

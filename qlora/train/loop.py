@@ -31,7 +31,9 @@ from ..errors import TrainingError
 from ..model.checkpoint_files import resolve
 from ..model.gguf_model import gguf_source
 from ..model.load import load_model
+from ..memory import load_config
 from ..model.loss import IGNORE, causal_lm_loss
+from ..model.packing import PACKED_MODEL_TYPES, packs_exactly
 from ..model.prepare import prepare_model
 from ..model.shard import shard_rows, wrap_ddp
 from ..nn.lora import LoraConfig
@@ -128,6 +130,22 @@ def _training_model(cfg: TrainConfig, model_path: str, ranks: dist_.Ranks):
     return wrap_ddp(model.to(ranks.device), ranks.device) if ranks.mode == "ddp" else model
 
 
+def _packing(cfg: TrainConfig, model_path: str, say: bool) -> TrainConfig:
+    """cfg, with packing off (saying so) where the model cannot keep packed documents apart."""
+    if not cfg.packing:
+        return cfg
+    try:
+        config = load_config(resolve(model_path))
+    except Exception:  # the loader will raise the real error
+        config = {}
+    if packs_exactly(config):
+        return cfg
+    if say:
+        print(f"packing: off for model type {config.get('model_type')!r} (exact only for "
+              f"{', '.join(PACKED_MODEL_TYPES)}); batches are padded")
+    return dataclasses.replace(cfg, packing=False)
+
+
 def forward_backward(model, micro: list[dict[str, torch.Tensor]], ranks: dist_.Ranks) -> torch.Tensor:
     """Backward over this process's share of the micro-batches `micro`; returns the step's mean
     token loss over all of them (and all ranks).
@@ -179,10 +197,11 @@ def train(cfg: TrainConfig) -> dict:
     # data
     tokenizer = AutoTokenizer.from_pretrained(resolve(model_path), trust_remote_code=cfg.trust_remote_code)
     examples, skipped = D.tokenize_rows(D.read_rows(data_path), tokenizer, cfg.max_length, cfg.train_on_prompt,
-                                        cfg.skip_bad_rows)
+                                        cfg.skip_bad_rows, cfg.long_rows)
+    train_rows, eval_rows = D.split(examples, cfg.eval_split, cfg.seed)  # held out first: eval rows are never packed
+    cfg = _packing(cfg, model_path, ranks.main)
     if cfg.packing:
-        examples = D.pack(examples, cfg.max_length)
-    train_rows, eval_rows = D.split(examples, cfg.eval_split, cfg.seed)
+        train_rows = D.pack(train_rows, cfg.max_length)
     pad = D.pad_id(tokenizer)
     batches = D.Batches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length and not cfg.packing, pad,
                         cfg.pad_to_multiple)
@@ -192,6 +211,10 @@ def train(cfg: TrainConfig) -> dict:
     plan = M.plan_run(cfg, model_path, train_rows, ranks.world_size) if ranks.main else None  # per process
     baseline = M.start_measure(model_path, cfg.release_host_memory, ranks.device)
     model = _training_model(cfg, model_path, ranks)
+    if cfg.packing and not packs_exactly(getattr(model, "module", model)):
+        raise TrainingError(f"--packing: this {type(model).__name__} (attention "
+                            f"{getattr(model.config, '_attn_implementation', '?')}) cannot keep packed documents "
+                            "apart; pass --no-packing")
     if cfg.keep_16bit == "auto" and ranks.main:  # plan again with the linears it chose
         kept = [n.replace(".base_layer", "") for n, m in model.named_modules()
                 if type(m) is torch.nn.Linear and ".layers." in n and not n.endswith(("lora_A", "lora_B"))]

@@ -46,7 +46,7 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
                        quant_type="nf4" if method == "lora16" else cfg.quant_type, double_quant=cfg.double_quant,
                        blocksize=cfg.blocksize, compute_dtype=str(compute_dtype).replace("torch.", ""), method=method,
                        device=device, lora_dropout=cfg.lora_dropout,
-                       padded=not cfg.packing and cfg.batch_size // world_size > 1,
+                       padded=not cfg.packing and cfg.batch_size // world_size > 1, packed=cfg.packing,
                        target_tokens=target_tokens, keep_16bit=kept_names(cfg))
 
 

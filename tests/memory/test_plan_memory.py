@@ -113,6 +113,25 @@ def test_activations_equal_what_autograd_saves(arch, dropout, padded):
     assert plan.details["activations_saved"] == saved
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3"])
+def test_packed_activations_equal_what_autograd_saves(arch):
+    """A packed batch (documents kept apart by their position ids): SDPA gets the block mask,
+    RoPE a table per row, and the head a labelled subset."""
+    from qlora.train import data as D
+
+    torch.manual_seed(0)
+    model = _prepared(arch, torch.float32).train()
+    docs = [ids.tolist() for ids in torch.randint(3, 250, (60,)).split([7, 13, 20, 9, 11])]
+    batch = D.collate(D.pack([D.Example(d, d) for d in docs], 32), pad=0)
+    b, s = batch["input_ids"].shape
+    assert (b, s) == (2, 31)
+    saved = _saved_bytes(model, batch)
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    plan = plan_memory(tiny_config(arch), rank=8, seq_len=s, batch_size=b, compute_dtype="float32", device="cpu",
+                       gradient_checkpointing=False, packed=True, target_tokens=targets)
+    assert plan.details["activations_saved"] == saved
+
+
 def _linear_llama(h, i, layers):
     return layers * (4 * h * h + 3 * h * i)
 

@@ -103,10 +103,8 @@ def test_no_pad_token_uses_eos_without_resizing(tok):
     assert batch["labels"][1].tolist() == [4, D.IGNORE, D.IGNORE] and batch["attention_mask"][1].tolist() == [1, 0, 0]
 
 
-def test_packing_split_and_batches_are_deterministic():
+def test_split_and_batches_are_deterministic():
     examples = [D.Example(list(range(n)), list(range(n))) for n in range(1, 30)]
-    packed = D.pack(examples, 16)
-    assert all(len(e.input_ids) == 16 for e in packed[:-1]) and sum(len(e.input_ids) for e in packed) == 435
     train, held = D.split(examples, 0.1, seed=3)
     assert len(held) == 3 and len(train) == 26 and D.split(examples, 0.1, seed=3)[1] == held
     b1, b2 = D.Batches(train, 4, 7, True, 0), D.Batches(train, 4, 7, True, 0)
@@ -116,8 +114,68 @@ def test_packing_split_and_batches_are_deterministic():
     assert max(widths) < 29  # grouped by length: not every batch padded to the longest row
 
 
-def test_collate_pads_to_a_multiple():
-    batch = D.collate([D.Example([1, 2, 3], [1, 2, 3]), D.Example([4], [4])], pad=0, multiple=16)
-    assert batch["input_ids"].shape == (2, 16)
-    assert batch["attention_mask"].sum().item() == 4 and (batch["labels"] != D.IGNORE).sum().item() == 4
-    assert D.collate([D.Example(list(range(16)), list(range(16)))], pad=0, multiple=16)["input_ids"].shape == (1, 16)
+def _docs(lengths, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = [rng.randrange(3, 300) for _ in range(n)]
+        out.append(D.Example(ids, [D.IGNORE] * (n // 2) + ids[n // 2:]))
+    return out
+
+
+def test_pack_keeps_every_document_whole_and_apart():
+    import random
+
+    rng = random.Random(1)
+    lengths = [rng.randint(2, 64) for _ in range(300)]
+    docs = _docs(lengths)
+    rows = D.pack(docs, 64)
+    assert all(len(r.input_ids) <= 64 and sum(r.lengths) == len(r.input_ids) == len(r.labels) for r in rows)
+    # every document once, whole; its first label -100 (nothing predicted across a boundary), the rest as it was
+    found = []
+    for r in rows:
+        start = 0
+        for n in r.lengths:
+            ids, labels = r.input_ids[start: start + n], r.labels[start: start + n]
+            match = [i for i, d in enumerate(docs) if d.input_ids == ids]
+            assert match and labels == [D.IGNORE, *docs[match[0]].labels[1:]]
+            found.append(match[0])
+            start += n
+    assert sorted(found) == list(range(len(docs)))
+    # best fit: a document opens a row only when no row has room, so no two rows are both half empty
+    assert sum(len(r.input_ids) <= 32 for r in rows) <= 1
+    assert sum(lengths) / (64 * len(rows)) > 0.95  # on this set: 169 rows of 64 for 10376 tokens
+    assert D.pack(docs, 64) == rows  # a function of the rows alone: a resumed run packs the same
+    with pytest.raises(ValueError, match="1 to 64"):
+        D.pack(_docs([65]), 64)
+
+
+def test_collate_packed_rows_restarts_positions_at_each_document():
+    rows = [D.Example([5, 6, 7, 8, 9], [D.IGNORE, 6, D.IGNORE, 8, 9], (2, 3)), D.Example([1, 2, 3], [D.IGNORE, 2, 3], (3,))]
+    batch = D.collate(rows, pad=0, multiple=4)
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2, 3, 4]]  # padding: its own
+    assert batch["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 3 + [0] * 5]
+    assert batch["labels"][0].tolist() == [D.IGNORE, 6, D.IGNORE, 8, 9, D.IGNORE, D.IGNORE, D.IGNORE]
+    assert "position_ids" not in D.collate([D.Example([1, 2], [1, 2])], pad=0)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "split", "drop"])
+def test_long_rows_are_truncated_split_or_dropped(tok, tmp_path, mode):
+    path = write_rows(tmp_path / "t.jsonl", [{"text": "word " * 40}, {"text": "short"}])
+    bos = [tok.bos_token_id] if tok("x")["input_ids"][:1] == [tok.bos_token_id] else []
+    whole = [*bos, *tok("word " * 40, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert len(whole) > 3 * 16 + 1
+    examples, skipped = D.tokenize_rows(D.read_rows(path), tok, 16, long_rows=mode)
+    pieces = [e.input_ids for e in examples[:-1]]
+    assert [len(e.input_ids) for e in examples[-1:]] == [len(tok("short", add_special_tokens=False)["input_ids"]) + len(bos) + 1]
+    if mode == "truncate":
+        assert pieces == [whole[:16]] and skipped == 0
+    elif mode == "split":  # the pieces are the row, cut at every 16 tokens (a last piece of one token has no target)
+        assert sum(pieces, []) == whole[: len(whole) - (len(whole) % 16 == 1)] and skipped == 0
+        assert all(len(p) == 16 for p in pieces[:-1])
+    else:
+        assert pieces == [] and skipped == 1
+    with pytest.raises(ValueError, match="long_rows"):
+        D.tokenize_rows(D.read_rows(path), tok, 16, long_rows="wrap")

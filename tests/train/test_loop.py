@@ -133,10 +133,13 @@ def test_generate_with_adapter(model_dir, alpaca_file, tmp_path, capsys):
         generate(str(model_dir), "x", temperature=-1)
 
 
-def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(model_dir, alpaca_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("packing", [True, False])
+def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(model_dir, alpaca_file, tmp_path, monkeypatch,
+                                                                 packing):
     """Ctrl-C inside a step (after its micro-batches were drawn and dropout seeds taken) saves
-    the position and RNG the step started from, so --resume repeats that step exactly."""
-    flags = dict(max_steps=6, lora_dropout=0.1, **FAST)
+    the position and RNG the step started from, so --resume repeats that step exactly; packed
+    (9 micro-batches an epoch here: the stop falls mid-epoch) or padded."""
+    flags = dict(max_steps=6, lora_dropout=0.1, packing=packing, **FAST)
     train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "full"), **flags))
     full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
 
@@ -144,6 +147,7 @@ def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(model_dir, alpa
 
     def interrupted(model, batch):
         calls["n"] += 1
+        assert ("position_ids" in batch) == packing
         if calls["n"] == 8:  # the second micro-batch of step 4
             raise KeyboardInterrupt
         return real(model, batch)
@@ -246,3 +250,64 @@ def test_requantized_base_is_written_once_and_paired_with_the_adapter(model_dir,
     qlora.load_adapter(plain, out / "adapter")
     with torch.no_grad():  # the adapter belongs to the calibrated base, not to absmax codes of the original
         assert not torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_packing_is_on_and_the_eval_rows_are_never_packed(model_dir, alpaca_file, tmp_path, monkeypatch):
+    """The default packs the training rows only: the eval rows are the padded run's, held out
+    before packing, and evaluated unpacked. The tokens counted are the rows' own, not padding."""
+    seen = {}
+    real_eval, real_loss = loop.evaluate, loop.causal_lm_loss
+
+    def evaluate(model, examples, *args):
+        seen["eval"] = examples
+        return real_eval(model, examples, *args)
+
+    def loss(model, batch):
+        if model.training:  # evaluate() calls it too
+            seen["packed"].add("position_ids" in batch)
+            seen["tokens"] += int(batch["attention_mask"].sum())
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "causal_lm_loss", loss)
+    runs = {}
+    for packing in (None, False):  # None: the default
+        seen.update(packed=set(), tokens=0)
+        out = tmp_path / str(packing)
+        flags = dict(FAST, max_steps=2, eval_split=0.1, **({} if packing is None else {"packing": packing}))
+        train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(out), **flags))
+        runs[packing] = (seen["eval"], seen["packed"])
+        assert read_metrics(out / "metrics.jsonl")[-2]["tokens"] == seen["tokens"]  # (the last row: eval)
+        assert f"packing: {str(packing is None).lower()}" in (out / "config.yaml").read_text()
+    (eval_packed, packed), (eval_padded, padded) = runs[None], runs[False]
+    assert packed == {True} and padded == {False}
+    assert eval_packed == eval_padded and len(eval_packed) == 4 and not any(e.lengths for e in eval_packed)
+
+
+def test_packing_is_off_where_it_is_not_exact(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    cfg = TrainConfig(model=str(tmp_path))
+    assert cfg.packing and not loop._packing(cfg, str(tmp_path), say=True).packing
+    assert "packing: off for model type 'gpt_neox'" in capsys.readouterr().out
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert loop._packing(cfg, str(tmp_path), say=True).packing
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_bad_rows_are_handled_alike_packed_or_padded(model_dir, tmp_path, packing):
+    """A row with a missing field or nothing to learn: the same named error, or skipped and
+    counted with --skip-bad-rows, whether the rows are packed or padded."""
+    from qlora.rows import DataError
+
+    rows = [{"instruction": f"Write a function that adds {i}.", "output": f"def f{i}(x):\n    return x + {i}\n"}
+            for i in range(12)]
+    rows[3] = {"instruction": "no output"}
+    rows[5] = {"text": "  "}  # no tokens
+    rows[7] = {"instruction": "word " * 100, "output": "x"}  # the prompt fills --max-length: nothing to learn
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = dict(model=str(model_dir), data=str(data), max_steps=1, packing=packing, **FAST)
+    with pytest.raises(DataError, match=r"bad\.jsonl:4: field 'output' is missing or empty"):
+        train(TrainConfig(output=str(tmp_path / "a"), **flags))
+    summary = train(TrainConfig(output=str(tmp_path / "b"), skip_bad_rows=True, **flags))
+    assert summary["skipped_rows"] == 3
