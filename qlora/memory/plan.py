@@ -29,6 +29,9 @@ LABELS = {"weights_4bit": "4-bit weights", "quant_constants": "quantization cons
           "runtime_overhead": "runtime overhead"}
 OPTIMS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 METHODS = ("qlora", "lora16", "full16")
+OBJECTIVES = ("sft", "dpo", "orpo")
+"""What a run trains on: rows (sft), or pairs of rows (dpo, orpo: a chosen and a rejected
+completion of each prompt, so a micro-batch of `batch_size` pairs holds 2 x batch_size rows)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 CUDA_CONTEXT_BYTES = 512 << 20
@@ -72,8 +75,9 @@ class MemoryPlan:
     def table(self) -> str:
         st = self.settings
         head = (f"memory plan: {st['model']} ({st['method']}, {st['quant_type'] if st['method'] == 'qlora' else '16-bit'}"
-                f"{' + DQ' if st['method'] == 'qlora' and st['double_quant'] else ''}), seq {st['seq_len']} x batch "
-                f"{st['batch_size']}, r={st['rank']}, {st['optim']}, checkpointing "
+                f"{' + DQ' if st['method'] == 'qlora' and st['double_quant'] else ''}"
+                f"{', ' + st['objective'].upper() if st.get('objective', 'sft') != 'sft' else ''}), seq {st['seq_len']} x "
+                f"batch {st['batch_size']}{' pairs' if st.get('objective', 'sft') != 'sft' else ''}, r={st['rank']}, {st['optim']}, checkpointing "
                 f"{('on, keeping attention' if st.get('keep_attention') else 'on') if st['gradient_checkpointing'] else 'off'}"
                 f", {st['compute_dtype']} on {st['device']}"
                 + (f", world size {st['world_size']}" if st["world_size"] > 1 else ""))
@@ -110,28 +114,34 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                 double_quant: bool = True,
                 blocksize: int = 64, compute_dtype: str = "bfloat16", method: str = "qlora", world_size: int = 1,
                 device_memory: int | str | None = None, device: str = "cuda", lora_dropout: float = 0.05,
-                padded: bool | None = None, target_tokens: int | None = None, _suggest: bool = True) -> MemoryPlan:
+                padded: bool | None = None, target_tokens: int | None = None, objective: str = "sft",
+                _suggest: bool = True) -> MemoryPlan:
     """Predict the peak memory of fine-tuning `model` (a config; see the module docstring).
 
     Extra keywords beyond the shared contract: `device` ("cuda": the question "does it fit my
     card"; "cpu": what this trainer measures here), `lora_dropout` (recorded; the seeded
     dropout keeps no mask), `padded` (rows padded to a common length, so SDPA gets a mask;
     default: batch_size > 1), `target_tokens` (labelled tokens per micro-batch, which go
-    through the fused head; default: all but the first of each row).
+    through the fused head; default: all but the first of each row), `objective` (sft, dpo,
+    orpo: a micro-batch of `batch_size` pairs is 2 x batch_size rows of `seq_len`; DPO's
+    reference pass runs without gradients before the policy's forward, its activations freed
+    before the peak of backward, so it adds nothing at the peak).
     """
     settings = dict(model=str(model) if not isinstance(model, dict) else model.get("_name_or_path", "config"),
                     seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=target_modules, optim=optim,
                     gradient_checkpointing=gradient_checkpointing, keep_attention=keep_attention,
                     quant_type=quant_type, double_quant=double_quant,
                     blocksize=blocksize, compute_dtype=compute_dtype, method=method, world_size=world_size,
-                    device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens)
+                    device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens,
+                    objective=objective)
     _check(settings)
+    rows = batch_size * (2 if objective in ("dpo", "orpo") else 1)  # pairs: chosen and rejected rows
     if hasattr(model, "to_dict") and not isinstance(model, dict):
         settings["model"] = getattr(model, "_name_or_path", "") or type(model).__name__
     shape = model_shape(load_config(model))
     e = DTYPE_BYTES[compute_dtype]
     cuda = device == "cuda"
-    masked = batch_size > 1 if padded is None else padded
+    masked = rows > 1 if padded is None else padded
     store = 4 if compute_dtype == "float32" else 2  # unquantized tensors (load_model)
     parts = dict.fromkeys(PART_NAMES, 0)
     details: dict[str, Any] = {}
@@ -198,7 +208,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     # ---- activations ----
     lora = {k: True for k in lora_on} if method != "full16" else {x[0]: True for x in shape.linears()}
     # full16: a dense Linear saves its input for the weight gradient, like a LoRA's A (rank 0: no xa)
-    kw = dict(seq_len=seq_len, batch_size=batch_size, rank=rank if method != "full16" else 0, lora=lora, e=e,
+    kw = dict(seq_len=seq_len, batch_size=rows, rank=rank if method != "full16" else 0, lora=lora, e=e,
               masked=masked, targets=target_tokens)
     act = activation_bytes(shape, checkpointing=gradient_checkpointing, keep_attention=keep_attention, **kw)
     other = activation_bytes(shape, checkpointing=not gradient_checkpointing, **kw)
@@ -215,7 +225,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                                   "also holds the allocator's cached-but-free blocks")
     else:
         # input_ids, labels, attention_mask (int64) of the micro-batches the loop holds at once
-        parts["runtime_overhead"] = 3 * 8 * batch_size * seq_len
+        parts["runtime_overhead"] = (3 + (objective != "sft")) * 8 * rows * seq_len  # + the pairs' prompt_mask
         details["measured_as"] = ("CPU: the peak of live tensor bytes from the load on, as torch's allocator "
                                   "reports them (qlora/train/live_bytes.py, train/memory.py measure)")
 
@@ -245,6 +255,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
 def _check(st: dict) -> None:
     checks = [
         (st["method"] in METHODS, f"method must be one of {METHODS}"),
+        (st["objective"] in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
         (st["quant_type"] in ("nf4", "fp4", "int4"), "quant_type must be nf4, fp4 or int4"),
         (st["optim"] in OPTIMS, f"optim must be one of {OPTIMS}"),
         (st["compute_dtype"] in DTYPE_BYTES, f"compute_dtype must be one of {tuple(DTYPE_BYTES)}"),
@@ -286,7 +297,7 @@ def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
     """The cheapest single changes (then pairs) that make the plan fit, with the total each gives."""
     base = {k: st[k] for k in ("seq_len", "batch_size", "rank", "target_modules", "optim", "gradient_checkpointing",
                                "keep_attention", "quant_type", "double_quant", "blocksize", "compute_dtype", "method",
-                               "world_size", "device", "lora_dropout", "padded", "target_tokens")}
+                               "world_size", "device", "lora_dropout", "padded", "target_tokens", "objective")}
     changes: list[tuple[str, dict]] = []
     if not st["gradient_checkpointing"]:
         changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))

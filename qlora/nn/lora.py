@@ -18,6 +18,8 @@
 - With QLORA_FUSED_LORA=1 on CUDA, a Linear4bit base takes the fused path (fused_lora.py:
   W decoded inside the GEMM, the LoRA product in its epilogue); this module's code is the
   default and the reference.
+- `adapters_disabled(model)`: while open, every LoraLinear computes its base layer alone (the
+  reference model of DPO: the same 4-bit base, no second copy).
 - `merge()` folds the update into a 16-bit weight: into the dequantized weight for a
   Linear4bit (the 4-bit weight is kept aside, untouched, so `unmerge()` is exact), in place
   for a dense base (`unmerge()` subtracts again, exact up to the weight dtype's rounding).
@@ -26,6 +28,8 @@ Tests: tests/nn/test_lora.py.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -136,7 +140,12 @@ class LoraLinear(nn.Module):
         base = self._base4bit() or self.base_layer
         return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
 
+    disabled = False
+    """True inside `adapters_disabled`: forward computes the base layer alone."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return (self._base4bit() or self.base_layer)(x)
         p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
         if not self.merged and fused_lora.usable(self.base_layer, x):  # opt-in on CUDA: one fused GEMM per direction
             return fused_lora.forward(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
@@ -214,6 +223,19 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         rs = ", rslora" if self.use_rslora else ""
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{rs}, merged={self.merged}"
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """While open, every LoraLinear of `model` computes its (unmerged) base layer alone."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            del m.disabled  # back to the class default
 
 
 def _device(module: nn.Module) -> torch.device:
