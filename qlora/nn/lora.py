@@ -51,6 +51,7 @@ class LoraConfig:
     module names (a name matches a module whose full name equals it or ends with "." + it)
     or a regular expression matched against full module names. `exclude_modules`: names
     (matched the same way as a list) that never get an adapter. `dtype`: the adapters' dtype.
+    `use_dora`: DoRA layers (nn/dora.py DoraLinear: a trained magnitude per output).
     """
 
     r: int = 64
@@ -60,6 +61,7 @@ class LoraConfig:
     use_rslora: bool = False
     dtype: torch.dtype = torch.float32
     exclude_modules: list[str] | tuple[str, ...] = field(default_factory=tuple)
+    use_dora: bool = False
 
     def __post_init__(self):
         _check_hparams(self.r, self.alpha, self.dropout, self.dtype)
@@ -152,6 +154,10 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
+        return self._add_update(x, out, p)
+
+    def _add_update(self, x: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
+        """out + scaling * B(A(dropout_p(x))), the update in the compute dtype."""
         dt = self.compute_dtype
         x, a, b = x.to(dt), self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
         xa = _DropoutA.apply(x, a, p, new_seed()) if p > 0 else F.linear(x, a)

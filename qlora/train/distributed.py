@@ -126,6 +126,9 @@ def build_sharded(cfg, ranks: Ranks, model_path: str) -> nn.Module:
     """The training model sharded with FSDP2 per block, loaded shard by shard (model/shard.py)."""
     if cfg.quant_type == "none":
         raise ValueError("--quant-type none (16-bit LoRA) is not sharded by FSDP2 here; use --distributed ddp")
+    if cfg.use_dora:
+        raise ValueError("--use-dora initializes each magnitude from the whole base weight, which FSDP2's sharded "
+                         "loading never holds: use --distributed ddp")
     if cfg.calibrate:
         raise ValueError("--calibrate loads the whole model to calibrate it, which FSDP2's sharded loading does not; "
                          "use --distributed ddp, or calibrate once with `qlora quantize --calibrate` and train on that")

@@ -76,7 +76,7 @@ def _build_model(cfg: TrainConfig, model_path: str):
                            blocksize=cfg.blocksize, trust_remote_code=cfg.trust_remote_code, target_modules=targets,
                            progress=False)
     lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-                      use_rslora=cfg.use_rslora)
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     return prepare_model(model, lora=lora, quant_type=None, compute_dtype=compute_dtype,
                          gradient_checkpointing=cfg.gradient_checkpointing, checkpoint_every=cfg.checkpoint_every,
                          keep_attention=cfg.keep_attention,

@@ -212,3 +212,20 @@ def test_a_cpu_run_on_a_machine_with_a_gpu_measures_the_cpu(model_dir, alpaca_fi
     assert all(r["peak_mem_mb"] > 10 for r in read_metrics(out / "metrics.jsonl") if "loss" in r)
     measured = json.loads((out / "memory.json").read_text())
     assert "max_allocated_bytes" not in json.dumps(measured), measured  # the CUDA form of the measurement
+
+
+def test_dora_trains_saves_and_resumes(model_dir, alpaca_file, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = dict(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path), use_dora=True, save_every=2,
+               eval_split=0, **FAST)
+    train(TrainConfig(max_steps=2, **cfg))
+    train(TrainConfig(max_steps=4, resume=True, **cfg))
+    steps = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["loss"] < steps[0]["loss"]
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    magnitudes = [k for k in tensors if k.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == 2 * 7  # every adapted layer, and the magnitudes were trained
+    start = load_file(str(tmp_path / "checkpoints" / "step-0000002" / "adapter_model.safetensors"))
+    assert any(not torch.equal(tensors[k], start[k]) for k in magnitudes)
