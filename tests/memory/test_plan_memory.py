@@ -188,7 +188,7 @@ def test_cli_table_and_json(tmp_path, capsys, monkeypatch):
     assert "config.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["test-ckpt", "test-nockpt"])
+@pytest.mark.parametrize("case", ["test-ckpt", "test-nockpt", "test-dpo"])
 def test_prediction_within_15_percent_of_the_trainer(case, tmp_path):
     import importlib.util
 
@@ -214,3 +214,22 @@ def test_target_tokens_shrink_the_head_where_it_sets_the_peak():
     chunk_rows = CHUNK_BYTES // (4 * 100_000)  # 167: the fused loss's chunk at this vocabulary
     # (chunk_rows - 100) fewer rows of float32 logits at the head's peak, plus their d/dh rows
     assert every.parts["activations"] - half.parts["activations"] >= (chunk_rows - 100) * 100_000 * 4
+
+
+def test_dpo_plans_pairs_of_rows(tmp_path, capsys):
+    from qlora.cli import main
+
+    config = tiny_config("llama")
+    dpo = plan_memory(config, seq_len=128, batch_size=2, objective="dpo", device="cpu")
+    rows = plan_memory(config, seq_len=128, batch_size=4, device="cpu")  # chosen + rejected: 2 rows a pair
+    assert dpo.parts["activations"] == rows.parts["activations"]
+    assert dpo.parts["runtime_overhead"] > rows.parts["runtime_overhead"]  # + the pairs' prompt mask
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    assert main(["memory", "--model", str(path), "--method", "dpo", "--batch-size", "2", "--seq-len", "128",
+                 "--device", "cpu", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["settings"]["objective"] == "dpo" and printed["settings"]["method"] == "qlora"
+    assert printed["total_bytes"] == dpo.total_bytes
+    assert main(["memory", "--model", str(path), "--method", "orpo"]) == 0
+    assert "ORPO" in capsys.readouterr().out
