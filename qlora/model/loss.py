@@ -1,6 +1,7 @@
 """The causal-LM loss without full logits: output head and cross-entropy fused, chunk by chunk.
 
     loss = causal_lm_loss(model, batch)     # the value and gradients of model(**batch).loss
+    logps = token_log_probs(model, batch)   # per labelled token log p, for sequence log-probs (DPO)
 
 transformers computes logits [batch, seq, vocab] for every position, a float32 copy, the
 log-softmax and, in backward, their gradients: at vocab 32000 and 4 x 512 tokens that is
@@ -13,7 +14,9 @@ is -100 too. Here:
   are saved and none are recomputed (the idea of Liger-Kernel's fused linear
   cross-entropy), so the head costs the same matmuls as before, minus the prompt rows.
 The arithmetic follows transformers': logits in the head's dtype, upcast to float32,
-mean over target tokens. Models whose head does more than a plain frozen linear map
+mean over target tokens. `token_log_probs` runs the same chunks but keeps each token's
+log-probability (its gradient row saved unscaled, scaled in backward by what the caller's loss
+makes of it). Models whose head does more than a plain frozen linear map
 (soft-capping, logit scaling, LoRA or training on the head) use `model(**batch).loss`.
 Under torchrun (DDP, FSDP2) the model's forward is swapped for this loss during the call,
 so the wrappers' hooks run around it (FSDP2's root gathers the head first).

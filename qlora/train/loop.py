@@ -6,9 +6,9 @@
 Per optimizer step: `grad_accum` micro-batches, the loss (model/loss.py: head and
 cross-entropy fused, no full logits) averaged over all their target tokens; clip; AdamW;
 schedule. `--method dpo|orpo` trains on preference pairs instead (preference.py: the
-objective, its own denominators, reward margin and accuracy per step). A non-finite loss or gradient skips the step (counted) and
-stops the run after `max_bad_steps` in a row; the skipped update never reaches the
-optimizer state, so no checkpoint can hold it. Checkpoints (adapter in PEFT format,
+objective, its own denominators, reward margin and accuracy per step). A non-finite loss
+or gradient skips the step (counted) and stops the run after `max_bad_steps` in a row; the
+skipped update never reaches the optimizer state, so no checkpoint can hold it. Checkpoints (adapter in PEFT format,
 optimizer, schedule, RNG, step) are written atomically every `save_every` steps, at the
 end and on Ctrl-C; `--resume` continues from the newest one bit for bit (on CPU): the data
 order is a function of (seed, micro-batch index), the index is saved, and so is the RNG.
