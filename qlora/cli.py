@@ -95,7 +95,8 @@ def _memory(args: argparse.Namespace) -> None:
                        quant_type=args.quant_type,
                        double_quant=args.double_quant, blocksize=args.blocksize, compute_dtype=args.compute_dtype,
                        method=method, world_size=args.world_size, device_memory=args.device_memory,
-                       device=args.device, lora_dropout=args.lora_dropout, objective=objective)
+                       device=args.device, lora_dropout=args.lora_dropout, objective=objective,
+                       use_dora=args.use_dora)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
 
 
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory", help="memory of one device, e.g. 24GiB or 48GB: say whether it fits and how")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run goes (default cuda)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (> 0 saves masks; default 0.05)")
+    p.add_argument("--use-dora", action="store_true", help="DoRA adapters (qlora train --use-dora)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_memory)
     return parser

@@ -115,7 +115,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                 blocksize: int = 64, compute_dtype: str = "bfloat16", method: str = "qlora", world_size: int = 1,
                 device_memory: int | str | None = None, device: str = "cuda", lora_dropout: float = 0.05,
                 padded: bool | None = None, target_tokens: int | None = None, objective: str = "sft",
-                _suggest: bool = True) -> MemoryPlan:
+                use_dora: bool = False, _suggest: bool = True) -> MemoryPlan:
     """Predict the peak memory of fine-tuning `model` (a config; see the module docstring).
 
     Extra keywords beyond the shared contract: `device` ("cuda": the question "does it fit my
@@ -125,7 +125,9 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     through the fused head; default: all but the first of each row), `objective` (sft, dpo,
     orpo: a micro-batch of `batch_size` pairs is 2 x batch_size rows of `seq_len`; DPO's
     reference pass runs without gradients before the policy's forward, its activations freed
-    before the peak of backward, so it adds nothing at the peak).
+    before the peak of backward, so it adds nothing at the peak), `use_dora` (DoRA layers: a
+    magnitude [out] per adapted linear, trained; each saves its output for the magnitude's
+    gradient).
     """
     settings = dict(model=str(model) if not isinstance(model, dict) else model.get("_name_or_path", "config"),
                     seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=target_modules, optim=optim,
@@ -133,7 +135,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                     quant_type=quant_type, double_quant=double_quant,
                     blocksize=blocksize, compute_dtype=compute_dtype, method=method, world_size=world_size,
                     device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens,
-                    objective=objective)
+                    objective=objective, use_dora=use_dora)
     _check(settings)
     rows = batch_size * (2 if objective in ("dpo", "orpo") else 1)  # pairs: chosen and rejected rows
     if hasattr(model, "to_dict") and not isinstance(model, dict):
@@ -165,7 +167,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
             parts["weights_4bit"] += -(-numel // 2)
             if method != "full16" and matches(name, selector):
                 lora_on[suffix] = True
-                for numel_ad in (rank * fan_in, fan_out * rank):
+                for numel_ad in (rank * fan_in, fan_out * rank) + ((fan_out,) if use_dora else ()):
                     lora_count += numel_ad
                     lora_state += _adam_state_bytes(numel_ad, optim)
     if method != "full16" and not lora_count:
@@ -209,7 +211,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     lora = {k: True for k in lora_on} if method != "full16" else {x[0]: True for x in shape.linears()}
     # full16: a dense Linear saves its input for the weight gradient, like a LoRA's A (rank 0: no xa)
     kw = dict(seq_len=seq_len, batch_size=rows, rank=rank if method != "full16" else 0, lora=lora, e=e,
-              masked=masked, targets=target_tokens)
+              masked=masked, targets=target_tokens, dora=use_dora and method != "full16")
     act = activation_bytes(shape, checkpointing=gradient_checkpointing, keep_attention=keep_attention, **kw)
     other = activation_bytes(shape, checkpointing=not gradient_checkpointing, **kw)
     parts["activations"] = act["peak"]
@@ -297,7 +299,8 @@ def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
     """The cheapest single changes (then pairs) that make the plan fit, with the total each gives."""
     base = {k: st[k] for k in ("seq_len", "batch_size", "rank", "target_modules", "optim", "gradient_checkpointing",
                                "keep_attention", "quant_type", "double_quant", "blocksize", "compute_dtype", "method",
-                               "world_size", "device", "lora_dropout", "padded", "target_tokens", "objective")}
+                               "world_size", "device", "lora_dropout", "padded", "target_tokens", "objective",
+                               "use_dora")}
     changes: list[tuple[str, dict]] = []
     if not st["gradient_checkpointing"]:
         changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))

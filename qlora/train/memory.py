@@ -41,7 +41,7 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
     sharded = world_size if getattr(cfg, "distributed", "fsdp") == "fsdp" else 1
     objective = getattr(cfg, "method", "sft")  # dpo, orpo: pairs of rows
     return plan_memory(model_path, seq_len=seq_len or cfg.max_length, batch_size=cfg.batch_size // world_size,
-                       objective=objective,
+                       objective=objective, use_dora=getattr(cfg, "use_dora", False),
                        rank=cfg.lora_r, world_size=sharded,
                        target_modules=cfg.target_modules, optim=optim,
                        gradient_checkpointing=cfg.gradient_checkpointing, keep_attention=cfg.keep_attention,
