@@ -71,6 +71,9 @@ TEST_CASES = {
     "test-nockpt": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2),
                     dict(max_length=128, batch_size=2, gradient_checkpointing=False, optim="adamw_8bit")),
+    # DPO on preference pairs (qlora memory --method dpo): 2 x batch_size rows, the reference pass
+    "test-dpo": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4),
+                 dict(max_length=128, batch_size=2, gradient_checkpointing=True, method="dpo", packing=False)),
 }
 
 CHILD = textwrap.dedent("""
@@ -106,6 +109,20 @@ def make_checkpoint(directory: Path, overrides: dict) -> Path:
     return directory
 
 
+def make_pairs(workdir: Path) -> Path:
+    """The shipped preference pairs with their chat prompts as plain text (the tiny-llama
+    tokenizer has no chat template), every pair longer: several questions in one prompt."""
+    from qlora.assets import asset_path
+
+    rows = [json.loads(line) for line in asset_path("preferences.jsonl").read_text().splitlines()]
+    path = workdir / "pairs.jsonl"
+    with open(path, "w") as f:
+        for i, r in enumerate(rows):
+            context = " ".join(x["prompt"][0]["content"] for x in rows[i:i + 4])
+            f.write(json.dumps({"prompt": context, "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
+    return path
+
+
 def run_case(name: str, workdir: Path, timeout: int = 900) -> dict:
     """Train case `name` in a fresh subprocess; its memory.json (predicted, measured, parts)."""
     from qlora.assets import asset_path
@@ -118,6 +135,8 @@ def run_case(name: str, workdir: Path, timeout: int = 900) -> dict:
                grad_accum=2, packing=True, compute_dtype="float32", eval_split=0.0, demo=False, lora_dropout=0.05,
                warmup_ratio=0.0, release_host_memory=True)  # live tensors, as the planner counts
     cfg.update(train_cfg)
+    if cfg.get("method", "sft") != "sft":
+        cfg["data"] = str(make_pairs(workdir))
     nproc = cfg.pop("nproc", 1)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
                TQDM_DISABLE="1")

@@ -25,6 +25,7 @@ from .model.load import load_model
 from .model.prepare import memory_report, prepare_model
 from .model.save import merge_adapter, save_quantized
 from .model.shard import load_sharded
+from .nn.dora import DoraLinear
 from .nn.linear4bit import Linear4bit
 from .nn.lora import LoraConfig, LoraLinear
 from .quant.codebooks import FP4, INT4, NF4, derive_nf4, dynamic_map
@@ -35,7 +36,7 @@ from .train.loop import train as finetune  # `qlora.train` stays the subpackage
 __version__ = "0.1.0"
 
 __all__ = [
-    "FP4", "INT4", "NF4", "CheckpointError", "Linear4bit", "LoraConfig", "LoraLinear", "MemoryPlan",
+    "FP4", "INT4", "NF4", "CheckpointError", "DoraLinear", "Linear4bit", "LoraConfig", "LoraLinear", "MemoryPlan",
     "QloraError", "QuantizedTensor", "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "explain", "finetune",
     "load_adapter", "load_model", "load_sharded", "memory_report", "merge_adapter", "optim", "plan_memory",
     "prepare_model", "quantize", "save_adapter", "save_quantized",

@@ -8,6 +8,7 @@
     qlora generate --model PATH [--adapter DIR] --prompt TEXT
     qlora explain [quantization|blocks|nf4|double-quant|memory|paging|flow] [--output DIR]
     qlora memory --model llama-7b|CONFIG_JSON|DIR|HUB_ID [--seq-len 512] [--device-memory 24GiB] [--json]
+                 [--method qlora|lora16|full16|dpo|orpo]
 
 An error about the input (a QloraError, a missing file, a bad flag value) prints one line,
 `qlora COMMAND: error: ...`, on stderr and exits 2; `--debug` (before or after COMMAND) or
@@ -108,14 +109,17 @@ def _memory(args: argparse.Namespace) -> None:
 
     from .memory import plan_memory
 
-    optim = args.optim or ("paged_adamw" if args.method == "qlora" else "adamw")  # the paper's baselines: AdamW
+    # dpo, orpo: QLoRA trained on preference pairs (qlora train --method dpo|orpo)
+    method, objective = ("qlora", args.method) if args.method in ("dpo", "orpo") else (args.method, "sft")
+    optim = args.optim or ("paged_adamw" if method == "qlora" else "adamw")  # the paper's baselines: AdamW
     plan = plan_memory(args.model, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                        target_modules=args.target_modules, optim=optim,
                        gradient_checkpointing=args.gradient_checkpointing, keep_attention=args.keep_attention,
                        quant_type=args.quant_type,
                        double_quant=args.double_quant, blocksize=args.blocksize, compute_dtype=args.compute_dtype,
-                       method=args.method, world_size=args.world_size, device_memory=args.device_memory,
-                       device=args.device, lora_dropout=args.lora_dropout,
+                       method=method, world_size=args.world_size, device_memory=args.device_memory,
+                       device=args.device, lora_dropout=args.lora_dropout, objective=objective,
+                       use_dora=args.use_dora,
                        keep_16bit=tuple(k.strip() for k in args.keep_16bit.split(",")) if args.keep_16bit else ())
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
 
@@ -222,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="llama-7b/13b/33b/65b (shipped), a config.json, a model directory "
                    "or a Hub id (only config.json is read)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
-    p.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="rows (dpo, orpo: pairs) per micro-batch (default 1)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
     p.add_argument("--target-modules", default="all-linear", help="all-linear, comma-separated names or a regex")
     p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"],
@@ -237,13 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocksize", type=int, default=64, help="elements per scale (default 64)")
     p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="activation/compute dtype (default bfloat16)")
-    p.add_argument("--method", default="qlora", choices=["qlora", "lora16", "full16"],
-                   help="qlora (4-bit base + LoRA), lora16 (16-bit base + LoRA), full16 (16-bit full fine-tuning)")
+    p.add_argument("--method", default="qlora", choices=["qlora", "lora16", "full16", "dpo", "orpo"],
+                   help="qlora (4-bit base + LoRA), lora16 (16-bit base + LoRA), full16 (16-bit full fine-tuning); "
+                   "dpo, orpo: QLoRA on preference pairs (qlora train --method dpo|orpo)")
     p.add_argument("--world-size", type=int, default=1, help="FSDP ranks: per-rank numbers (default 1)")
     p.add_argument("--device-memory", help="memory of one device, e.g. 24GiB or 48GB: say whether it fits and how")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run goes (default cuda)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (> 0 saves masks; default 0.05)")
     p.add_argument("--keep-16bit", metavar="NAMES", help="comma-separated linears kept 16-bit (e.g. mlp.down_proj)")
+    p.add_argument("--use-dora", action="store_true", help="DoRA adapters (qlora train --use-dora)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_memory)
     return parser

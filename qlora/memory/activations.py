@@ -15,7 +15,7 @@ from .shape import Shape
 
 
 def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: int,
-                 masked: bool, stream_grad: bool) -> int:
+                 masked: bool, stream_grad: bool, dora: bool = False) -> int:
     """Bytes autograd saves for one decoder layer, walked op by op as HF runs it.
 
     `lora[suffix]` says which linears carry an adapter; `stream_grad` whether the layer input
@@ -23,7 +23,8 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     frozen). A frozen Linear4bit saves nothing (its input gradient needs only W); a LoRA
     saves its input x (for A's gradient; with dropout, the seeded mask is regenerated from
     x's indices in backward, so q, k and v share one saved x and no mask) and A's output (for
-    B's). Elementwise ops save an operand only when the other one requires grad (frozen norm
+    B's); a DoRA layer (nn/dora.py) also its output before the magnitude scale (for m's
+    gradient) and the scale g [out]. Elementwise ops save an operand only when the other one requires grad (frozen norm
     weights and RoPE tables never do).
     """
     n = b * t  # tokens
@@ -36,12 +37,17 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
             seen.add(key)
             saved += nbytes
 
+    fan_out = {suffix: out for suffix, _, out, _ in s.linears()}
+
     def linear(suffix: str, x_key: str, width: int, x_grad: bool) -> bool:
         """A (LoRA-)linear on tensor `x_key` of `width`; returns whether its output requires grad."""
         if not lora.get(suffix, False):
             return x_grad
         keep(x_key, n * width * e)  # x itself; seeded dropout is regenerated in backward (nn/dropout.py)
         keep(suffix + ".a", n * r * e)
+        if dora:
+            keep(suffix + ".z", n * fan_out[suffix] * e)
+            keep(suffix + ".g", fan_out[suffix] * e)  # the scale (m / norm: the norm is not saved)
         return True
 
     def norm(key: str, x_grad: bool) -> None:
@@ -126,13 +132,14 @@ def _backward_transient(s: Shape, b: int, t: int, e: int) -> int:
 
 def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora: dict[str, bool], e: int,
                      checkpointing: bool, masked: bool, targets: int | None = None,
-                     keep_attention: bool = False, packed: bool = False) -> dict[str, int]:
+                     keep_attention: bool = False, packed: bool = False, dora: bool = False) -> dict[str, int]:
     """The activation memory at the peak of backward, and its pieces (bytes). `packed`: rows of
-    packed documents, with position ids of their own (RoPE tables per row) and a mask."""
+    packed documents, with position ids of their own (RoPE tables per row) and a mask. `dora`:
+    DoRA adapters (their extra saves per adapted layer)."""
     n = batch_size * seq_len
-    full = _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked,
+    full = _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked, dora=dora,
                         stream_grad=True)
-    first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked,
+    first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked, dora=dora,
                                                     stream_grad=False)
     # cos, sin: shared by all layers; per row when each row has position ids of its own (packed)
     rope = 0 if s.family == "gpt2" else 2 * (batch_size if packed else 1) * seq_len * s.head_dim * e

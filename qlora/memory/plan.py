@@ -30,6 +30,9 @@ LABELS = {"weights_4bit": "4-bit weights", "quant_constants": "quantization cons
           "runtime_overhead": "runtime overhead"}
 OPTIMS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 METHODS = ("qlora", "lora16", "full16")
+OBJECTIVES = ("sft", "dpo", "orpo")
+"""What a run trains on: rows (sft), or pairs of rows (dpo, orpo: a chosen and a rejected
+completion of each prompt, so a micro-batch of `batch_size` pairs holds 2 x batch_size rows)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 CUDA_CONTEXT_BYTES = 512 << 20
@@ -73,8 +76,9 @@ class MemoryPlan:
     def table(self) -> str:
         st = self.settings
         head = (f"memory plan: {st['model']} ({st['method']}, {st['quant_type'] if st['method'] == 'qlora' else '16-bit'}"
-                f"{' + DQ' if st['method'] == 'qlora' and st['double_quant'] else ''}), seq {st['seq_len']} x batch "
-                f"{st['batch_size']}, r={st['rank']}, {st['optim']}, checkpointing "
+                f"{' + DQ' if st['method'] == 'qlora' and st['double_quant'] else ''}"
+                f"{', ' + st['objective'].upper() if st.get('objective', 'sft') != 'sft' else ''}), seq {st['seq_len']} x "
+                f"batch {st['batch_size']}{' pairs' if st.get('objective', 'sft') != 'sft' else ''}, r={st['rank']}, {st['optim']}, checkpointing "
                 f"{('on, keeping attention' if st.get('keep_attention') else 'on') if st['gradient_checkpointing'] else 'off'}"
                 f", {st['compute_dtype']} on {st['device']}"
                 + (f", world size {st['world_size']}" if st["world_size"] > 1 else ""))
@@ -114,7 +118,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                 blocksize: int = 64, compute_dtype: str = "bfloat16", method: str = "qlora", world_size: int = 1,
                 device_memory: int | str | None = None, device: str = "cuda", lora_dropout: float = 0.05,
                 padded: bool | None = None, target_tokens: int | None = None, packed: bool = False,
-                keep_16bit: tuple[str, ...] = (),
+                keep_16bit: tuple[str, ...] = (), objective: str = "sft", use_dora: bool = False,
                 _suggest: bool = True) -> MemoryPlan:
     """Predict the peak memory of fine-tuning `model` (a config; see the module docstring).
 
@@ -125,7 +129,11 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     through the fused head; default: all but the first of each row), `packed` (rows of packed
     documents kept apart, train/data.py pack: SDPA gets their block mask, and RoPE tables are
     per row), `keep_16bit` (linear names, full or their last parts, stored 16-bit in a qlora
-    run; their extra bytes are in details["kept_16bit"]).
+    run; their extra bytes are in details["kept_16bit"]), `objective` (sft, dpo, orpo: a
+    micro-batch of `batch_size` pairs is 2 x batch_size rows of `seq_len`; DPO's reference pass
+    runs without gradients before the policy's forward, its activations freed before the peak
+    of backward, so it adds nothing at the peak), `use_dora` (DoRA layers: a magnitude [out] per
+    adapted linear, trained; each saves its output for the magnitude's gradient).
     """
     settings = dict(model=str(model) if not isinstance(model, dict) else model.get("_name_or_path", "config"),
                     seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=target_modules, optim=optim,
@@ -133,14 +141,15 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                     quant_type=quant_type, double_quant=double_quant,
                     blocksize=blocksize, compute_dtype=compute_dtype, method=method, world_size=world_size,
                     device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens,
-                    keep_16bit=list(keep_16bit), packed=packed)
+                    keep_16bit=list(keep_16bit), packed=packed, objective=objective, use_dora=use_dora)
     _check(settings)
+    rows = batch_size * (2 if objective in ("dpo", "orpo") else 1)  # pairs: chosen and rejected rows
     if hasattr(model, "to_dict") and not isinstance(model, dict):
         settings["model"] = getattr(model, "_name_or_path", "") or type(model).__name__
     shape = model_shape(load_config(model))
     e = DTYPE_BYTES[compute_dtype]
     cuda = device == "cuda"
-    masked = packed or (batch_size > 1 if padded is None else padded)
+    masked = packed or (rows > 1 if padded is None else padded)
     store = 4 if compute_dtype == "float32" else 2  # unquantized tensors (load_model)
     parts = dict.fromkeys(PART_NAMES, 0)
     details: dict[str, Any] = {}
@@ -169,7 +178,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                 parts["weights_4bit"] += -(-numel // 2)
             if method != "full16" and matches(name, selector):
                 lora_on[suffix] = True
-                for numel_ad in (rank * fan_in, fan_out * rank):
+                for numel_ad in (rank * fan_in, fan_out * rank) + ((fan_out,) if use_dora else ()):
                     lora_count += numel_ad
                     lora_state += _adam_state_bytes(numel_ad, optim)
     if method != "full16" and not lora_count:
@@ -212,8 +221,8 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     # ---- activations ----
     lora = {k: True for k in lora_on} if method != "full16" else {x[0]: True for x in shape.linears()}
     # full16: a dense Linear saves its input for the weight gradient, like a LoRA's A (rank 0: no xa)
-    kw = dict(seq_len=seq_len, batch_size=batch_size, rank=rank if method != "full16" else 0, lora=lora, e=e,
-              masked=masked, targets=target_tokens, packed=packed)
+    kw = dict(seq_len=seq_len, batch_size=rows, rank=rank if method != "full16" else 0, lora=lora, e=e,
+              masked=masked, targets=target_tokens, packed=packed, dora=use_dora and method != "full16")
     act = activation_bytes(shape, checkpointing=gradient_checkpointing, keep_attention=keep_attention, **kw)
     other = activation_bytes(shape, checkpointing=not gradient_checkpointing, **kw)
     parts["activations"] = act["peak"]
@@ -229,7 +238,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                                   "also holds the allocator's cached-but-free blocks")
     else:
         # input_ids, labels, attention_mask (int64) of the micro-batches the loop holds at once
-        parts["runtime_overhead"] = 3 * 8 * batch_size * seq_len
+        parts["runtime_overhead"] = (3 + (objective != "sft")) * 8 * rows * seq_len  # + the pairs' prompt_mask
         details["measured_as"] = ("CPU: the peak of live tensor bytes from the load on, as torch's allocator "
                                   "reports them (qlora/train/live_bytes.py, train/memory.py measure)")
 
@@ -269,6 +278,7 @@ def keep_budget(model: Any, budget: int | str | None, **settings: Any) -> int:
 def _check(st: dict) -> None:
     checks = [
         (st["method"] in METHODS, f"method must be one of {METHODS}"),
+        (st["objective"] in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
         (st["quant_type"] in ("nf4", "fp4", "int4"), "quant_type must be nf4, fp4 or int4"),
         (st["optim"] in OPTIMS, f"optim must be one of {OPTIMS}"),
         (st["compute_dtype"] in DTYPE_BYTES, f"compute_dtype must be one of {tuple(DTYPE_BYTES)}"),
@@ -311,7 +321,7 @@ def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
     base = {k: st[k] for k in ("seq_len", "batch_size", "rank", "target_modules", "optim", "gradient_checkpointing",
                                "keep_attention", "quant_type", "double_quant", "blocksize", "compute_dtype", "method",
                                "world_size", "device", "lora_dropout", "padded", "target_tokens",
-                               "packed")}
+                               "packed", "keep_16bit", "objective", "use_dora")}
     changes: list[tuple[str, dict]] = []
     if not st["gradient_checkpointing"]:
         changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))

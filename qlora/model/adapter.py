@@ -5,7 +5,8 @@
 
 The files (formats.md section 6): tensors `base_model.model.<module path>.lora_A.weight`
 ([r, in]) and `.lora_B.weight` ([out, r]), no adapter name in the key, safetensors
-metadata {"format": "pt"}; a JSON config with PEFT's LoRA keys. `peft.PeftModel.from_pretrained`
+metadata {"format": "pt"}; a JSON config with PEFT's LoRA keys. DoRA (nn/dora.py) adds
+`.lora_magnitude_vector` ([out]) per layer and `"use_dora": true`, as PEFT writes them. `peft.PeftModel.from_pretrained`
 loads what `save_adapter` writes onto the same (dequantized) base and computes the same
 logits; tests/model/test_adapter.py checks both directions.
 
@@ -28,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..nn.dora import DoraLinear
 from ..nn.linear4bit import Linear4bit, features, is_conv1d
 from ..nn.lora import LoraLinear
 from .checkpoint_files import CheckpointError, read_tensors
@@ -36,9 +38,10 @@ from .targets import is_linear
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight"
+                  r"|lora_(?P<m>magnitude)_vector(?:\.weight)?)$")
 _UNSUPPORTED = {  # config flags of PEFT features this format reader does not implement
-    "use_dora": lambda v: bool(v), "bias": lambda v: v not in (None, "none"), "modules_to_save": lambda v: bool(v),
+    "bias": lambda v: v not in (None, "none"), "modules_to_save": lambda v: bool(v),
     "lora_bias": lambda v: bool(v), "layer_replication": lambda v: bool(v), "use_qalora": lambda v: bool(v),
 }
 
@@ -75,6 +78,9 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     conv1d = any(getattr(_base(m), "fan_in_fan_out", False) or is_conv1d(_base(m))
                  for m in layers.values())
+    dora = {isinstance(m, DoraLinear) for m in layers.values()}
+    if len(dora) > 1:
+        raise ValueError("save_adapter: the layers mix DoRA and plain LoRA; PEFT's format has one use_dora flag")
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -88,6 +94,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "use_rslora": rslora.pop(),
+        "use_dora": dora.pop(),
         "init_lora_weights": True,
         "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
         "alpha_pattern": {n: m.alpha for n, m in layers.items() if m.alpha != alpha},
@@ -121,6 +128,8 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in _lora_layers(model).items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+        if isinstance(m, DoraLinear):
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
     return tensors
 
 
@@ -133,7 +142,7 @@ def _pattern_value(pattern: dict, module: str, default):
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(config, {module path: {"A": tensor, "B": tensor}}) of a PEFT LoRA adapter directory."""
+    """(config, {module path: {"A": tensor, "B": tensor, "M": DoRA magnitude}}) of a PEFT LoRA adapter directory."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.exists():
@@ -151,14 +160,15 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, dict[str
         match = _KEY.match(key)
         if match is None:
             raise CheckpointError(f"{weights_path}: tensor {key!r} is not a LoRA weight "
-                                  f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'; qlora reads plain LoRA only")
+                                  f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight' (DoRA: "
+                                  "'.lora_magnitude_vector'); qlora reads LoRA and DoRA only")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{weights_path}: tensor {key!r} is {tensor.dtype}; LoRA weights are floats")
         got = modules.setdefault(match["module"], {})
-        if match["ab"] in got:
-            raise CheckpointError(f"{weights_path}: two tensors for {match['module']}.lora_{match['ab']} "
-                                  "(several adapters?)")
-        got[match["ab"]] = tensor
+        part = "M" if match["m"] else match["ab"]
+        if part in got:
+            raise CheckpointError(f"{weights_path}: two tensors for {key!r} (several adapters?)")
+        got[part] = tensor
     if not modules:
         raise CheckpointError(f"{weights_path}: holds no LoRA tensors")
     return config, modules
@@ -194,8 +204,9 @@ def _check_config(path: Path, config: object) -> None:
     if targets is not None and not isinstance(targets, str) and not (
             isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise bad(f"target_modules={targets!r:.40} is not a name, a regex or a list of names")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise bad(f"use_rslora={config['use_rslora']!r:.40} is not true or false")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            raise bad(f"{key}={config[key]!r:.40} is not true or false")
     patterns = (("rank_pattern", "ranks", lambda v: type(v) is int and v >= 1), ("alpha_pattern", "numbers", _is_number))
     for key, values, ok in patterns:
         pattern = {} if config.get(key) is None else config[key]
@@ -209,8 +220,9 @@ def _check_config(path: Path, config: object) -> None:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = True) -> nn.Module:
-    """Load a PEFT-format LoRA adapter (saved by qlora or by PEFT) into `model`, in place."""
+    """Load a PEFT-format LoRA or DoRA adapter (saved by qlora or by PEFT) into `model`, in place."""
     config, modules = read_adapter(directory)
+    dora = bool(config.get("use_dora", False))
     weights_path = Path(directory) / WEIGHTS_NAME
     existing = _lora_layers(model)
     plan = []
@@ -245,8 +257,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
         if r != _pattern_value(config.get("rank_pattern"), path, config["r"]):
             raise CheckpointError(f"{weights_path}: tensor {key_a!r} has rank {r}, adapter_config.json says "
                              f"{_pattern_value(config.get('rank_pattern'), path, config['r'])}")
+        magnitude = ab.get("M")
+        key_m = f"{PREFIX}{path}.lora_magnitude_vector"
+        if dora and (magnitude is None or tuple(magnitude.shape) != (out_f,)):
+            raise CheckpointError(f"{weights_path}: adapter_config.json says use_dora, and module {path!r} needs "
+                                  f"tensor {key_m!r} of shape ({out_f},); "
+                                  + ("it is missing" if magnitude is None else f"it has {tuple(magnitude.shape)}"))
+        if not dora and magnitude is not None:
+            raise CheckpointError(f"{weights_path}: tensor {key_m!r} is a DoRA magnitude, but adapter_config.json "
+                                  "does not say use_dora: true")
         alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
-        plan.append((path, module, a, b, r, alpha))
+        plan.append((path, module, a, b, r, alpha, magnitude))
     missing = sorted(set(existing) - set(modules))
     if missing:
         raise CheckpointError(f"{weights_path}: lacks tensor {PREFIX}{missing[0]}.lora_A.weight for the model's LoRA layer "
@@ -254,17 +275,22 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
 
     dropout = float(config.get("lora_dropout") or 0.0)
     rslora = bool(config.get("use_rslora", False))
-    for path, module, a, b, r, alpha in plan:
-        if isinstance(module, LoraLinear) and module.r != r:
-            module = LoraLinear(module.base_layer, r, alpha, _dropout(module), rslora, module.lora_A.weight.dtype)
+    kind = DoraLinear if dora else LoraLinear
+    for path, module, a, b, r, alpha, magnitude in plan:
+        if isinstance(module, LoraLinear) and (module.r != r or type(module) is not kind):
+            module = kind(module.base_layer, r, alpha, _dropout(module), rslora, module.lora_A.weight.dtype)
             model.set_submodule(path, module)
         elif not isinstance(module, LoraLinear):
-            module = LoraLinear(module, r, alpha, dropout, rslora)
+            module = kind(module, r, alpha, dropout, rslora)
             model.set_submodule(path, module)
         module.alpha, module.use_rslora = alpha, rslora  # its scaling follows
         with torch.no_grad():
             module.lora_A.weight.copy_(a)
             module.lora_B.weight.copy_(b)
+            if magnitude is not None:
+                module.lora_magnitude_vector.copy_(magnitude)
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(trainable)
         module.lora_A.weight.requires_grad_(trainable)
         module.lora_B.weight.requires_grad_(trainable)
     return model

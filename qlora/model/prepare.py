@@ -14,8 +14,8 @@ What it does, in order (formats.md section 7, the QLoRA recipe):
    return their input's dtype, so the residual stream stays in the model's dtype and the
    model runs with or without autocast. Embeddings and lm_head stay as they are (frozen,
    not upcast: PEFT's fp32 copies cost memory for nothing);
-4. wraps each layer selected by `lora.target_modules` in a LoraLinear (the only trainable
-   parameters);
+4. wraps each layer selected by `lora.target_modules` in a LoraLinear, or a DoraLinear with
+   `lora.use_dora` (the only trainable parameters);
 5. enables non-reentrant gradient checkpointing and input gradients, and turns off the
    generation cache (which checkpointing cannot use). With `keep_attention` the
    checkpoints are selective: each layer also keeps its attention kernel's output and
@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ..errors import InputError
+from ..nn.dora import DoraLinear
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraConfig, LoraLinear
 from .targets import is_linear, is_norm, matches, output_head
@@ -140,9 +141,10 @@ def prepare_model(
                 del layer  # the 16-bit weight goes now, before the next layer is quantized
     keep_norms_fp32(model)
     if lora is not None:
+        layer = DoraLinear if lora.use_dora else LoraLinear
         for name in select_modules(model, lora.target_modules, lora.exclude_modules):
-            model.set_submodule(name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout,
-                                             lora.use_rslora, lora.dtype))
+            model.set_submodule(name, layer(model.get_submodule(name), lora.r, lora.alpha, lora.dropout,
+                                            lora.use_rslora, lora.dtype))
     if gradient_checkpointing:
         enable_checkpointing(model, checkpoint_every, keep_attention)
     model.qlora_report = memory_report(model)
@@ -250,7 +252,7 @@ def memory_report(model: nn.Module) -> ModelReport:
             for b in ("_absmax", "_code", "_nested_absmax", "_nested_code"):
                 add("quant constants", getattr(m, b), 0)
         for pname, p in m.named_parameters(recurse=False):
-            if id(m) in lora_ids:
+            if id(m) in lora_ids or pname == "lora_magnitude_vector":
                 part = "LoRA"
             elif isinstance(m, nn.Embedding):
                 part = "embeddings"

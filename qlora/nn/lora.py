@@ -18,6 +18,8 @@
 - With QLORA_FUSED_LORA=1 on CUDA, a Linear4bit base takes the fused path (fused_lora.py:
   W decoded inside the GEMM, the LoRA product in its epilogue); this module's code is the
   default and the reference.
+- `adapters_disabled(model)`: while open, every LoraLinear computes its base layer alone (the
+  reference model of DPO: the same 4-bit base, no second copy).
 - `merge()` folds the update into a 16-bit weight: into the dequantized weight for a
   Linear4bit (the 4-bit weight is kept aside, untouched, so `unmerge()` is exact), in place
   for a dense base (`unmerge()` subtracts again, exact up to the weight dtype's rounding).
@@ -26,6 +28,8 @@ Tests: tests/nn/test_lora.py.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +52,7 @@ class LoraConfig:
     module names (a name matches a module whose full name equals it or ends with "." + it)
     or a regular expression matched against full module names. `exclude_modules`: names
     (matched the same way as a list) that never get an adapter. `dtype`: the adapters' dtype.
+    `use_dora`: DoRA layers (nn/dora.py DoraLinear: a trained magnitude per output).
     """
 
     r: int = 64
@@ -57,6 +62,7 @@ class LoraConfig:
     use_rslora: bool = False
     dtype: torch.dtype = torch.float32
     exclude_modules: list[str] | tuple[str, ...] = field(default_factory=tuple)
+    use_dora: bool = False
 
     def __post_init__(self):
         _check_hparams(self.r, self.alpha, self.dropout, self.dtype)
@@ -151,13 +157,22 @@ class LoraLinear(nn.Module):
         base = self._base4bit() or self.base_layer
         return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
 
+    disabled = False
+    """True inside `adapters_disabled`: forward computes the base layer alone."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return (self._base4bit() or self.base_layer)(x)
         p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
         if not self.merged and fused_lora.usable(self.base_layer, x):  # opt-in on CUDA: one fused GEMM per direction
             return fused_lora.forward(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
         out = self.base_layer(x)
         if self.merged:
             return out
+        return self._add_update(x, out, p)
+
+    def _add_update(self, x: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
+        """out + scaling * B(A(dropout_p(x))), the update in the compute dtype."""
         dt = self.compute_dtype
         x, a, b = x.to(dt), self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
         xa = _DropoutA.apply(x, a, p, new_seed()) if p > 0 else F.linear(x, a)
@@ -229,6 +244,19 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         rs = ", rslora" if self.use_rslora else ""
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{rs}, merged={self.merged}"
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """While open, every LoraLinear of `model` computes its (unmerged) base layer alone."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            del m.disabled  # back to the class default
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -69,6 +69,12 @@ class TrainConfig:
     lora_dropout: float = 0.05  # dropout on the adapter input
     target_modules: str = "all-linear"  # all-linear, comma-separated names, or a regex
     use_rslora: bool = False  # scaling = alpha / sqrt(r)
+    use_dora: bool = False  # DoRA: a trained magnitude per output times the direction of W + BA
+    # objective
+    method: str = "sft"  # sft, dpo or orpo (dpo, orpo: rows {"prompt", "chosen", "rejected"})
+    beta: float = 0.1  # dpo, orpo: weight of the preference term (DPO's beta, ORPO's lambda)
+    loss_type: str = "sigmoid"  # dpo: sigmoid (DPO) or ipo
+    precompute_ref: bool = False  # dpo: reference log-probs computed once before training, not every step
     # optimization
     optim: str = "paged_adamw_32bit"  # paged_adamw_32bit, paged_adamw_8bit, adamw_32bit, adamw_8bit
     lr: float = 2e-4  # peak learning rate
@@ -270,6 +276,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device must be auto, cpu, cuda or cuda:N"),
         (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
         (cfg.distributed in ("fsdp", "ddp"), "--distributed must be fsdp or ddp"),
+        (cfg.method in ("sft", "dpo", "orpo"), "--method must be sft, dpo or orpo"),
+        (cfg.beta > 0, "--beta must be positive"),
+        (cfg.loss_type in ("sigmoid", "ipo"), "--loss-type must be sigmoid or ipo"),
+        (cfg.loss_type == "sigmoid" or cfg.method == "dpo", "--loss-type ipo is a DPO loss: pass --method dpo"),
+        (not cfg.precompute_ref or cfg.method == "dpo", "--precompute-ref computes DPO's reference log-probs: "
+         "pass --method dpo (ORPO and SFT have no reference model)"),
+        (not cfg.packing or cfg.method == "sft", "--packing concatenates SFT rows; preference pairs (--method "
+         f"{cfg.method}) are not packed: drop --packing"),
     ]
     for ok, message in checks:
         if not ok:

@@ -127,6 +127,9 @@ def build_sharded(cfg, ranks: Ranks, model_path: str) -> nn.Module:
     """The training model sharded with FSDP2 per block, loaded shard by shard (model/shard.py)."""
     if cfg.quant_type == "none":
         raise ConfigError("--quant-type none (16-bit LoRA) is not sharded by FSDP2 here; use --distributed ddp")
+    if cfg.use_dora:
+        raise ConfigError("--use-dora initializes each magnitude from the whole base weight, which FSDP2's sharded "
+                          "loading never holds: use --distributed ddp")
     lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.targets(),
                       use_rslora=cfg.use_rslora)
     return load_sharded(model_path, lora, rank=ranks.rank, world_size=ranks.world_size, device=ranks.device,

@@ -5,9 +5,10 @@
 
 Per optimizer step: `grad_accum` micro-batches, the loss (model/loss.py: head and
 cross-entropy fused, no full logits) averaged over all their target tokens; clip; AdamW;
-schedule. A non-finite loss or gradient skips the step (counted) and
-stops the run after `max_bad_steps` in a row; the skipped update never reaches the
-optimizer state, so no checkpoint can hold it. Checkpoints (adapter in PEFT format,
+schedule. `--method dpo|orpo` trains on preference pairs instead (preference.py: the
+objective, its own denominators, reward margin and accuracy per step). A non-finite loss
+or gradient skips the step (counted) and stops the run after `max_bad_steps` in a row; the
+skipped update never reaches the optimizer state, so no checkpoint can hold it. Checkpoints (adapter in PEFT format,
 optimizer, schedule, RNG, step) are written atomically every `save_every` steps, at the
 end and on Ctrl-C; `--resume` continues from the newest one bit for bit (on CPU): the data
 order is a function of (seed, micro-batch index), the index is saved, and so is the RNG.
@@ -41,6 +42,7 @@ from ..optim import AdamW, clip_grad_norm, scheduler
 from . import data as D
 from . import distributed as dist_
 from . import memory as M
+from . import preference as P
 from .checkpoint import checkpoints, load_checkpoint, rng_state, save_adapter_gathered, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .config import compute_dtype as resolve_compute_dtype
@@ -73,7 +75,7 @@ def _build_model(cfg: TrainConfig, model_path: str):
                            blocksize=cfg.blocksize, trust_remote_code=cfg.trust_remote_code, target_modules=targets,
                            progress=False)
     lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-                      use_rslora=cfg.use_rslora)
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     return prepare_model(model, lora=lora, quant_type=None, compute_dtype=compute_dtype,
                          gradient_checkpointing=cfg.gradient_checkpointing, checkpoint_every=cfg.checkpoint_every,
                          keep_attention=cfg.keep_attention,
@@ -146,25 +148,50 @@ def _packing(cfg: TrainConfig, model_path: str, say: bool) -> TrainConfig:
     return dataclasses.replace(cfg, packing=False)
 
 
-def forward_backward(model, micro: list[dict[str, torch.Tensor]], ranks: dist_.Ranks) -> torch.Tensor:
-    """Backward over this process's share of the micro-batches `micro`; returns the step's mean
-    token loss over all of them (and all ranks).
+class TokenLoss:
+    """SFT's objective: the next-token loss, summed over the labelled tokens."""
 
-    Each share's loss is (its token-loss sum) / (the step's target tokens, over all ranks) x
-    world_size: the gradient average FSDP2 / DDP take then equals the single process's gradient."""
-    # target counts from the host-side rows: no device sync per micro-batch
-    counts = [int((shard_rows(b["labels"], ranks.rank, ranks.world_size)[:, 1:] != IGNORE).sum())
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        return {"tokens": int((batch["labels"][:, 1:] != IGNORE).sum())}
+
+    def sums(self, model, batch: dict[str, torch.Tensor], counts: dict[str, int]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return {"tokens": causal_lm_loss(model, batch).float() * counts["tokens"]}, {}
+
+
+def forward_backward(model, micro: list[dict[str, torch.Tensor]], ranks: dist_.Ranks, objective=None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Backward over this process's share of the micro-batches `micro`; returns the step's loss
+    over all of them (and all ranks) and the objective's stats averaged over the step's pairs.
+
+    The objective (default TokenLoss: SFT) gives each share loss sums per denominator (target
+    tokens; preference.py: pairs, chosen tokens); each share's loss is the sum of (its sum) /
+    (the step's count, over all ranks) x world_size: the gradient average FSDP2 / DDP take then
+    equals the single process's gradient."""
+    objective = objective or TokenLoss()
+    # counts from the host-side rows: no device sync per micro-batch
+    counts = [objective.counts({k: shard_rows(v, ranks.rank, ranks.world_size) for k, v in b.items()})
               for b in micro]
-    n_step = float(dist_.all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64), ranks))
+    names = sorted(counts[0])
+    totals = dist_.all_reduce_sum(torch.tensor([sum(c[k] for c in counts) for k in names], dtype=torch.float64), ranks)
+    step = {k: max(float(t), 1.0) for k, t in zip(names, totals)}
     loss_sum = torch.zeros((), dtype=torch.float32, device=ranks.device)  # a CPU sum += a CUDA loss fails
-    for i, (b, n) in enumerate(zip(micro, counts)):
+    stat_sums: dict[str, torch.Tensor] = {}
+    for i, (b, c) in enumerate(zip(micro, counts)):
         last = i == len(micro) - 1
         with model.no_sync() if ranks.mode == "ddp" and not last else contextlib.nullcontext():
             # a share without target tokens still runs backward (collectives), with a zero loss
-            loss = causal_lm_loss(model, dist_.share(b, ranks)).float() * (n / max(n_step, 1))
+            terms, stats = objective.sums(model, dist_.share(b, ranks), c)
+            loss = sum(terms[k].float() / step[k] for k in names)
             (loss * ranks.world_size).backward()
         loss_sum += loss.detach()
-    return dist_.all_reduce_sum(loss_sum, ranks)
+        for k, v in stats.items():
+            stat_sums[k] = stat_sums.get(k, 0) + v.detach().float()
+    if not stat_sums:
+        return dist_.all_reduce_sum(loss_sum, ranks), {}
+    keys = sorted(stat_sums)
+    reduced = dist_.all_reduce_sum(torch.stack([loss_sum] + [stat_sums[k] for k in keys]).double(), ranks)
+    return reduced[0].float(), {k: float(v) / step["pairs"] for k, v in zip(keys, reduced[1:])}
 
 
 @torch.no_grad()
@@ -196,15 +223,22 @@ def train(cfg: TrainConfig) -> dict:
 
     # data
     tokenizer = AutoTokenizer.from_pretrained(resolve(model_path), trust_remote_code=cfg.trust_remote_code)
-    examples, skipped = D.tokenize_rows(D.read_rows(data_path), tokenizer, cfg.max_length, cfg.train_on_prompt,
-                                        cfg.skip_bad_rows, cfg.long_rows)
-    train_rows, eval_rows = D.split(examples, cfg.eval_split, cfg.seed)  # held out first: eval rows are never packed
-    cfg = _packing(cfg, model_path, ranks.main)
-    if cfg.packing:
-        train_rows = D.pack(train_rows, cfg.max_length)
     pad = D.pad_id(tokenizer)
-    batches = D.Batches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length and not cfg.packing, pad,
-                        cfg.pad_to_multiple)
+    objective = None if cfg.method == "sft" else P.Preference(cfg.method, cfg.beta, cfg.loss_type, cfg.train_on_prompt)
+    if objective is None:
+        examples, skipped = D.tokenize_rows(D.read_rows(data_path), tokenizer, cfg.max_length, cfg.train_on_prompt,
+                                            cfg.skip_bad_rows, cfg.long_rows)
+        train_rows, eval_rows = D.split(examples, cfg.eval_split, cfg.seed)  # held out first: never packed
+        cfg = _packing(cfg, model_path, ranks.main)
+        if cfg.packing:
+            train_rows = D.pack(train_rows, cfg.max_length)
+        batches = D.Batches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length and not cfg.packing, pad,
+                            cfg.pad_to_multiple)
+    else:  # preference pairs: 2 x batch_size rows a micro-batch, never packed
+        cfg = dataclasses.replace(cfg, packing=False)
+        examples, skipped = P.tokenize_pairs(D.read_rows(data_path), tokenizer, cfg.max_length, cfg.skip_bad_rows)
+        train_rows, eval_rows = D.split(examples, cfg.eval_split, cfg.seed)
+        batches = P.PairBatches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length, pad, cfg.pad_to_multiple)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.per_epoch / cfg.grad_accum))
 
     # model, optimizer, schedule; the memory plan first, then the peak is measured from here
@@ -222,6 +256,9 @@ def train(cfg: TrainConfig) -> dict:
                           ranks.world_size)
     if ranks.rank > 0:
         torch.manual_seed(cfg.seed + ranks.rank)  # the same init everywhere, then dropout masks of its own
+    if cfg.precompute_ref:  # the reference is the base without adapters: the same before and after a resume
+        P.precompute_reference(model, train_rows + eval_rows, cfg.batch_size, pad, cfg.pad_to_multiple,
+                               progress=ranks.main)
     prompts = demo_prompts(cfg.data) if cfg.demo and not ranks.active else None
     demo = demo_generations(model, tokenizer, prompts) if prompts else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -264,7 +301,7 @@ def train(cfg: TrainConfig) -> dict:
             baseline.before_step(max(b["input_ids"].numel() for b in micro))
             state["micro"] += cfg.grad_accum  # the data position moves on even if the step is skipped
             step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)  # counted on the host: no device sync
-            loss_sum = forward_backward(model, micro, ranks)  # each rank its share of every micro-batch
+            loss_sum, stats = forward_backward(model, micro, ranks, objective)  # each rank its share of each
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
                                        error_if_nonfinite=False)
             if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
@@ -286,13 +323,14 @@ def train(cfg: TrainConfig) -> dict:
             state["elapsed"] = time.perf_counter() - start
             row = {"step": step, "loss": float(loss_sum), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
-                   "elapsed_s": state["elapsed"], "peak_mem_mb": peak_memory_mb(device)}
+                   "elapsed_s": state["elapsed"], "peak_mem_mb": peak_memory_mb(device), **stats}
             metrics.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            peak=f"{row['peak_mem_mb']:.0f}MB")
+            shown = {"acc": f"{stats['reward_accuracy']:.2f}", "margin": f"{stats['reward_margin']:.3f}"} if stats else {}
+            bar.set_postfix(loss=f"{row['loss']:.3f}", **shown, lr=f"{row['lr']:.2e}",
+                            tok_s=f"{row['tokens_per_s']:.0f}", peak=f"{row['peak_mem_mb']:.0f}MB")
             bar.update(1)
             if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
+                eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics, objective)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     except KeyboardInterrupt:
@@ -313,7 +351,7 @@ def train(cfg: TrainConfig) -> dict:
         stop.restore()
     bar.close()
     if eval_rows:
-        eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics)
+        eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics, objective)
     metrics.close()
     save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     base = str((output / BASE).resolve()) if requantized(cfg) else cfg.model
@@ -327,8 +365,13 @@ def train(cfg: TrainConfig) -> dict:
     return write_summary(output, cfg, state, eval_loss, skipped, demo, after, device)
 
 
-def _eval(model, eval_rows, cfg: TrainConfig, pad: int, state: dict, metrics) -> float:
-    loss, ppl = evaluate(model, eval_rows, cfg.batch_size, pad, cfg.pad_to_multiple)
+def _eval(model, eval_rows, cfg: TrainConfig, pad: int, state: dict, metrics, objective=None) -> float:
+    if objective is None:
+        loss, ppl = evaluate(model, eval_rows, cfg.batch_size, pad, cfg.pad_to_multiple)
+        row = {"eval_loss": loss, "eval_ppl": ppl}
+    else:
+        row = P.evaluate_pairs(model, objective, eval_rows, cfg.batch_size, pad, cfg.pad_to_multiple)
+        loss = row["eval_loss"]
     state["best_eval"] = loss if state["best_eval"] is None else min(state["best_eval"], loss)
-    metrics.write({"step": state["step"], "eval_loss": loss, "eval_ppl": ppl})
+    metrics.write({"step": state["step"], **row})
     return loss

@@ -39,15 +39,17 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
              "adamw_8bit": "adamw8bit"}[cfg.optim]
     method = "lora16" if cfg.quant_type == "none" else "qlora"
     sharded = world_size if getattr(cfg, "distributed", "fsdp") == "fsdp" else 1
+    objective = getattr(cfg, "method", "sft")  # dpo, orpo: pairs of rows
     return plan_memory(model_path, seq_len=seq_len or cfg.max_length, batch_size=cfg.batch_size // world_size,
+                       objective=objective, use_dora=getattr(cfg, "use_dora", False),
                        rank=cfg.lora_r, world_size=sharded,
                        target_modules=cfg.target_modules, optim=optim,
                        gradient_checkpointing=cfg.gradient_checkpointing, keep_attention=cfg.keep_attention,
                        quant_type="nf4" if method == "lora16" else cfg.quant_type, double_quant=cfg.double_quant,
                        blocksize=cfg.blocksize, compute_dtype=str(compute_dtype).replace("torch.", ""), method=method,
                        device=device, lora_dropout=cfg.lora_dropout,
-                       padded=not cfg.packing and cfg.batch_size // world_size > 1, packed=cfg.packing,
-                       target_tokens=target_tokens, keep_16bit=kept_names(cfg))
+                       padded=not cfg.packing and cfg.batch_size // world_size * (1 + (objective != "sft")) > 1,
+                       packed=cfg.packing, target_tokens=target_tokens, keep_16bit=kept_names(cfg))
 
 
 def kept_names(cfg) -> tuple[str, ...]:
@@ -231,8 +233,11 @@ def plan_run(cfg, model_path: str, rows: list | None = None, world_size: int = 1
     longest = max((len(r.input_ids) for r in rows or []), default=0) or cfg.max_length
     multiple = getattr(cfg, "pad_to_multiple", 1)
     seq_len = -(-min(longest, cfg.max_length) // multiple) * multiple  # as data.collate pads it
-    # the head's rows: no batch holds more targets than the rows with the most (after the shift)
-    per_row = sorted((sum(1 for t in r.labels[1:] if t != IGNORE) for r in rows or []), reverse=True)
+    # the head's rows: no batch holds more targets than the rows with the most (after the shift);
+    # a preference pair (train/preference.py Pair): both completions, and the prompt for ORPO's NLL
+    per_row = sorted((sum(1 for t in r.labels[1:] if t != IGNORE) if hasattr(r, "labels") else
+                      len(r.chosen) + len(r.rejected) + (len(r.prompt) - 1) * (getattr(cfg, "method", "sft") == "orpo" and cfg.train_on_prompt)
+                      for r in rows or []), reverse=True)
     targets = sum(per_row[: max(1, cfg.batch_size // world_size)]) if per_row else None
     try:
         plan = plan_for_run(cfg, model_path, compute_dtype, seq_len, target_tokens=targets, world_size=world_size)

@@ -1,10 +1,14 @@
 """What the user sees of a run: metrics.jsonl, the summary, the loss plot, demo generations.
 
     <output>/metrics.jsonl   one JSON object per optimizer step (step, loss, lr, grad_norm,
-                             tokens, tokens_per_s, elapsed_s, peak_mem_mb) and per eval
-                             (step, eval_loss, eval_ppl); TensorBoard too when installed
-    <output>/summary.json    final/best eval loss, tokens/s, peak memory, adapter path
-    <output>/loss.png        training and eval loss curves
+                             tokens, tokens_per_s, elapsed_s, peak_mem_mb; dpo/orpo also
+                             reward_margin, reward_accuracy, chosen_reward, rejected_reward)
+                             and per eval (step, eval_loss, eval_ppl; dpo/orpo: eval_loss and
+                             eval_reward_*); TensorBoard too when installed
+    <output>/summary.json    final/best eval loss, tokens/s, peak memory, adapter path (dpo/orpo:
+                             the final reward accuracy and margin, train and eval)
+    <output>/loss.png        training and eval loss curves (dpo/orpo: reward accuracy and margin
+                             below)
 """
 from __future__ import annotations
 
@@ -73,18 +77,40 @@ def plot_loss(rows: list[dict], path: Path) -> bool:
         return False
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    preference = any("reward_accuracy" in r for r in rows)
+    fig, axes = plt.subplots(2 if preference else 1, 1, figsize=(7, 7 if preference else 4), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="qlora train")
+    ax.set(xlabel="optimizer step", ylabel="loss" if preference else "loss (nats/token)", title="qlora train")
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:
+        _plot_rewards(axes[1, 0], rows)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _plot_rewards(ax, rows: list[dict]) -> None:
+    """Reward accuracy (left axis) and margin (right axis) per step, and at each eval."""
+    for key, style, label in (("reward_accuracy", "-", "accuracy"), ("eval_reward_accuracy", "o-", "eval accuracy")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=label, lw=1, color="tab:green")
+    ax.set(xlabel="optimizer step", ylabel="reward accuracy", ylim=(-0.05, 1.05))
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    for key, style, label in (("reward_margin", "-", "margin"), ("eval_reward_margin", "o-", "eval margin")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            right.plot(*zip(*points), style, label=label, lw=1, color="tab:purple")
+    right.set(ylabel="reward margin (chosen - rejected)")
+    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], loc="lower right")
 
 
 DEMO_PROMPTS = {"instructions.jsonl": "instructions_prompts.json", "demo_chat.jsonl": "demo_prompts.json"}
@@ -135,7 +161,7 @@ def write_summary(output: Path, cfg, state: dict, eval_loss: float | None, skipp
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "final_eval_loss": eval_loss,
-        "final_eval_ppl": math.exp(eval_loss) if eval_loss is not None else None,
+        "final_eval_ppl": math.exp(eval_loss) if eval_loss is not None and cfg.method == "sft" else None,
         "best_eval_loss": state.get("best_eval"),
         "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
         "peak_mem_mb": peak_memory_mb(device),
@@ -143,6 +169,13 @@ def write_summary(output: Path, cfg, state: dict, eval_loss: float | None, skipp
         "skipped_steps": state["skipped_steps"],
         "adapter": str(output / "adapter"),
     }
+    preference = [r for r in rows if "reward_accuracy" in r]
+    if preference:
+        summary["final_reward_accuracy"] = preference[-1]["reward_accuracy"]
+        summary["final_reward_margin"] = preference[-1]["reward_margin"]
+        evals = [r for r in rows if "eval_reward_accuracy" in r]
+        summary["final_eval_reward_accuracy"] = evals[-1]["eval_reward_accuracy"] if evals else None
+        summary["final_eval_reward_margin"] = evals[-1]["eval_reward_margin"] if evals else None
     if before is not None:
         summary["demo"] = {p: {"before": before[p], "after": (after or {}).get(p)} for p in before}
     tmp = output / "summary.json.tmp"
@@ -151,7 +184,10 @@ def write_summary(output: Path, cfg, state: dict, eval_loss: float | None, skipp
     plotted = plot_loss(rows, output / "loss.png")
     print("\nsummary")
     for key in ("steps", "first_loss", "final_loss", "final_eval_loss", "final_eval_ppl", "best_eval_loss",
-                "tokens_per_s", "peak_mem_mb", "skipped_rows", "skipped_steps", "adapter"):
+                "tokens_per_s", "peak_mem_mb", "skipped_rows", "skipped_steps", "adapter", "final_reward_accuracy",
+                "final_reward_margin", "final_eval_reward_accuracy", "final_eval_reward_margin"):
+        if key not in summary:
+            continue
         value = summary[key]
         print(f"  {key:<16} {value:.4g}" if isinstance(value, float) else f"  {key:<16} {value}")
     if plotted:

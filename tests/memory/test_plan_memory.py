@@ -30,9 +30,11 @@ from tiny_models import tiny_config, tiny_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _prepared(arch: str, dtype=torch.bfloat16, double_quant=True, dropout=0.05, targets="all-linear", **overrides):
+def _prepared(arch: str, dtype=torch.bfloat16, double_quant=True, dropout=0.05, targets="all-linear", dora=False,
+              **overrides):
     model = tiny_model(arch, dtype, **overrides)
-    return qlora.prepare_model(model, lora=LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=targets),
+    lora = LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=targets, use_dora=dora)
+    return qlora.prepare_model(model, lora=lora,
                                compute_dtype=dtype, double_quant=double_quant, gradient_checkpointing=False,
                                verbose=False)
 
@@ -207,7 +209,7 @@ def test_cli_table_and_json(tmp_path, capsys, monkeypatch):
     assert "config.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["test-ckpt", "test-nockpt"])
+@pytest.mark.parametrize("case", ["test-ckpt", "test-nockpt", "test-dpo"])
 def test_prediction_within_15_percent_of_the_trainer(case, tmp_path):
     import importlib.util
 
@@ -246,3 +248,40 @@ def test_kept_16bit_layers_are_counted_in_16_bits():
     assert kept.parts["kept_16bit"] == 2 * numel
     assert plain.parts["weights_4bit"] - kept.parts["weights_4bit"] == numel // 2
     assert len(kept.details["kept_16bit"]) == layers and "16-bit" in kept.table()
+
+
+def test_dpo_plans_pairs_of_rows(tmp_path, capsys):
+    from qlora.cli import main
+
+    config = tiny_config("llama")
+    dpo = plan_memory(config, seq_len=128, batch_size=2, objective="dpo", device="cpu")
+    rows = plan_memory(config, seq_len=128, batch_size=4, device="cpu")  # chosen + rejected: 2 rows a pair
+    assert dpo.parts["activations"] == rows.parts["activations"]
+    assert dpo.parts["runtime_overhead"] > rows.parts["runtime_overhead"]  # + the pairs' prompt mask
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    assert main(["memory", "--model", str(path), "--method", "dpo", "--batch-size", "2", "--seq-len", "128",
+                 "--device", "cpu", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["settings"]["objective"] == "dpo" and printed["settings"]["method"] == "qlora"
+    assert printed["total_bytes"] == dpo.total_bytes
+    assert main(["memory", "--model", str(path), "--method", "orpo"]) == 0
+    assert "ORPO" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dora_parts_and_activations_equal_what_is_allocated_and_saved(arch):
+    torch.manual_seed(0)
+    model = _prepared(arch, torch.float32, dropout=0.05, dora=True).train()
+    plan = plan_memory(tiny_config(arch), rank=8, seq_len=40, batch_size=2, compute_dtype="float32", device="cpu",
+                       gradient_checkpointing=False, use_dora=True)
+    assert plan.parts["lora_params"] == model.qlora_report.parts["LoRA"][1]  # A, B and the magnitudes
+    assert plan.details["trainable_params"] == model.qlora_report.trainable
+    ids = torch.randint(3, 250, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[0, -7:] = 0
+    saved = _saved_bytes(model, dict(input_ids=ids, attention_mask=mask, labels=ids))
+    assert plan.details["activations_saved"] == saved
+    lora = plan_memory(tiny_config(arch), rank=8, seq_len=40, batch_size=2, compute_dtype="float32", device="cpu",
+                       gradient_checkpointing=False)
+    assert plan.details["activations_saved"] > lora.details["activations_saved"]

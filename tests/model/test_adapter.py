@@ -173,8 +173,8 @@ def test_unsupported_or_broken_files(tmp_path):
     with pytest.raises(ValueError, match="LORA adapters only"):
         qlora.load_adapter(model, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                               "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora"):
+                                                               "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias"):
         qlora.load_adapter(model, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
     save_file({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 256)},
@@ -189,3 +189,86 @@ def test_unsupported_or_broken_files(tmp_path):
                   str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
         qlora.load_adapter(model, tmp_path)
     assert isinstance(model.model.embed_tokens, nn.Embedding)
+
+
+# ---- DoRA (nn/dora.py) in PEFT's format, against peft's DoRA on a bitsandbytes base -------------
+def _bnb_base(tmp_path):
+    """A tiny Llama checkpoint, qlora's NF4 model of it (fp32 compute), and transformers +
+    bitsandbytes loading qlora's saved 4-bit checkpoint (fp32 compute): the same base weights."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
+
+    from test_load import TOKENS, save_tiny, tiny_llama_config
+    from tiny_models import bnb_dequantize_path
+
+    _, path = save_tiny(tmp_path, LlamaForCausalLM, tiny_llama_config())
+    model = qlora.load_model(path, compute_dtype=torch.float32, progress=False)
+    qlora.save_quantized(model, tmp_path / "nf4")
+    fp32 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+    peer = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu", quantization_config=fp32,
+                                                dtype=torch.float32)
+    return model, bnb_dequantize_path(peer), TOKENS
+
+
+def test_qlora_dora_adapter_loads_in_peft_on_bitsandbytes_with_the_same_logits(tmp_path):
+    model, peer, TOKENS = _bnb_base(tmp_path)
+    qlora.prepare_model(model, lora=LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=True), quant_type=None,
+                        compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, qlora.DoraLinear):
+                m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * 0.1)
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+                m.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(m.out_features, generator=g))
+    qlora.save_adapter(model, tmp_path / "dora")
+    config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    with safe_open(str(tmp_path / "dora" / "adapter_model.safetensors"), "pt") as f:
+        magnitude = f.get_tensor("base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector")
+    assert config["use_dora"] is True and magnitude.shape == (64,)
+    with torch.no_grad():
+        base = peer(TOKENS).logits
+    theirs = peft.PeftModel.from_pretrained(peer, str(tmp_path / "dora")).eval()
+    with torch.no_grad():
+        ours, got = model.eval()(TOKENS).logits, theirs(TOKENS).logits
+    assert (got - base).abs().max() > 1e-2, "the adapter must matter"
+    torch.testing.assert_close(ours, got, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_dora_adapter_on_bitsandbytes_loads_in_qlora_with_the_same_logits(tmp_path):
+    model, peer, TOKENS = _bnb_base(tmp_path)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                          use_dora=True, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(peer, cfg)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    qlora.load_adapter(model, tmp_path / "peft")
+    adapted = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert len(adapted) == 6 and all(isinstance(m, qlora.DoraLinear) for m in adapted)
+    assert all(m.lora_magnitude_vector.requires_grad for m in adapted)
+    theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(TOKENS).logits, theirs(TOKENS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_files_that_disagree_with_their_config_are_refused(tmp_path):
+    model = prepared(lora=LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=True))
+    qlora.save_adapter(model, tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    target = prepared(lora=None)
+    save_file({**tensors, key: torch.ones(3)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=rf"needs tensor '{key}' of shape \(64,\); it has \(3,\)"):
+        qlora.load_adapter(target, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="is a DoRA magnitude, but adapter_config.json does not say use_dora"):
+        qlora.load_adapter(target, tmp_path)
+    assert not any(isinstance(m, LoraLinear) for m in target.modules())

@@ -132,3 +132,25 @@ def test_ddp_and_fsdp2_models_compute_the_fused_loss_inside_their_forward():
                 torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7)
     finally:
         dist.destroy_process_group()
+
+
+def test_token_log_probs_match_dense_log_softmax_and_gradients():
+    from qlora.model.loss import token_log_probs
+
+    model = prepare_model(tiny_model("llama", torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+                          compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    batch = _batch()
+    keep = batch["labels"][:, 1:] != -100
+    weights = torch.randn(int(keep.sum()))  # a downstream loss weighs each token differently
+    got = token_log_probs(model, batch, keep, chunk_tokens=5)
+    got_grads = _grads(model, (got * weights).sum())
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    ref = logits.float().log_softmax(-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)[keep]
+    ref_grads = _grads(model, (ref * weights).sum())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for n in ref_grads:
+        torch.testing.assert_close(got_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -116,3 +116,28 @@ def test_atomic_directory_keeps_the_old_output_on_failure(tmp_path):
     with atomic_directory(out) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_merge_folds_a_dora_adapter(tmp_path):
+    _, path = save_tiny(tmp_path, LlamaForCausalLM, tiny_llama_config())
+    model = qlora.prepare_model(load_model(path, compute_dtype=torch.float32, progress=False),
+                                lora=qlora.LoraConfig(r=8, alpha=16, dropout=0.0, use_dora=True),
+                                compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, qlora.DoraLinear):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+                m.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn(m.out_features, generator=g))
+    qlora.save_adapter(model, tmp_path / "dora")
+    assert main(["merge", "--model", str(path), "--adapter", str(tmp_path / "dora"), "--output",
+                 str(tmp_path / "m16")]) == 0
+    merge_adapter(path, tmp_path / "dora", tmp_path / "m32", dtype=torch.float32)
+    with torch.no_grad():
+        want = model.eval()(TOKENS).logits
+        base = load_model(path, compute_dtype=torch.float32, progress=False)(TOKENS).logits
+        exact = AutoModelForCausalLM.from_pretrained(tmp_path / "m32", dtype=torch.float32)(TOKENS).logits
+        bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "m16").eval()(TOKENS).logits.float()
+    assert (want - base).abs().max() > 0.05  # the adapter matters
+    torch.testing.assert_close(exact, want, rtol=1e-4, atol=1e-4)  # g (W + s B A) folded in float32
+    assert (bf16 - want).abs().max() <= 0.02 * want.abs().max()  # the 16-bit merge: bf16 rounding only

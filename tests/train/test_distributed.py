@@ -152,3 +152,27 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_that_resumes(mo
     assert stopped < 6, "stopped too late to check the resumed steps"
     _wait(_torchrun(model_dir, alpaca_file, out, 8, *flags, "--resume", port=ports[1]))
     _same_curve(_curve(out)[:6], _curve(single))
+
+
+def test_two_ranks_train_dpo_like_one_process(model_dir, tmp_path):
+    """--method dpo under torchrun: each rank scores whole pairs (chosen and rejected rows are
+    interleaved), the reference is each rank's own model with adapters off; FSDP2 and DDP follow
+    the single process's loss, gradient norm and reward margin."""
+    from test_preference import ROWS
+
+    from conftest import write_rows
+
+    pairs = write_rows(tmp_path / "pairs.jsonl", ROWS)
+    ports = _free_ports(2)
+    runs = {mode: _torchrun(model_dir, pairs, tmp_path / mode, 2, "--method", "dpo", "--distributed", mode,
+                            "--eval-split", "0", port=port) for mode, port in zip(("fsdp", "ddp"), ports)}
+    train(TrainConfig(model=str(model_dir), data=str(pairs), output=str(tmp_path / "one"), max_steps=2, method="dpo",
+                      eval_split=0, **FLAGS))
+    single = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    for mode, proc in runs.items():
+        _wait(proc)
+        got = read_metrics(tmp_path / mode / "metrics.jsonl")
+        _same_curve(_curve(tmp_path / mode), _curve(tmp_path / "one"))
+        for a, b in zip(got, single):
+            assert a["reward_margin"] == pytest.approx(b["reward_margin"], rel=1e-4, abs=1e-6), mode
+            assert a["reward_accuracy"] == b["reward_accuracy"], mode

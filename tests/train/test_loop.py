@@ -311,3 +311,20 @@ def test_bad_rows_are_handled_alike_packed_or_padded(model_dir, tmp_path, packin
         train(TrainConfig(output=str(tmp_path / "a"), **flags))
     summary = train(TrainConfig(output=str(tmp_path / "b"), skip_bad_rows=True, **flags))
     assert summary["skipped_rows"] == 3
+
+
+def test_dora_trains_saves_and_resumes(model_dir, alpaca_file, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = dict(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path), use_dora=True, save_every=2,
+               eval_split=0, **FAST)
+    train(TrainConfig(max_steps=2, **cfg))
+    train(TrainConfig(max_steps=4, resume=True, **cfg))
+    steps = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["loss"] < steps[0]["loss"]
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    magnitudes = [k for k in tensors if k.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == 2 * 7  # every adapted layer, and the magnitudes were trained
+    start = load_file(str(tmp_path / "checkpoints" / "step-0000002" / "adapter_model.safetensors"))
+    assert any(not torch.equal(tensors[k], start[k]) for k in magnitudes)
