@@ -229,7 +229,7 @@ def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], keep: torc
     keep = batch["labels"][:, 1:] != IGNORE if keep is None else keep
     inner = _unwrap(model)
     if not fusable(inner):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
+        logits = model(**model_inputs(batch)).logits[:, :-1]
         picked = logits[keep.to(logits.device)].float().log_softmax(-1)
         return picked.gather(1, batch["input_ids"][:, 1:].to(logits.device)[keep][:, None]).squeeze(1)
     compute = lambda m, b: _fused_log_probs(m, b, chunk_tokens)  # noqa: E731

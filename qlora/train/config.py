@@ -93,7 +93,7 @@ class TrainConfig:
     # data
     max_length: int = 512  # tokens per row (a packed row: the documents in it, together)
     long_rows: str = "truncate"  # a row longer than max_length: truncate, split (into max_length pieces) or drop
-    packing: bool = True  # rows side by side in max_length rows, each document kept apart (where exact; --no-packing: pad)
+    packing: bool = True  # SFT rows side by side in max_length rows, each kept apart (where exact; pairs: padded)
     group_by_length: bool = True  # batch rows of similar length (less padding)
     train_on_prompt: bool = False  # also compute the loss on prompts (default: responses only)
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
@@ -282,8 +282,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.loss_type == "sigmoid" or cfg.method == "dpo", "--loss-type ipo is a DPO loss: pass --method dpo"),
         (not cfg.precompute_ref or cfg.method == "dpo", "--precompute-ref computes DPO's reference log-probs: "
          "pass --method dpo (ORPO and SFT have no reference model)"),
-        (not cfg.packing or cfg.method == "sft", "--packing concatenates SFT rows; preference pairs (--method "
-         f"{cfg.method}) are not packed: drop --packing"),
     ]
     for ok, message in checks:
         if not ok:

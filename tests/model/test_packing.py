@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qlora import LoraConfig, prepare_model
-from qlora.model.loss import IGNORE, _loss_as_forward, causal_lm_loss, fusable
+from qlora.model.loss import IGNORE, _as_forward, _fused_loss, causal_lm_loss, fusable
 from qlora.model.packing import PACKED_MODEL_TYPES, model_inputs, packs_exactly
 from qlora.train import data as D
 
@@ -125,7 +125,7 @@ def test_unfused_and_wrapped_paths_pass_the_position_ids():
     docs = _documents(seed=4)
     batch = D.collate(D.pack(docs, 40), pad=0)
     fused = causal_lm_loss(model, batch)
-    with _loss_as_forward(model, None):
+    with _as_forward(model, lambda m, b: _fused_loss(m, b, None)):
         swapped = model(**batch)
     torch.testing.assert_close(swapped, fused)
     model.config.final_logit_softcapping = 30.0  # llama ignores it; fusable() falls back to model(...).loss

@@ -242,7 +242,6 @@ def test_flags_that_do_not_fit_the_method_are_refused():
     for bad, match in ((dict(method="ppo"), "--method must be sft, dpo or orpo"),
                        (dict(method="orpo", loss_type="ipo"), "--loss-type ipo is a DPO loss"),
                        (dict(method="orpo", precompute_ref=True), "--precompute-ref computes DPO's"),
-                       (dict(method="dpo", packing=True), "preference pairs .* are not packed"),
                        (dict(method="dpo", beta=0.0), "--beta must be positive")):
         with pytest.raises(ConfigError, match=match):
             validate(TrainConfig(**bad))
