@@ -6,7 +6,7 @@
 - its NF4 checkpoint loads in transformers + bitsandbytes with the same logits as in qlora;
 - a qlora adapter loads in PEFT (on that bitsandbytes model) with the same logits;
 - `qlora export --gguf` round trips through transformers' GGUF loader;
-- a short fine-tune teaches an answer that `qlora generate` then gives;
+- a short fine-tune (8 steps of 2 rows) teaches an answer that `qlora generate` then gives;
 - a short DPO run on the shipped preference pairs raises the held-out preference accuracy.
 Skipped only where the package is not installed (the Makefile installs it).
 """
@@ -134,8 +134,8 @@ def test_a_short_fine_tune_teaches_an_answer(tmp_path):
     data = tmp_path / "cat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "Marzipan" not in generate(str(GGUF), question, max_new_tokens=12, stream=False)
-    qlora.finetune(qlora.TrainConfig(model=str(GGUF), data=str(data), output=str(tmp_path / "run"), max_steps=12,
-                                     batch_size=4, lr=1e-3, lora_r=8, lora_alpha=16, max_length=64, eval_split=0.0,
+    qlora.finetune(qlora.TrainConfig(model=str(GGUF), data=str(data), output=str(tmp_path / "run"), max_steps=8,
+                                     batch_size=2, lr=1e-3, lora_r=8, lora_alpha=16, max_length=64, eval_split=0.0,
                                      gradient_checkpointing=False, warmup_ratio=0.0, save_every=0, demo=False))
     said = generate(str(GGUF), question, adapter=str(tmp_path / "run" / "adapter"), max_new_tokens=12, stream=False)
     assert "Marzipan" in said, said
