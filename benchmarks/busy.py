@@ -1,7 +1,7 @@
 """qlora on a busy machine: a training run alone and beside a fixed CPU load, as a ratio.
 
     flock /tmp/qlora-bench.lock .venv/bin/python benchmarks/busy.py [--config qlora/assets/demo_tiny.yaml]
-        [--max-steps N] [--repeats 1]
+        [--max-steps N] [--repeats 1] [--spincount N ...]
 
 Runs `qlora train --config CONFIG` (default: the tiny demo, demo generations included, as a user
 runs it) in a fresh process, once alone and once while another process runs a 2-thread PyTorch
@@ -9,7 +9,8 @@ matmul loop (torch's defaults, like any other job) on the same cores; the ratio 
 is the slowdown. A fair share is about 2x on 2 cores (3 busy threads where there were 2 or
 fewer). Two setups side by side, interleaved: qlora as it ships (OpenMP workers wait passively,
 qlora/threads.py) and libgomp's default wait policy (QLORA_OMP_PASSIVE=0: the workers spin
-after every parallel region). Other jobs on the machine load it too: the load average is printed
+after every parallel region); `--spincount N` adds a setup with GOMP_SPINCOUNT=N (spin N
+iterations, then sleep: qlora leaves an explicit GOMP_SPINCOUNT alone). Other jobs on the machine load it too: the load average is printed
 before and after; read the ratios.
 """
 from __future__ import annotations
@@ -61,7 +62,10 @@ def main() -> None:
     ap.add_argument("--config", default="qlora/assets/demo_tiny.yaml", help="recipe to train (default: the tiny demo)")
     ap.add_argument("--max-steps", type=int, help="stop after N steps (default: the recipe's whole run)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each case (the median is shown)")
+    ap.add_argument("--spincount", type=int, nargs="*", default=[], help="also run with GOMP_SPINCOUNT=N")
     args = ap.parse_args()
+    for n in args.spincount:
+        SETUPS[f"GOMP_SPINCOUNT={n}"] = {"GOMP_SPINCOUNT": str(n)}
     print(f"{os.cpu_count()} CPUs; load average before: {' '.join(open('/proc/loadavg').read().split()[:3])}; "
           f"{args.config}" + (f", {args.max_steps} steps" if args.max_steps else ""), flush=True)
     times: dict[tuple[str, bool], list[float]] = {}

@@ -214,7 +214,7 @@ class AdamW(torch.optim.Optimizer):
         if self.paged:
             pager = self._pager(p.device)
             device, pin = pager.host, pager.pin
-        state: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.int64)}
+        state: dict[str, torch.Tensor | int] = {"step": 0}  # a Python int: no tensor op per step
         if self.is_8bit(p, group):
             zero_m = int(torch.searchsorted(signed_dynamic_map(), torch.tensor(0.0)))
             state["exp_avg_q"] = torch.full((n,), zero_m, dtype=torch.uint8, device=device, pin_memory=pin)
@@ -285,8 +285,7 @@ class AdamW(torch.optim.Optimizer):
         batches: dict[tuple[int, int], _Batch] = {}  # resident 32-bit chunks, by (group, step)
         for p, group in items:
             state = self.state[p]
-            state["step"] += 1
-            step = int(state["step"])
+            state["step"] = step = state["step"] + 1
             eight_bit = self.is_8bit(p, group)
             paged = pager is not None and not pager.is_resident(p)
             if paged:
@@ -329,7 +328,9 @@ class AdamW(torch.optim.Optimizer):
         self.synchronize()
         sd = super().state_dict()
         sd["state"] = {
-            i: {k: t.detach().to("cpu", copy=True) for k, t in s.items()} for i, s in sd["state"].items()
+            i: {k: torch.tensor(t, dtype=torch.int64) if k == "step" else t.detach().to("cpu", copy=True)
+                for k, t in s.items()}
+            for i, s in sd["state"].items()
         }
         return sd
 
@@ -375,7 +376,7 @@ class AdamW(torch.optim.Optimizer):
             state = {}
             for k, t in saved.items():
                 if k == "step":
-                    state[k] = t.detach().to("cpu", torch.int64, copy=True).reshape(())
+                    state[k] = int(t)
                 else:
                     _check_state_shape(i, p, k, t)
                     if self.paged:

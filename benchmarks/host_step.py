@@ -1,0 +1,185 @@
+"""Host cost of one training step, qlora vs transformers + peft + bitsandbytes, counted on the CPU.
+
+    .venv/bin/python benchmarks/host_step.py [--layers 22] [--steps 5] [--setups qlora,peer] [--where]
+
+A proxy for where a GPU step spends its host time: the 1.1B Llama's shape (22 layers, GQA 8:1,
+LoRA r=16 on all seven linear layers, gradient checkpointing) at tiny widths (hidden 64,
+intermediate 176, vocab 512; batch 2 x 64 tokens), bf16, so that a step's wall time is Python,
+dispatch and kernel-call overhead, not arithmetic. Per setup, in a fresh subprocess, one
+training step as each trainer runs it:
+- qlora  the body of qlora/train/loop.py's step: forward_backward (the fused head + loss),
+         clip_grad_norm, the finite check, qlora's AdamW (paged), the schedule, zero_grad and
+         the logged float reads;
+- peer   bnb nf4 + DQ, prepare_model_for_kbit_training (non-reentrant checkpointing), peft
+         LoRA, bf16 autocast, model(**batch).loss, clip_grad_norm_, PagedAdamW32bit, zero_grad,
+         float(loss) (what a plain loop or the HF Trainer's logging reads).
+Printed per setup: host ms per step (median of --steps after 2 warm-up steps), then in one
+counted step: aten ops that compute (each a kernel launch on a GPU), native qlora kernel calls
+(each one Triton launch there), view/metadata ops (no launch), host reads (ops that bring a
+tensor's value to the host: _local_scalar_dense from .item()/float()/bool(), nonzero,
+masked_select, ...: a device sync where that tensor lives on the device; `--where` lists the
+lines they come from) and Python function calls (sys.setprofile). The top computing ops are
+listed by count.
+Not measured: a fake-tensor trace of the CUDA path (here both stacks run their CPU kernels:
+qlora decodes with its C kernel, bitsandbytes with its own CPU code), so launch counts are
+the CPU dispatch counts, a proxy for the CUDA ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+CHILD = textwrap.dedent("""
+    import collections, json, statistics, sys, time, torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    path, setup, steps, WHERE = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+    torch.set_num_threads(1)
+    SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2",
+             "repeat_interleave", "nonzero_static"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.views, self.syncs = collections.Counter(), 0, collections.Counter()
+            self.where = collections.Counter()
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in SYNCS:
+                self.syncs[name] += 1
+                if WHERE:
+                    import traceback
+                    frames = [f for f in traceback.extract_stack()[:-1] if "site-packages/torch/" not in f.filename]
+                    self.where[f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}"] += 1
+            elif func.is_view or name in ("detach", "alias", "lift_fresh", "_unsafe_view"):
+                self.views += 1
+            else:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(steps + 3):
+        ids = torch.randint(0, 512, (2, 64), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    native = collections.Counter()
+    if setup == "qlora":
+        import qlora, qlora.kernels as K
+        from qlora.train.loop import forward_backward
+        from qlora.train import distributed as dist_
+        from qlora.optim import clip_grad_norm, scheduler
+        for fn in ("decode_4bit", "seeded_dropout"):
+            def counted(*a, _f=getattr(K, fn), _n=fn, **k):
+                native[_n] += 1
+                return _f(*a, **k)
+            setattr(K, fn, counted)
+        model = qlora.prepare_model(qlora.load_model(path, compute_dtype=torch.bfloat16, progress=False),
+                                    lora=qlora.LoraConfig(r=16, alpha=32, dropout=0.05), compute_dtype=torch.bfloat16,
+                                    verbose=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = qlora.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+        sched = scheduler(opt, "cosine", 0, 1000)
+        ranks = dist_.Ranks()
+        def step(batch):
+            loss_sum, _ = forward_backward(model, [batch], ranks)
+            norm = clip_grad_norm(params, 1.0, error_if_nonfinite=False)
+            if not (torch.isfinite(loss_sum) and torch.isfinite(norm)):
+                raise SystemExit("non-finite")
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            return float(loss_sum), float(norm)
+    else:
+        import bitsandbytes, peft, transformers
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                            bnb_4bit_compute_dtype=torch.bfloat16)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                                  device_map="cpu")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = bitsandbytes.optim.PagedAdamW32bit(params, lr=2e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        def step(batch):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            return float(loss), float(norm)
+    model.train()
+    times = []
+    for i, b in enumerate(batches[:steps + 2]):
+        t = time.perf_counter()
+        step(b)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    native.clear()
+    mode = Count()
+    with mode:
+        step(batches[-1])
+    calls = [0]
+    def prof(frame, event, arg):
+        if event == "call":
+            calls[0] += 1
+    sys.setprofile(prof)
+    step(batches[-1])
+    sys.setprofile(None)
+    print(json.dumps({"host_ms": 1000 * statistics.median(times), "ops": sum(mode.ops.values()),
+                      "native": sum(native.values()), "native_by": dict(native), "views": mode.views,
+                      "syncs": dict(mode.syncs), "python_calls": calls[0], "top": mode.ops.most_common(12),
+                      "where": mode.where.most_common(12)}))
+""")
+
+
+def checkpoint(directory: Path, layers: int) -> Path:
+    from transformers import LlamaConfig
+
+    from qlora.model.random_checkpoint import write_random_checkpoint
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=1, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
+    return write_random_checkpoint(config, directory)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--setups", default="qlora,peer")
+    ap.add_argument("--where", action="store_true", help="also list where the host reads come from (file:line)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint(Path(tmp), args.layers)
+        results = {}
+        for setup in args.setups.split(","):
+            out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps), str(int(args.where))],
+                                 capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
+            if out.returncode:
+                sys.exit(f"{setup} failed:\n{out.stderr[-3000:]}")
+            results[setup] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = results.get("peer")
+    print(f"one training step, {args.layers}-layer Llama at tiny widths, bf16, batch 2 x 64, 1 thread")
+    print(f"{'setup':8} {'host ms':>8} {'launches':>9} {'(aten':>7} {'native)':>8} {'views':>7} {'reads':>6} "
+          f"{'py calls':>9} {'ms vs peer':>11} {'launches vs peer':>17}")
+    for name, r in results.items():
+        launches = r["ops"] + r["native"]
+        rel = (f"{r['host_ms'] / base['host_ms']:>10.2f}x {launches / (base['ops'] + base['native']):>16.2f}x"
+               if base else "")
+        print(f"{name:8} {r['host_ms']:8.1f} {launches:9d} {r['ops']:7d} {r['native']:8d} {r['views']:7d} "
+              f"{sum(r['syncs'].values()):6d} {r['python_calls']:9d} {rel}")
+    for name, r in results.items():
+        print(f"\n{name}: host reads {r['syncs']}; native {r['native_by']}")
+        print("  top ops: " + ", ".join(f"{op} {n}" for op, n in r["top"]))
+        if r["where"]:
+            print("  host reads from: " + ", ".join(f"{w} {n}" for w, n in r["where"]))
+
+
+if __name__ == "__main__":
+    main()
