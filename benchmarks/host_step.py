@@ -36,7 +36,7 @@ import textwrap
 from pathlib import Path
 
 CHILD = textwrap.dedent("""
-    import collections, json, statistics, sys, time, torch
+    import collections, json, math, statistics, sys, time, torch
     from torch.utils._python_dispatch import TorchDispatchMode
     path, setup, steps, WHERE = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
     torch.set_num_threads(1)
@@ -88,10 +88,11 @@ CHILD = textwrap.dedent("""
         def step(batch):
             loss_sum, _ = forward_backward(model, [batch], ranks)
             norm = clip_grad_norm(params, 1.0, error_if_nonfinite=False)
-            if not (torch.isfinite(loss_sum) and torch.isfinite(norm)):
+            loss_v, norm_v = torch.stack([loss_sum.float(), norm.to(loss_sum.device, torch.float32)]).tolist()
+            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
                 raise SystemExit("non-finite")
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            return float(loss_sum), float(norm)
+            return loss_v, norm_v
     else:
         import bitsandbytes, peft, transformers
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

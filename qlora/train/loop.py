@@ -304,13 +304,15 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum, stats = forward_backward(model, micro, ranks, objective)  # each rank its share of each
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
                                        error_if_nonfinite=False)
-            if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            # the step's one host read (a device sync on a GPU): loss and norm together
+            loss_v, norm_v = torch.stack([loss_sum.float(), grad_norm.to(loss_sum.device, torch.float32)]).tolist()
+            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
                 optimizer.zero_grad(set_to_none=True)
                 state["bad_steps"] += 1
                 state["skipped_steps"] += 1
                 if state["bad_steps"] >= cfg.max_bad_steps:
                     raise TrainingError(
-                        f"step {step}: loss {float(loss_sum):.4g}, gradient norm {float(grad_norm):.4g}: "
+                        f"step {step}: loss {loss_v:.4g}, gradient norm {norm_v:.4g}: "
                         f"{state['bad_steps']} non-finite steps in a row. Lower --lr, check the data, or use "
                         "--compute-dtype float32; the last good checkpoint is untouched"
                     )
@@ -321,7 +323,7 @@ def train(cfg: TrainConfig) -> dict:
             state.update(step=step, bad_steps=0, tokens=state["tokens"] + step_tokens)
             step_start = (state["micro"], rng_state(device))  # the step is done: the next one starts here
             state["elapsed"] = time.perf_counter() - start
-            row = {"step": step, "loss": float(loss_sum), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+            row = {"step": step, "loss": loss_v, "lr": sched.get_last_lr()[0], "grad_norm": norm_v,
                    "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
                    "elapsed_s": state["elapsed"], "peak_mem_mb": peak_memory_mb(device), **stats}
             metrics.write(row)
