@@ -64,6 +64,7 @@ def main() -> None:
     med_q = interleaved_medians(quant, max(5, args.repeats // 5), warmup=1)
     print_table(f"quantize {args.size}x{args.size} bf16 -> NF4 + DQ", med_q, "bitsandbytes quantize_4bit (nf4 + DQ)")
     os.environ["QLORA_KERNELS"] = "reference"
+    qlora.kernels.reread_mode()
     ref = interleaved_medians({"pure PyTorch reference decode": lambda: qt.dequantize(out=out)}, 3, warmup=1)
     print(f"\npure PyTorch reference decode (the oracle): {ref['pure PyTorch reference decode'] * 1e3:.1f} ms")
 

@@ -15,3 +15,13 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_mode():
+    """QLORA_KERNELS is read once per process: a test that sets it starts and ends fresh."""
+    from qlora import kernels
+
+    kernels.reread_mode()
+    yield
+    kernels.reread_mode()

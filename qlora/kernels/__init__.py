@@ -13,7 +13,8 @@ path elsewhere). Tensors on TRITON_DEVICE_TYPES (CUDA) use Triton when triton im
 When no kernel runs, these functions say so and the caller runs its pure-PyTorch reference
 (quant/blockwise.py, nn/dropout.py), after a one-time warning here: this floor imports
 nothing of qlora's. QLORA_KERNELS selects the path: "native" (default), "scalar" (native, no
-SIMD) or "reference" (pure PyTorch); tests compare all three (tests/kernels).
+SIMD) or "reference" (pure PyTorch), read at the first kernel call (`reread_mode()` after
+changing it in-process); tests compare all three (tests/kernels).
 """
 from __future__ import annotations
 
@@ -33,11 +34,24 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _warned = False
 
 
+_MODE: str | None = None
+
+
 def _mode() -> str:
-    mode = os.environ.get("QLORA_KERNELS", "native")
-    if mode not in ("native", "scalar", "reference"):
-        raise InputError(f"QLORA_KERNELS={mode!r}: expected native, scalar or reference")
-    return mode
+    """QLORA_KERNELS, read once per process (the hot path reads it several times a layer)."""
+    global _MODE
+    if _MODE is None:
+        mode = os.environ.get("QLORA_KERNELS", "native")
+        if mode not in ("native", "scalar", "reference"):
+            raise InputError(f"QLORA_KERNELS={mode!r}: expected native, scalar or reference")
+        _MODE = mode
+    return _MODE
+
+
+def reread_mode() -> None:
+    """Read QLORA_KERNELS again at the next kernel call (after changing it in this process)."""
+    global _MODE
+    _MODE = None
 
 
 def _native() -> "cpu.ctypes.CDLL | None":

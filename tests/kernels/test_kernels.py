@@ -51,6 +51,7 @@ def test_the_pthread_build_decodes_and_drops_like_the_reference():
 @pytest.fixture(params=["native", "scalar"])
 def mode(request, monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS", request.param)
+    qlora.kernels.reread_mode()
     return request.param
 
 
@@ -92,9 +93,11 @@ def test_denormal_and_extreme_scales_are_exact():
 
 def test_reference_mode_and_bad_mode(monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS", "reference")
+    qlora.kernels.reread_mode()
     out = torch.empty(10, 64)
     assert kernels.decode_4bit(qlora.quantize(torch.randn(10, 64)), out) is False
     monkeypatch.setenv("QLORA_KERNELS", "fast")
+    qlora.kernels.reread_mode()
     with pytest.raises(ValueError, match="QLORA_KERNELS"):
         qlora.quantize(torch.randn(64))
 
@@ -118,6 +121,7 @@ def test_missing_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
 @pytest.mark.parametrize("mode_name", ["native", "scalar", "reference"])
 def test_nonfinite_rejected_on_every_path(monkeypatch, mode_name):
     monkeypatch.setenv("QLORA_KERNELS", mode_name)
+    qlora.kernels.reread_mode()
     x = torch.randn(5, 64)
     x[3, 7] = float("-inf")
     with pytest.raises(ValueError, match=r"1 NaN/Inf value\(s\), first at index \[3, 7\]"):
@@ -144,6 +148,7 @@ def test_missing_triton_on_a_triton_device_warns_once(monkeypatch):
                                                         torch.float32).view(20, 64))
     monkeypatch.setattr(kernels, "_triton_warned", False)
     monkeypatch.setenv("QLORA_KERNELS", "reference")  # asked for: no warning
+    kernels.reread_mode()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qt.dequantize()

@@ -13,6 +13,7 @@ from qlora.nn.dropout import keep_mask, new_seed, seeded_dropout, seeded_dropout
 def test_native_equals_reference(mode, dtype, shape, monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS", mode)
     from qlora import kernels
+    kernels.reread_mode()
     x = (torch.randn(*shape) * 37).to(dtype)  # rounding to bf16/fp16 after the scale matters
     x.view(-1)[-1] = float("inf")
     assert kernels.seeded_dropout(x, torch.empty_like(x), *threshold_and_scale(0.5), 1)  # the C kernel ran

@@ -198,8 +198,10 @@ def test_triton_fused_path_selection(on_cpu, monkeypatch):
     x = torch.randn(3, K, dtype=torch.bfloat16)
     assert fused_lora.usable(layer.base_layer, x)
     monkeypatch.setenv("QLORA_KERNELS", "reference")
+    qlora.kernels.reread_mode()
     assert not fused_lora.usable(layer.base_layer, x)  # the pure-PyTorch oracle on request
     monkeypatch.delenv("QLORA_KERNELS")
+    qlora.kernels.reread_mode()
     monkeypatch.setattr(fused_lora, "DEVICE_TYPES", {"cuda"})
     assert not fused_lora.usable(layer.base_layer, x)  # CPU inputs keep the existing path by default
     monkeypatch.setattr(fused_lora, "DEVICE_TYPES", {"cpu"})

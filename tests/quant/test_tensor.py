@@ -155,6 +155,7 @@ def test_reference_quantizes_in_chunks_exactly(monkeypatch, n, blocksize):
     from qlora.quant.blockwise import quantize_4bit_ref
 
     monkeypatch.setenv("QLORA_KERNELS", "reference")
+    qlora.kernels.reread_mode()
     monkeypatch.setattr(tensor_module, "REFERENCE_CHUNK", 128)
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3
     qt = qlora.quantize(x, "nf4", blocksize, double_quant=False)
