@@ -125,6 +125,7 @@ CHILD = textwrap.dedent("""
     mode = Count()
     with mode:
         step(batches[-1])
+    native_step = dict(native)  # the counted step's calls only (the profiled step below adds more)
     calls = [0]
     def prof(frame, event, arg):
         if event == "call":
@@ -133,8 +134,8 @@ CHILD = textwrap.dedent("""
     step(batches[-1])
     sys.setprofile(None)
     print(json.dumps({"host_ms": 1000 * statistics.median(times), "ops": sum(mode.ops.values()),
-                      "native": sum(native.values()), "native_by": dict(native), "views": mode.views,
-                      "syncs": dict(mode.syncs), "python_calls": calls[0], "top": mode.ops.most_common(12),
+                      "native": sum(native_step.values()), "native_by": native_step, "views": mode.views,
+                      "syncs": dict(mode.syncs), "python_calls": calls[0], "top": mode.ops.most_common(40),
                       "where": mode.where.most_common(12)}))
 """)
 

@@ -16,9 +16,10 @@ What it does, in order (formats.md section 7, the QLoRA recipe):
    not upcast: PEFT's fp32 copies cost memory for nothing);
 4. wraps each layer selected by `lora.target_modules` in a LoraLinear, or a DoraLinear with
    `lora.use_dora` (the only trainable parameters);
-5. enables non-reentrant gradient checkpointing and input gradients, and turns off the
-   generation cache (which checkpointing cannot use). With `keep_attention` the
-   checkpoints are selective: each layer also keeps its attention kernel's output and
+5. enables gradient checkpointing (reentrant: the same gradients as the non-reentrant form,
+   fewer host hooks) and input gradients, and turns off the generation cache (which
+   checkpointing cannot use). With `keep_attention` the checkpoints are selective (and
+   non-reentrant): each layer also keeps its attention kernel's output and
    logsumexp ([tokens, hidden] more per layer), so the recompute skips attention.
 Works on any architecture built of nn.Linear / Conv1D layers; tested on tiny Llama,
 Qwen2, Mistral, Gemma, Phi-3 (fused qkv_proj / gate_up_proj) and GPT-2 (Conv1D) in
@@ -167,7 +168,7 @@ def _keep_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def enable_checkpointing(model: nn.Module, every: int = 1, keep_attention: bool = False) -> None:
-    """Non-reentrant gradient checkpointing of every `every`-th decoder layer + input gradients.
+    """Gradient checkpointing of every `every`-th decoder layer + input gradients.
 
     Checkpointing all layers (every=1) keeps the least; each layer left out keeps its
     activations and skips its recompute in backward (about a fifth of a step's matmuls).
@@ -176,7 +177,10 @@ def enable_checkpointing(model: nn.Module, every: int = 1, keep_attention: bool 
     """
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {every!r}")
-    kwargs: dict = {"use_reentrant": False}
+    # reentrant where it is exact (the same gradients bit for bit: tests/model/test_prepare.py) and
+    # cheaper on the host: no pack/unpack hook per saved tensor. Selective checkpointing needs the
+    # non-reentrant form, and reentrant needs the layer input to require grad (input gradients).
+    kwargs: dict = {"use_reentrant": not keep_attention and hasattr(model, "enable_input_require_grads")}
     if keep_attention:
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention_policy)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
