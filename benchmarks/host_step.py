@@ -16,7 +16,7 @@ training step as each trainer runs it:
 Printed per setup: host ms per step (median of --steps after 2 warm-up steps), then in one
 counted step: aten ops that compute (each a kernel launch on a GPU), native qlora kernel calls
 (each one Triton launch there), view/metadata ops (no launch), host reads (ops that bring a
-tensor's value to the host: _local_scalar_dense from .item()/float()/bool(), nonzero,
+tensor's value to the host: _local_scalar_dense from .item()/float()/bool(), .tolist(), nonzero,
 masked_select, ...: a device sync where that tensor lives on the device; `--where` lists the
 lines they come from) and Python function calls (sys.setprofile). The top computing ops are
 listed by count.
@@ -123,8 +123,15 @@ CHILD = textwrap.dedent("""
             times.append(time.perf_counter() - t)
     native.clear()
     mode = Count()
+    tolist = torch.Tensor.tolist  # reads the values without an aten op: counted by hand
+
+    def counted_tolist(t):
+        mode.syncs["tolist"] += 1
+        return tolist(t)
+    torch.Tensor.tolist = counted_tolist
     with mode:
         step(batches[-1])
+    torch.Tensor.tolist = tolist
     native_step = dict(native)  # the counted step's calls only (the profiled step below adds more)
     calls = [0]
     def prof(frame, event, arg):

@@ -201,6 +201,9 @@ int qlora_has_simd(void) {
 }
 
 #define MAX_THREADS 64
+// At least this many codes per decode thread: below it, waking a thread (a futex wake where
+// OpenMP workers sleep when idle, qlora/threads.py) costs more than the decode it would share.
+#define DECODE_GRAIN 65536
 
 static int clamp_threads(int threads, int64_t nblocks) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -231,7 +234,7 @@ void qlora_decode_4bit(const uint8_t* packed, const float* scale, const uint8_t*
                        const float* nested_code, float offset, const float* code, void* out, int64_t n,
                        int64_t blocksize, int dtype, int threads, int simd, int stream) {
     int64_t nblocks = (n + blocksize - 1) / blocksize;
-    threads = clamp_threads(threads, nblocks);
+    threads = clamp_threads(threads, n / DECODE_GRAIN);
     decode_args args[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         decode_args a = {packed, scale, qscale, nested_absmax, nested_code, offset, code, out, n, blocksize,

@@ -27,19 +27,21 @@ def test_the_kernels_share_torchs_openmp_runtime():
 
 
 def test_the_pthread_build_decodes_and_drops_like_the_reference():
-    """The fallback where -fopenmp does not build: the same results on pthreads."""
+    """The fallback where -fopenmp does not build: the same results on pthreads (and two threads
+    on the OpenMP build)."""
     import ctypes
 
     from qlora.nn.dropout import seeded_dropout_ref, threshold_and_scale
 
     lib = cpu.declare(ctypes.CDLL(str(cpu.build(cpu.FLAGS))))
-    qt = qlora.quantize(torch.randn(300 * 64 + 17), "nf4", 64, True)
-    out = torch.empty(qt.numel(), dtype=torch.bfloat16)
-    lib.qlora_decode_4bit(qt.data.data_ptr(), None, qt.absmax.data_ptr(), qt.nested_absmax.data_ptr(),
-                          qt.nested_code.data_ptr(), float(qt.nested_offset), qt.code.data_ptr(), out.data_ptr(),
-                          qt.numel(), 64, 2, 2, int(kernels.has_simd()), 0)
-    assert torch.equal(out, blockwise.dequantize_4bit_ref(qt.data, qt.scales(), qt.code, 64, qt.numel(),
-                                                          torch.bfloat16))
+    qt = qlora.quantize(torch.randn(2 * 65536 + 300 * 64 + 17), "nf4", 64, True)  # 2 threads' worth (the grain)
+    want = blockwise.dequantize_4bit_ref(qt.data, qt.scales(), qt.code, 64, qt.numel(), torch.bfloat16)
+    for library in (lib, cpu.load()):  # pthreads, and the OpenMP build the kernels use
+        out = torch.empty(qt.numel(), dtype=torch.bfloat16)
+        library.qlora_decode_4bit(qt.data.data_ptr(), None, qt.absmax.data_ptr(), qt.nested_absmax.data_ptr(),
+                                  qt.nested_code.data_ptr(), float(qt.nested_offset), qt.code.data_ptr(),
+                                  out.data_ptr(), qt.numel(), 64, 2, 2, int(kernels.has_simd()), 0)
+        assert torch.equal(out, want)
     x = torch.randn(3 * 65536 + 5, dtype=torch.bfloat16)
     dropped = torch.empty_like(x)
     threshold, scale = threshold_and_scale(0.1)
