@@ -257,11 +257,14 @@ class Batches:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         idx = list(range(len(self.examples)))
         rng.shuffle(idx)
+        # the rows left out of this epoch (fewer than a batch) are a random few: cut before sorting,
+        # or the longest rows of the last window would be left out of every epoch
+        idx = idx[: self.per_epoch * self.batch_size]
         if self.group:
             window = self.batch_size * 50
             for s in range(0, len(idx), window):
                 idx[s: s + window] = sorted(idx[s: s + window], key=lambda i: len(self.examples[i].input_ids))
-        batches = [idx[i: i + self.batch_size] for i in range(0, self.per_epoch * self.batch_size, self.batch_size)]
+        batches = [idx[i: i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
         rng.shuffle(batches)
         return batches
 

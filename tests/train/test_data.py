@@ -111,7 +111,23 @@ def test_split_and_batches_are_deterministic():
     for k in (5, 0, 13, 6):  # random access gives the same batches in any order
         assert b1.batch(k)["input_ids"].equal(b2.batch(k)["input_ids"])
     widths = [b1.batch(k)["input_ids"].shape[1] for k in range(6)]
-    assert max(widths) < 29  # grouped by length: not every batch padded to the longest row
+    assert min(widths) < max(widths) // 2  # grouped by length: not every batch padded to the longest row
+
+
+def test_grouped_batches_leave_out_random_rows_not_the_longest():
+    """Rows that do not fill a last batch sit out one epoch at random; grouping by length must
+    not make them always the longest (it did: sorted before the cut, the longest never trained)."""
+    examples = [D.Example(list(range(n)), list(range(n))) for n in range(1, 56)]  # 55 rows, batch 8: 7 out
+    batches = D.Batches(examples, 8, 0, True, 0)
+    seen: dict[int, int] = {}
+    for epoch in range(8):
+        rows = [i for b in batches._epoch_order(epoch) for i in b]
+        assert len(rows) == len(set(rows)) == 48
+        for i in rows:
+            seen[i] = seen.get(i, 0) + 1
+    assert len(seen) == 55  # every row, the longest included, trained in some epoch
+    longest = [b.batch(k)["input_ids"].shape[1] for b in [batches] for k in range(8 * batches.per_epoch)]
+    assert max(longest) == 55
 
 
 def _docs(lengths, seed=0):
