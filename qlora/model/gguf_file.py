@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -123,16 +124,21 @@ class GGUFFile:
                 "the file changed since its header was read, read it again"
             ) from None
         t = info.ggml_type
+        # the output is torch's memory (numpy views of it): torch's allocator reports count it, so a
+        # tensor the model keeps as it is (embeddings, norms) is in the trainer's live-tensor peak
+        numel = math.prod(info.shape)
         if t in _PLAIN:
-            values = np.frombuffer(raw, _PLAIN[t]).astype(np.float32)
+            values = torch.empty(numel, dtype=torch.float32).numpy()
+            np.copyto(values, np.frombuffer(raw, _PLAIN[t]))
         elif t == GGMLQuantizationType.BF16:
-            values = np.frombuffer(raw, "<u2").astype(np.uint32)
+            values = torch.empty(numel, dtype=torch.int32).numpy().view(np.uint32)
+            np.copyto(values, np.frombuffer(raw, "<u2"))
             values <<= 16  # in place: no second copy
             values = values.view(np.float32)
         else:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
             rows = raw.reshape(-1, info.shape[-1] // block * type_size)
-            values = np.empty((rows.shape[0], info.shape[-1]), np.float32)
+            values = torch.empty((rows.shape[0], info.shape[-1]), dtype=torch.float32).numpy()
             step = max(1, DEQUANTIZE_CHUNK // info.shape[-1])  # gguf.quants' temporaries are several x its output
             try:
                 for i in range(0, rows.shape[0], step):
