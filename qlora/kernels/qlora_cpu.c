@@ -205,9 +205,9 @@ int qlora_has_simd(void) {
 // OpenMP workers sleep when idle, qlora/threads.py) costs more than the decode it would share.
 #define DECODE_GRAIN 65536
 
-static int clamp_threads(int threads, int64_t nblocks) {
+static int clamp_threads(int threads, int64_t units) {  // at most one thread per unit of work
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if ((int64_t)threads > nblocks) threads = (int)nblocks;
+    if ((int64_t)threads > units) threads = (int)units;
     return threads < 1 ? 1 : threads;
 }
 
