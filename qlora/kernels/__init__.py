@@ -54,6 +54,11 @@ def reread_mode() -> None:
     _MODE = None
 
 
+def reference_only() -> bool:
+    """True when QLORA_KERNELS=reference: callers take their pure-PyTorch oracle paths."""
+    return _mode() == "reference"
+
+
 def _native() -> "cpu.ctypes.CDLL | None":
     global _warned
     if _mode() == "reference":
@@ -156,11 +161,16 @@ def quantize_4bit(x: torch.Tensor, order: torch.Tensor, thresholds: torch.Tensor
     return packed, absmax, not nonfinite
 
 
-def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: float, seed: int) -> bool:
+def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: float,
+                   seed: "int | torch.Tensor") -> bool:
     """Seeded dropout (qlora/nn/dropout.py) of contiguous `x` into `out` with Triton (CUDA) or the
-    C kernel (CPU); False when the reference must do it."""
+    C kernel (CPU); False when the reference must do it. `seed`: an int, or a 0-dim int64 tensor
+    on x's device that the kernel reads there (no host read)."""
     if x.dtype not in _DTYPE_CODES:
         return False
+    if isinstance(seed, torch.Tensor) and (seed.dtype != torch.int64 or seed.device != x.device or seed.numel() != 1):
+        raise ValueError(f"a dropout seed tensor must be one int64 on {x.device}, got {seed.dtype} "
+                         f"{tuple(seed.shape)} on {seed.device}")
     if _triton_for(x):
         from . import triton_dropout
 
@@ -169,6 +179,8 @@ def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: fl
     lib = _native()
     if lib is None or not _usable(x, out):
         return False
-    lib.qlora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], seed, threshold, scale,
+    held = None if isinstance(seed, torch.Tensor) else cpu.ctypes.c_uint64(seed & 0xFFFFFFFFFFFFFFFF)
+    pointer = seed.data_ptr() if held is None else cpu.ctypes.addressof(held)
+    lib.qlora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], pointer, threshold, scale,
                       torch.get_num_threads(), int(has_simd()))
     return True

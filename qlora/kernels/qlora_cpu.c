@@ -418,8 +418,10 @@ static void* dropout_range(void* arg) {
     return NULL;
 }
 
-void qlora_dropout(const void* x, void* out, int64_t n, int dtype, uint64_t seed, uint32_t threshold, float scale,
-                   int threads, int simd) {
+// `seed` points at the 64-bit seed (a 0-dim int64 tensor's storage: read here, not by the host).
+void qlora_dropout(const void* x, void* out, int64_t n, int dtype, const uint64_t* seed_ptr, uint32_t threshold,
+                   float scale, int threads, int simd) {
+    uint64_t seed = *seed_ptr;
     int64_t chunks = (n + 65535) / 65536;
     threads = clamp_threads(threads, chunks);
     dropout_args args[MAX_THREADS];

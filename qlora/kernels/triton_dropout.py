@@ -30,12 +30,14 @@ def _fmix32(h):
     return h
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # one compiled kernel for every seed
-def _dropout_kernel(x_ptr, out_ptr, n, seed_lo, seed_hi, threshold, scale, BF16: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _dropout_kernel(x_ptr, out_ptr, n, seed_ptr, threshold, scale, BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    key = _fmix32(seed_hi.to(tl.uint32) ^ (offs >> 33).to(tl.uint32)) ^ seed_lo.to(tl.uint32)
+    seed = tl.load(seed_ptr)  # int64, read on the device: the same kernel for every seed, and graph-capturable
+    seed_lo, seed_hi = (seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    key = _fmix32(seed_hi ^ (offs >> 33).to(tl.uint32)) ^ seed_lo
     r = _fmix32((offs >> 1).to(tl.uint32) ^ key)
     half = (r >> ((offs & 1).to(tl.uint32) * 16)) & 0xFFFF
     y = tl.where(half >= threshold.to(tl.uint32), x * scale, 0.0)
@@ -45,18 +47,15 @@ def _dropout_kernel(x_ptr, out_ptr, n, seed_lo, seed_hi, threshold, scale, BF16:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: float, seed: int) -> None:
-    """Dropout of contiguous `x` into `out` with the (threshold, scale) of dropout.threshold_and_scale(p)."""
+def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: float,
+                   seed: "int | torch.Tensor") -> None:
+    """Dropout of contiguous `x` into `out` with the (threshold, scale) of dropout.threshold_and_scale(p);
+    `seed` a 0-dim int64 tensor on x's device (an int is copied there first)."""
     n = x.numel()
     if n:
+        if not isinstance(seed, torch.Tensor):
+            v = seed & 0xFFFFFFFFFFFFFFFF
+            seed = torch.tensor(v - (1 << 64) if v >= 1 << 63 else v, dtype=torch.int64, device=x.device)
         with triton_decode.on_device(x):
-            _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, _int32(seed), _int32(seed >> 32), threshold, scale,
+            _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, seed, threshold, scale,
                                                        BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
-
-
-def _int32(v: int) -> int:
-    """The low 32 bits of v as a signed int. Triton types an int argument by its value (i32 below
-    2^31, else i64) and specializes on 1 and multiples of 16: seed halves passed as they are would
-    compile some 16 variants of the kernel in a run's first step; as int32 and unspecialized, one."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v

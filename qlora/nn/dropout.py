@@ -1,5 +1,6 @@
 """Seeded dropout: the mask is a hash of (seed, element index), so backward regenerates it.
 
+    seed = new_seed(x.device)               # a 0-dim int64 tensor on x's device: no host read
     y = seeded_dropout(x, p, seed)          # x * mask / (1 - p'), mask from (seed, index)
     g = seeded_dropout(g, p, seed)          # the same mask again: dropout's own backward
 
@@ -12,7 +13,11 @@ Definition (bit-exact in the C and Triton kernels and in `seeded_dropout_ref`): 
 kept when the 16-bit half (i & 1) of fmix32((i >> 1) mod 2^32 XOR key) is >= threshold,
 key = fmix32(seed_hi XOR (i >> 33)) XOR seed_lo, fmix32 being MurmurHash3's finalizer and
 threshold = round(p * 65536). The drop probability is threshold / 65536 (p rounded to
-1/65536) and kept values are scaled by 1 / (1 - threshold / 65536), in float32.
+1/65536) and kept values are scaled by 1 / (1 - threshold / 65536), in float32 (times `gain`
+where a caller folds a factor in). A seed is a Python int (its low 64 bits) or a 0-dim int64
+tensor (the same 64 bits, two's complement) that the kernels read on the device: new_seed()
+draws one there, so a step reads nothing back to the host and a captured graph replays a
+fresh draw instead of a frozen constant.
 Tests: tests/nn/test_dropout.py.
 """
 from __future__ import annotations
@@ -45,41 +50,49 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def keep_mask(n: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+Seed = int | torch.Tensor
+"""A dropout seed: a Python int or a 0-dim int64 tensor (see the module docstring)."""
+
+
+def keep_mask(n: int, p: float, seed: Seed, device: torch.device | str = "cpu") -> torch.Tensor:
     """The boolean keep mask of n elements (the reference definition, in int64 tensor ops)."""
     threshold, _ = threshold_and_scale(p)
     i = torch.arange(n, dtype=torch.int64, device=device)
-    key = _fmix32((seed >> 32) ^ (i >> 33)) ^ (seed & M32)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device)
+    key = _fmix32(((seed >> 32) & M32) ^ (i >> 33)) ^ (seed & M32)
     r = _fmix32(((i >> 1) & M32) ^ key)
     return ((r >> ((i & 1) * 16)) & 0xFFFF) >= threshold
 
 
-def seeded_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Pure-PyTorch seeded dropout (the oracle, and the path off the CPU)."""
+def seeded_dropout_ref(x: torch.Tensor, p: float, seed: Seed, gain: float = 1.0) -> torch.Tensor:
+    """Pure-PyTorch seeded dropout (the oracle, and the path off the CPU): kept values x * gain / (1 - p')."""
     _, scale = threshold_and_scale(p)
     mask = keep_mask(x.numel(), p, seed, x.device).view(x.shape)
-    return torch.where(mask, x.float() * scale, 0.0).to(x.dtype)
+    return torch.where(mask, x.float() * (scale * gain), 0.0).to(x.dtype)
 
 
-def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Dropout of x with the mask of (seed, index): a fast kernel where kernels.seeded_dropout
-    has one (Triton on CUDA, C on CPU; QLORA_KERNELS applies), else the reference."""
+def seeded_dropout(x: torch.Tensor, p: float, seed: Seed, gain: float = 1.0) -> torch.Tensor:
+    """Dropout of x with the mask of (seed, index), kept values times `gain`: a fast kernel where
+    kernels.seeded_dropout has one (Triton on CUDA, C on CPU; QLORA_KERNELS applies), else the reference."""
     threshold, scale = threshold_and_scale(p)
     x = x.contiguous()
     out = torch.empty_like(x)
-    return out if kernels.seeded_dropout(x, out, threshold, scale, seed) else seeded_dropout_ref(x, p, seed)
+    done = kernels.seeded_dropout(x, out, threshold, scale * gain, seed)
+    return out if done else seeded_dropout_ref(x, p, seed, gain)
 
 
-def new_seed() -> int:
-    """A 64-bit seed from torch's default generator (so checkpoint RNG restores replay it)."""
-    return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)) & (2**64 - 1)
+def new_seed(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A 64-bit seed drawn on `device` by its default generator, as a 0-dim int64 tensor there
+    (checkpointing's RNG restore replays the draw; nothing is read back to the host)."""
+    return torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=device)
 
 
 class SeededDropout(torch.autograd.Function):
     """y = seeded_dropout(x, p, seed); grad_x = seeded_dropout(grad_y, p, seed). Saves only the seed."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, p: float, seed: Seed) -> torch.Tensor:
         ctx.p, ctx.seed = p, seed
         return seeded_dropout(x, p, seed)
 

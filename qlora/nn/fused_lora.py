@@ -83,7 +83,7 @@ def forward(x: torch.Tensor, base: Linear4bit, lora_a: torch.Tensor, lora_b: tor
     usable()); `dropout_p` > 0 only in training (the seeded dropout of nn/dropout.py)."""
     if x.shape[-1] != base.in_features:
         raise ValueError(f"LoraLinear({base.in_features} -> {base.out_features}) got input of shape {tuple(x.shape)}")
-    h = SeededDropout.apply(x, dropout_p, new_seed()) if dropout_p > 0 else None  # the PyTorch path's masks
+    h = SeededDropout.apply(x, dropout_p, new_seed(x.device)) if dropout_p > 0 else None  # the PyTorch path's masks
     with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
         return FusedLoraLinear4bit.apply(x, h, base.weight, base.bias, lora_a, lora_b, scaling, base.compute_dtype)
 

@@ -45,7 +45,8 @@ def test_the_pthread_build_decodes_and_drops_like_the_reference():
     x = torch.randn(3 * 65536 + 5, dtype=torch.bfloat16)
     dropped = torch.empty_like(x)
     threshold, scale = threshold_and_scale(0.1)
-    lib.qlora_dropout(x.data_ptr(), dropped.data_ptr(), x.numel(), 2, 12345, threshold, scale, 2,
+    seed = torch.tensor(12345)  # the kernel reads the seed through a pointer
+    lib.qlora_dropout(x.data_ptr(), dropped.data_ptr(), x.numel(), 2, seed.data_ptr(), threshold, scale, 2,
                       int(kernels.has_simd()))
     assert torch.equal(dropped, seeded_dropout_ref(x, 0.1, 12345))
 

@@ -61,8 +61,8 @@ CHILD = textwrap.dedent("""
                M="i32", N="i32", K="i32", R="i32", scaling="fp32")
     out["bwd_bf16"] = ops(ptx(tm._bwd_kernel.fn, sig, dict(common, ROWS_ALIGNED=False), aligned=range(10), num_warps=8,
                               num_stages=3))
-    # seeded dropout, with the argument types its launcher passes (seed halves as int32), n % 16 == 0
-    sig = dict(x_ptr="*bf16", out_ptr="*bf16", n="i32", seed_lo="i32", seed_hi="i32", threshold="i32", scale="fp32")
+    # seeded dropout, with the argument types its launcher passes (the seed an int64 tensor), n % 16 == 0
+    sig = dict(x_ptr="*bf16", out_ptr="*bf16", n="i32", seed_ptr="*i64", threshold="i32", scale="fp32")
     out["dropout_bf16"] = ops(ptx(tdo._dropout_kernel, sig, dict(BF16=True, BLOCK=tdo.BLOCK), aligned=range(3),
                                   num_warps=4))
     print(json.dumps(out))

@@ -18,9 +18,23 @@ def test_native_equals_reference(mode, dtype, shape, monkeypatch):
     x.view(-1)[-1] = float("inf")
     assert kernels.seeded_dropout(x, torch.empty_like(x), *threshold_and_scale(0.5), 1)  # the C kernel ran
     for seed in (0, 1, 2**32 + 3, 2**63 + 5, 2**64 - 1):
+        as_tensor = torch.tensor(seed - 2**64 if seed >= 2**63 else seed)  # the same 64 bits, read by the kernel
         for p in (0.0, 0.05, 0.5, 0.9):
-            got, ref = seeded_dropout(x, p, seed), seeded_dropout_ref(x, p, seed)
-            assert torch.equal(got, ref), (seed, p)
+            ref = seeded_dropout_ref(x, p, seed)
+            assert torch.equal(seeded_dropout(x, p, seed), ref), (seed, p)
+            assert torch.equal(seeded_dropout(x, p, as_tensor), ref), (seed, p)
+            assert torch.equal(seeded_dropout_ref(x, p, as_tensor), ref), (seed, p)
+        assert torch.equal(seeded_dropout(x, 0.3, seed, gain=0.25), seeded_dropout_ref(x, 0.3, seed, gain=0.25))
+
+
+def test_new_seed_stays_on_its_device_and_replays_with_the_rng():
+    torch.manual_seed(3)
+    seed = new_seed()
+    assert seed.dtype == torch.int64 and seed.shape == () and seed.device.type == "cpu"
+    torch.manual_seed(3)
+    assert torch.equal(new_seed(), seed)
+    with pytest.raises(ValueError, match="one int64"):
+        seeded_dropout(torch.randn(4), 0.5, torch.tensor([1, 2]))
 
 
 def test_non_contiguous_input_uses_its_logical_order():
@@ -111,10 +125,12 @@ def test_triton_seeded_dropout_equals_reference(dtype, monkeypatch):
     assert len(calls) == 8
 
 
-def test_triton_seed_halves_are_int32_arguments():
+def test_triton_kernel_reads_a_seed_tensor(monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed")
-    from qlora.kernels import triton_dropout
+    from qlora import kernels
 
-    for half in (0, 1, 16, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5):
-        v = triton_dropout._int32(half)
-        assert -2**31 <= v < 2**31 and v & 0xFFFFFFFF == half & 0xFFFFFFFF, half
+    monkeypatch.setattr(kernels, "TRITON_DEVICE_TYPES", {"cpu"})
+    x = torch.randn(2, 3000)
+    for bits in (0, 2**32 + 3, 2**63 + 5, 2**64 - 1):  # negative int64 patterns included
+        seed = torch.tensor(bits - 2**64 if bits >= 2**63 else bits, dtype=torch.int64)
+        assert torch.equal(seeded_dropout(x, 0.3, seed), seeded_dropout_ref(x, 0.3, bits)), bits
