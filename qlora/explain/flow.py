@@ -6,8 +6,8 @@
 The layer is `model.layers.0.mlp.up_proj` of the shipped demo Llama (its real pretrained
 bf16 weight), made a Linear4bit (NF4 + DQ, bf16 compute) wrapped in a LoraLinear with the
 demo recipe's r = 16, alpha = 32, dropout 0.05. The tensors kept for backward are read
-live from the autograd graph of Y (each node's `_saved_*` tensors, each storage once). Linear4bit's autograd Function keeps only a reference to the packed
-weight (ctx.qt, no copy); the decoded W lives in a shared workspace and is dropped.
+live from the autograd graph of Y (each node's `_saved_*` tensors, each storage once). The layer's autograd Function
+(nn/lora4bit.py) keeps only a reference to the packed weight (ctx.qt, no copy); the decoded W lives in a shared workspace and is dropped.
 Tests: tests/test_explain.py.
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ def _nbytes(t: torch.Tensor) -> int:
 def _label(op: str, attr: str, t: torch.Tensor, layer: LoraLinear) -> str:
     r, n_in, n_out = layer.r, layer.in_features, layer.out_features
     shape = tuple(t.shape)
+    if not shape:
+        return "dropout seed (one int64, read on the device)"
     if shape == (r, n_in):
         return "A (compute-dtype copy)"
     if shape in ((n_out, r), (r, n_out)):  # addmm saves B^T, a view
@@ -114,7 +116,7 @@ def explain_flow(tokens: int = 64, seed: int = 0, r: int = 16, alpha: float = 32
         "quant_parts": {k: _nbytes(v) for k, v in quant_parts.items()},
         "dense_bf16_bytes": qt.numel() * 2,
         "saved": saved, "saved_bytes": sum(s["bytes"] for s in saved),
-        "kept_by_reference": {"name": "ctx.qt of Linear4bit's Function: the packed weight (its buffers, no copy)",
+        "kept_by_reference": {"name": "ctx.qt of the layer's Function: the packed weight (its buffers, no copy)",
                               "bytes": sum(k.nbytes for k in kept_qt),
                               "same_buffers": all(k.data.data_ptr() == qt.data.data_ptr() for k in kept_qt)},
         "dropped": {"name": "dequant(W) in compute dtype (decoded again in backward)", "bytes": qt.numel() * 2},
@@ -133,7 +135,7 @@ def render_saved(d: dict, markdown: bool = False) -> str:
     rows = [(s["name"], s["op"], "x".join(map(str, s["shape"])), s["dtype"], f"{s['bytes']:,}", "kept")
             for s in d["saved"]]
     k = d["kept_by_reference"]
-    rows.append((k["name"], "_DequantLinearBackward.qt", "x".join(map(str, d["tensors"][1]["shape"])), "4-bit",
+    rows.append((k["name"], "Lora4bitLinearBackward.qt", "x".join(map(str, d["tensors"][1]["shape"])), "4-bit",
                  f"{k['bytes']:,}", "kept (no new memory)"))
     rows.append((d["dropped"]["name"], "", "x".join(map(str, d["tensors"][1]["shape"])), d["compute_dtype"],
                  f"{d['dropped']['bytes']:,}", "dropped"))

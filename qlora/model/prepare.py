@@ -274,3 +274,23 @@ def memory_report(model: nn.Module) -> ModelReport:
             elif m is head:
                 notes.append(f"{name}.{pname} is tied to the input embeddings, counted there")
     return ModelReport(trainable, total, {k: (v[0], v[1]) for k, v in parts.items()}, notes)
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor", **options) -> int:
+    """torch.compile each decoder layer in place (`module.compile`); returns how many.
+
+    One graph per layer with no break inside (the 4-bit decode and the seeded dropout are custom
+    ops, nn/ops.py; the dropout seed is a tensor input); layers of one shape share the compiled
+    code. transformers checkpoints a layer's `forward`, so the checkpoint is traced inside the graph.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no transformers decoder layers to compile")
+    # the fp32-norm hooks (keep_norms_fp32) note the input dtype on the module and take it back
+    # within the same call: nothing for the checkpoint's recomputation to replay
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for layer in layers:
+        layer.compile(backend=backend, **options)
+    return len(layers)

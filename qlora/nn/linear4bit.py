@@ -67,8 +67,19 @@ def clear_workspaces() -> None:
     _WORKSPACES.clear()
 
 
-def _decode(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+def decode(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """W decoded into the shared workspace (valid until the next decode)."""
     return qt.dequantize(out=workspace(qt.shape, dtype, qt.device))
+
+
+def decode_for_backward(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """W decoded into the workspace for grad_x = grad_y @ W; on CPUs with the slow 16-bit GEMM,
+    a transposed copy (the same W, laid out for the fast "NT" product; see the module docstring)."""
+    w = decode(qt, dtype)
+    if transposed_backward(w.device, w.dtype):
+        w_t = workspace(w.shape[::-1], w.dtype, w.device, tag="transposed")
+        w = w_t.copy_(w.t()).t()
+    return w
 
 
 _SLOW_NN: dict[torch.dtype, bool] = {}
@@ -103,7 +114,7 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
         ctx.qt, ctx.compute_dtype, ctx.x_dtype = qt, compute_dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        w = _decode(qt, compute_dtype)
+        w = decode(qt, compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         return F.linear(x.to(compute_dtype), w, b).to(x.dtype)
 
@@ -111,11 +122,7 @@ class _DequantLinear(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            w = _decode(ctx.qt, ctx.compute_dtype)
-            if transposed_backward(w.device, w.dtype):
-                w_t = workspace(w.shape[::-1], w.dtype, w.device, tag="transposed")
-                w = w_t.copy_(w.t()).t()  # the same W, laid out for the fast "NT" product
-            grad_x = grad_y.to(ctx.compute_dtype).matmul(w).to(ctx.x_dtype)
+            grad_x = grad_y.to(ctx.compute_dtype).matmul(decode_for_backward(ctx.qt, ctx.compute_dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_b, None
@@ -206,22 +213,26 @@ class Linear4bit(nn.Module):
     def _set_weight(self, qt: QuantizedTensor) -> None:
         self._meta = dict(shape=torch.Size(qt.shape), dtype=qt.dtype, quant_type=qt.quant_type,
                           blocksize=qt.blocksize, nested_offset=qt.nested_offset)
+        self._sync_offset()
         for name, t in zip(_QUANT_BUFFERS, (qt.data, qt.absmax, qt.code, qt.nested_absmax, qt.nested_code)):
             self.register_buffer(name, t, persistent=False)  # saved by _save_to_state_dict instead
 
     @property
     def weight(self) -> QuantizedTensor:
-        """The packed weight as a QuantizedTensor over this module's (current) buffers or flat parameters."""
+        """The packed weight as a QuantizedTensor over this module's (current) buffers or flat parameters.
+        While torch.compile traces, without its nested_offset float (a constant guarded per layer):
+        the compiled path decodes with `nested_offset_tensor` (nn/ops.py)."""
         m = self._meta
+        offset = None if torch.compiler.is_compiling() else m["nested_offset"]
         if self.flat:
             packed = _view_as(self.weight_packed, torch.uint8, "weight_packed").view(-1, 1)
             absmax = _view_as(self.weight_absmax, m["absmax_dtype"], "weight_absmax")
             nested = self._parameters.get("weight_nested_absmax")
             nested = None if nested is None else _view_as(nested, torch.float32, "weight_nested_absmax")
             return QuantizedTensor(packed, absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
-                                   self._code, nested, self._nested_code, m["nested_offset"])
+                                   self._code, nested, self._nested_code, offset)
         return QuantizedTensor(self._packed, self._absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
-                               self._code, self._nested_absmax, self._nested_code, m["nested_offset"])
+                               self._code, self._nested_absmax, self._nested_code, offset)
 
     @property
     def flat(self) -> bool:
@@ -249,6 +260,12 @@ class Linear4bit(nn.Module):
                 or qt.blocksize != self.blocksize or qt.double_quant != self.double_quant:
             raise ValueError(f"set_tensor_meta: {qt} does not match this layer's layout {self.extra_repr()}")
         self._meta.update(dtype=qt.dtype, nested_offset=qt.nested_offset)
+        self._sync_offset()
+
+    def _sync_offset(self) -> None:
+        # the double quantization's offset (0 without it) also as a 0-dim CPU tensor: torch.compile
+        # reads it as a graph input, where the float would be a constant guarded per layer
+        self.__dict__["nested_offset_tensor"] = torch.tensor(float(self._meta["nested_offset"] or 0.0))
 
     @property
     def quant_type(self) -> str:

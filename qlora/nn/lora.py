@@ -12,6 +12,11 @@
 - The adapters are stored in fp32 by default (`dtype=torch.bfloat16` halves them) and cast
   to the base layer's compute dtype for the two small matmuls, as PEFT does under autocast;
   gradients flow back through the cast to the fp32 parameters.
+- Over a Linear4bit, with x in its compute dtype, forward is one autograd Function
+  (lora4bit.py: base and update together, fewer kernel launches; hooks on the base layer's
+  forward do not run there); the code here (Linear4bit's Function, _DropoutA, addmm) is the
+  oracle it is tested against, and what runs with QLORA_KERNELS=reference, over dense bases
+  and for other input dtypes.
 - The base may be a Linear4bit (QLoRA) or a frozen nn.Linear / transformers Conv1D
   (16-bit LoRA, the baseline the paper compares with). Submodule names match PEFT's
   (`base_layer`, `lora_A`, `lora_B`), so state-dict keys read like a PEFT model's.
@@ -36,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import InputError
 from . import fused_lora
 from .dropout import new_seed, seeded_dropout
 from .linear4bit import Linear4bit, features, is_conv1d
+from .lora4bit import Lora4bitLinear
 
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -166,16 +173,29 @@ class LoraLinear(nn.Module):
         p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
         if not self.merged and fused_lora.usable(self.base_layer, x):  # opt-in on CUDA: one fused GEMM per direction
             return fused_lora.forward(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
-        out = self.base_layer(x)
+        base = self.base_layer
+        if (not self.merged and isinstance(base, Linear4bit) and x.dtype == base.compute_dtype
+                and x.shape[-1] == self.in_features and not kernels.reference_only()):
+            return self._one_function(x, base, p)
+        out = base(x)
         if self.merged:
             return out
         return self._add_update(x, out, p)
+
+    def _one_function(self, x: torch.Tensor, base: Linear4bit, p: float) -> torch.Tensor:
+        """base(x) + scaling * B(A(dropout_p(x))) as one Function (lora4bit.py)."""
+        dt = base.compute_dtype
+        a16, b16 = self.lora_A.weight.detach().to(dt), self.lora_B.weight.detach().to(dt)  # grads: the Function's
+        seed = new_seed(x.device) if p > 0 else None
+        with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
+            return Lora4bitLinear.apply(x, self.lora_A.weight, self.lora_B.weight, base.weight,
+                                        base.nested_offset_tensor, base.bias, a16, b16, self.scaling, p, seed, dt)
 
     def _add_update(self, x: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
         """out + scaling * B(A(dropout_p(x))), the update in the compute dtype."""
         dt = self.compute_dtype
         x, a, b = x.to(dt), self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
-        xa = _DropoutA.apply(x, a, p, new_seed()) if p > 0 else F.linear(x, a)
+        xa = _DropoutA.apply(x, a, p, new_seed(x.device)) if p > 0 else F.linear(x, a)
         if out.dtype != dt:
             return torch.add(out, F.linear(xa, b).to(out.dtype), alpha=self.scaling)
         # out + s xa B^T in one GEMM: one pass over the output instead of three (write, read, add)

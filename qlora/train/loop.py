@@ -35,7 +35,7 @@ from ..model.load import load_model
 from ..memory import load_config
 from ..model.loss import IGNORE, causal_lm_loss
 from ..model.packing import PACKED_MODEL_TYPES, packs_exactly
-from ..model.prepare import prepare_model
+from ..model.prepare import compile_layers, prepare_model
 from ..model.shard import shard_rows, wrap_ddp
 from ..nn.lora import LoraConfig
 from ..optim import AdamW, clip_grad_norm, scheduler
@@ -127,8 +127,12 @@ def _training_model(cfg: TrainConfig, model_path: str, ranks: dist_.Ranks):
                             "run `qlora quantize --model M --calibrate DATA --output BASE` once, then train on BASE "
                             "under torchrun")
     if ranks.mode == "fsdp":
+        if cfg.compile:
+            raise TrainingError("--compile runs in one process or under --distributed ddp, not fsdp (yet)")
         return dist_.build_sharded(cfg, ranks, model_path)
     model = _build_model(cfg, model_path)
+    if cfg.compile:
+        compile_layers(model)
     return wrap_ddp(model.to(ranks.device), ranks.device) if ranks.mode == "ddp" else model
 
 
