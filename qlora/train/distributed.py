@@ -147,15 +147,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tensor]:
     """This rank's contiguous rows of a global micro-batch, on its device (one process: all of them).
     To CUDA through pinned memory, without blocking the host (the copy is queued before the
-    step's kernels on the same stream). An attention mask without padding is left out, read
-    on the host here: transformers would otherwise check it on the device (a sync) to find
-    that it changes nothing."""
+    step's kernels on the same stream)."""
     cuda = torch.device(ranks.device).type == "cuda"
     out = {}
     for k, v in batch.items():
         v = shard_rows(v, ranks.rank, ranks.world_size)
-        if k == "attention_mask" and v.device.type == "cpu" and bool(v.all()):
-            continue
         out[k] = v.pin_memory().to(ranks.device, non_blocking=True) if cuda and v.device.type == "cpu" else \
             v.to(ranks.device)
     return out

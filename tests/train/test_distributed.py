@@ -124,19 +124,6 @@ def test_settings_that_cannot_be_split_are_refused_clearly(model_dir, monkeypatc
         distributed.build_sharded(TrainConfig(model=str(model_dir), quant_type="none"), ranks, str(model_dir))
 
 
-def test_share_takes_this_ranks_rows_and_leaves_out_a_mask_without_padding():
-    from qlora.train import distributed
-
-    ids = torch.arange(8).view(4, 2)
-    full, padded = torch.ones(4, 2, dtype=torch.long), torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
-    got = distributed.share({"input_ids": ids, "attention_mask": full}, distributed.Ranks(rank=1, world_size=2))
-    assert torch.equal(got["input_ids"], ids[2:]) and "attention_mask" not in got  # all ones: nothing to check
-    got = distributed.share({"input_ids": ids, "attention_mask": padded}, distributed.Ranks(rank=0, world_size=2))
-    assert torch.equal(got["attention_mask"], padded[:2])  # rank 0's rows hold the padding
-    got = distributed.share({"input_ids": ids, "attention_mask": padded}, distributed.Ranks(rank=1, world_size=2))
-    assert "attention_mask" not in got  # rank 1's rows do not
-
-
 def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_that_resumes(model_dir, alpaca_file, tmp_path):
     """Ctrl-C on torchrun (SIGINT to the whole process group, as a terminal sends it): the ranks
     agree to stop at the same step, write one checkpoint together, and --resume continues the
