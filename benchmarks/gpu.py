@@ -15,9 +15,10 @@ Sections, each printed as it finishes (a failing section prints its error; the r
    H200 before its scale loads went per row (`_decode_before`). bitsandbytes'
    dequantize_4bit under the same timer when importable.
 2. layer: forward + backward (grad_x and the LoRA gradients) of 4096 x 4096, x = [8, 2048,
-   4096] bf16, LoRA r = 16 (alpha 32, B random), against a frozen bf16 nn.Linear + the
-   same LoRA. qlora runs three ways: the default (LoraLinear over Linear4bit: Triton decode
-   into the shared workspace, then cuBLAS, autograd through the modules), "fused" (opt-in,
+   4096] bf16, LoRA r = 16 (alpha 32, B random, dropout 0.05 as in training), against a
+   frozen bf16 nn.Linear + the same LoRA. qlora runs three ways: the default (LoraLinear over
+   Linear4bit: one Function, nn/lora4bit.py: Triton decode into the shared workspace, then
+   cuBLAS), "fused" (opt-in,
    QLORA_FUSED_LORA=1: a Triton GEMM decoding W in the K loop, LoRA in the epilogue) and
    fused_lora's "workspace" strategy (one Function: decode once, cuBLAS). Goal: the default
    at most 1.10x the bf16 layer. bitsandbytes + peft under the same harness when
@@ -25,7 +26,8 @@ Sections, each printed as it finishes (a failing section prints its error; the r
    256 and 2048 rows: where each strategy wins.
 3. train: a TinyLlama-shaped ~1.1B config (hidden 2048, 22 layers, vocab 32000), random
    bf16 weights (qlora/model/random_checkpoint.py), batch 4 x 1024, LoRA r 64 / alpha 16 /
-   dropout 0.05 on all linear layers, gradient checkpointing, paged AdamW 32-bit; qlora vs
+   dropout 0.05 on all linear layers, gradient checkpointing, paged AdamW 32-bit; qlora (also
+   with --compile: each decoder layer one inductor graph, and without checkpointing) vs
    transformers + peft + bitsandbytes (nf4 + DQ), each in a fresh subprocess; tokens/s and
    peak device memory (torch.cuda.max_memory_allocated). With --profile, one more step of
    each under torch.profiler: device busy time / wall time, kernel launches, top kernels.
@@ -104,8 +106,8 @@ def peer_available() -> bool:
 
 
 # ---- 0. correctness --------------------------------------------------------------------------
-def lora_layer(dense: nn.Linear, r: int) -> qlora.LoraLinear:
-    layer = qlora.LoraLinear(qlora.Linear4bit.from_linear(dense), r=r, alpha=2 * r)
+def lora_layer(dense: nn.Linear, r: int, dropout: float = 0.0) -> qlora.LoraLinear:
+    layer = qlora.LoraLinear(qlora.Linear4bit.from_linear(dense), r=r, alpha=2 * r, dropout=dropout)
     nn.init.normal_(layer.lora_B.weight, std=0.01)  # a trained-looking adapter
     return layer
 
@@ -223,14 +225,19 @@ def _decode_before(qt, out: torch.Tensor) -> None:
 
 
 # ---- 2. one layer --------------------------------------------------------------------------------
+LAYER_DROPOUT = 0.05
+"""LoRA dropout in the layer section, as in training (the QLoRA recipe's 0.05): its kernels are timed too."""
+
+
 def layer(args) -> None:
     rows, dim, r = (2 * 24, 64, 4) if SMOKE else (8 * 2048, 4096, 16)
     repeats, iters = (2, 1) if SMOKE else (7, 3)
-    print(f"\n## 2. layer forward + backward: x [{rows}, {dim}] bf16, W {dim} x {dim}, LoRA r = {r}", flush=True)
+    print(f"\n## 2. layer forward + backward: x [{rows}, {dim}] bf16, W {dim} x {dim}, LoRA r = {r}, "
+          f"dropout {LAYER_DROPOUT}", flush=True)
     torch.manual_seed(0)
     dense = nn.Linear(dim, dim, bias=False, device=DEVICE, dtype=torch.bfloat16).requires_grad_(False)
-    base = qlora.LoraLinear(dense, r=r, alpha=2 * r)
-    ql = lora_layer(dense, r)
+    base = qlora.LoraLinear(dense, r=r, alpha=2 * r, dropout=LAYER_DROPOUT)
+    ql = lora_layer(dense, r, LAYER_DROPOUT)
     nn.init.normal_(base.lora_B.weight, std=0.01)
     x = torch.randn(rows, dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(rows, dim, device=DEVICE, dtype=torch.bfloat16)
@@ -268,6 +275,7 @@ def layer(args) -> None:
                                  compress_statistics=True)
         peer.load_state_dict(dense.state_dict())
         peer_model = peft.get_peft_model(One(peer.to(DEVICE)), peft.LoraConfig(r=r, lora_alpha=2 * r,
+                                                                                lora_dropout=LAYER_DROPOUT,
                                                                                 target_modules=["proj"]))
         cases["bitsandbytes Linear4bit + peft LoRA"] = lambda: fwd_bwd(peer_model, x, g)
     t0 = time.perf_counter()
@@ -337,7 +345,10 @@ CHILD = textwrap.dedent("""
     if setup.startswith("qlora"):
         model = qlora.load_model(path, compute_dtype=dtype, device=device, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
-                                    gradient_checkpointing=setup == "qlora", verbose=False)
+                                    gradient_checkpointing=setup != "qlora-norecompute", verbose=False)
+        if setup == "qlora-compile":  # `qlora train --compile`: each decoder layer one inductor graph
+            from qlora.model.prepare import compile_layers
+            compile_layers(model)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0,
                                 paged=True)
         autocast = torch.autocast(device, enabled=False)
@@ -414,9 +425,9 @@ def train(args) -> None:
         t = time.perf_counter()
         write_random_checkpoint(config, path)
         print(f"wrote random bf16 checkpoint {path} in {time.perf_counter() - t:.0f} s", flush=True)
-    setups = ["qlora", "qlora-norecompute"] + (["peer-qlora"] if peer_available() else [])
-    labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "qlora-norecompute": "qlora, no checkpointing",
-              "peer-qlora": "transformers+peft+bnb QLoRA"}
+    setups = ["qlora", "qlora-compile", "qlora-norecompute"] + (["peer-qlora"] if peer_available() else [])
+    labels = {"qlora": "qlora QLoRA (nf4 + DQ)", "qlora-compile": "qlora --compile", "qlora-norecompute":
+              "qlora, no checkpointing", "peer-qlora": "transformers+peft+bnb QLoRA"}
     results = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for setup in setups:
@@ -440,6 +451,11 @@ def train(args) -> None:
         summary("train tokens/s, qlora / peer", f"{speed:.2f}x", ">= 1.5x (issue 6)",
                 None if SMOKE else speed >= 1.5 and mem <= 1)
         summary("train peak memory, qlora / peer", f"{mem:.2f}x")
+        if "qlora-compile" in results:
+            r = results["qlora-compile"]
+            summary("train, qlora --compile / peer",
+                    f"{r['tokens_per_s'] / results['peer-qlora']['tokens_per_s']:.2f}x tokens/s, "
+                    f"{r['peak_mb'] / results['peer-qlora']['peak_mb']:.2f}x peak")
         if "qlora-norecompute" in results:
             r = results["qlora-norecompute"]
             summary("train, qlora without checkpointing / peer",

@@ -1,6 +1,7 @@
 """Host cost of one training step, qlora vs transformers + peft + bitsandbytes, counted on the CPU.
 
-    .venv/bin/python benchmarks/host_step.py [--layers 22] [--steps 5] [--setups qlora,peer] [--where]
+    .venv/bin/python benchmarks/host_step.py [--layers 22] [--steps 5] [--rounds 3] [--setups qlora,peer[,qlora-compile]]
+                                             [--where]
 
 A proxy for where a GPU step spends its host time: the 1.1B Llama's shape (22 layers, GQA 8:1,
 LoRA r=16 on all seven linear layers, gradient checkpointing) at tiny widths (hidden 64,
@@ -10,12 +11,17 @@ training step as each trainer runs it:
 - qlora  the body of qlora/train/loop.py's step: forward_backward (the fused head + loss),
          clip_grad_norm, the finite check, qlora's AdamW (paged), the schedule, zero_grad and
          the logged float reads;
+- qlora-compile  the same with each decoder layer compiled (`--compile`: inductor, which on
+         the CPU generates C++; only host ms and Python calls are measured, the kernels inside
+         the graphs are not aten dispatches);
 - peer   bnb nf4 + DQ, prepare_model_for_kbit_training (non-reentrant checkpointing), peft
          LoRA, bf16 autocast, model(**batch).loss, clip_grad_norm_, PagedAdamW32bit, zero_grad,
          float(loss) (what a plain loop or the HF Trainer's logging reads).
-Printed per setup: host ms per step (median of --steps after 2 warm-up steps), then in one
+Printed per setup: host ms per step (median of --steps after 3 warm-up steps; the median of
+--rounds fresh runs, the setups interleaved), then in one
 counted step: aten ops that compute (each a kernel launch on a GPU), native qlora kernel calls
-(each one Triton launch there), view/metadata ops (no launch), host reads (ops that bring a
+(each one Triton launch there), allocations (empty, empty_like, new_empty: no launch on a GPU,
+so not counted as launches), view/metadata ops (no launch), host reads (ops that bring a
 tensor's value to the host: _local_scalar_dense from .item()/float()/bool(), .tolist(), nonzero,
 masked_select, ...: a device sync where that tensor lives on the device; `--where` lists the
 lines they come from) and Python function calls (sys.setprofile). The top computing ops are
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,11 +49,12 @@ CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2",
              "repeat_interleave", "nonzero_static"}
+    ALLOCS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}  # no kernel on a GPU
 
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.ops, self.views, self.syncs = collections.Counter(), 0, collections.Counter()
+            self.ops, self.views, self.allocs, self.syncs = collections.Counter(), 0, 0, collections.Counter()
             self.where = collections.Counter()
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
@@ -58,17 +66,19 @@ CHILD = textwrap.dedent("""
                     self.where[f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}"] += 1
             elif func.is_view or name in ("detach", "alias", "lift_fresh", "_unsafe_view"):
                 self.views += 1
+            elif name in ALLOCS:
+                self.allocs += 1
             else:
                 self.ops[name] += 1
             return func(*args, **(kwargs or {}))
 
     g = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(steps + 3):
+    for _ in range(steps + 4):
         ids = torch.randint(0, 512, (2, 64), generator=g)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     native = collections.Counter()
-    if setup == "qlora":
+    if setup in ("qlora", "qlora-compile"):
         import qlora, qlora.kernels as K
         from qlora.train.loop import forward_backward
         from qlora.train import distributed as dist_
@@ -81,6 +91,9 @@ CHILD = textwrap.dedent("""
         model = qlora.prepare_model(qlora.load_model(path, compute_dtype=torch.bfloat16, progress=False),
                                     lora=qlora.LoraConfig(r=16, alpha=32, dropout=0.05), compute_dtype=torch.bfloat16,
                                     verbose=False)
+        if setup == "qlora-compile":
+            from qlora.model.prepare import compile_layers
+            compile_layers(model)  # inductor: the warm-up steps compile
         params = [p for p in model.parameters() if p.requires_grad]
         opt = qlora.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
         sched = scheduler(opt, "cosine", 0, 1000)
@@ -116,10 +129,10 @@ CHILD = textwrap.dedent("""
             return float(loss), float(norm)
     model.train()
     times = []
-    for i, b in enumerate(batches[:steps + 2]):
+    for i, b in enumerate(batches[:steps + 3]):
         t = time.perf_counter()
         step(b)
-        if i >= 2:
+        if i >= 3:
             times.append(time.perf_counter() - t)
     native.clear()
     mode = Count()
@@ -129,8 +142,10 @@ CHILD = textwrap.dedent("""
         mode.syncs["tolist"] += 1
         return tolist(t)
     torch.Tensor.tolist = counted_tolist
-    with mode:
-        step(batches[-1])
+    counted = setup != "qlora-compile"  # compiled graphs run inductor's kernels: no aten dispatch to count
+    if counted:
+        with mode:
+            step(batches[-1])
     torch.Tensor.tolist = tolist
     native_step = dict(native)  # the counted step's calls only (the profiled step below adds more)
     calls = [0]
@@ -142,8 +157,8 @@ CHILD = textwrap.dedent("""
     sys.setprofile(None)
     print(json.dumps({"host_ms": 1000 * statistics.median(times), "ops": sum(mode.ops.values()),
                       "native": sum(native_step.values()), "native_by": native_step, "views": mode.views,
-                      "syncs": dict(mode.syncs), "python_calls": calls[0], "top": mode.ops.most_common(40),
-                      "where": mode.where.most_common(12)}))
+                      "allocs": mode.allocs, "syncs": dict(mode.syncs), "python_calls": calls[0], "counted": counted,
+                      "top": mode.ops.most_common(40), "where": mode.where.most_common(12)}))
 """)
 
 
@@ -162,28 +177,39 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--setups", default="qlora,peer")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each setup, interleaved (host ms: their median)")
     ap.add_argument("--where", action="store_true", help="also list where the host reads come from (file:line)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint(Path(tmp), args.layers)
-        results = {}
-        for setup in args.setups.split(","):
-            out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps), str(int(args.where))],
-                                 capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
-            if out.returncode:
-                sys.exit(f"{setup} failed:\n{out.stderr[-3000:]}")
-            results[setup] = json.loads(out.stdout.strip().splitlines()[-1])
+        results, host_ms = {}, {}
+        for _ in range(args.rounds):  # setups interleaved, so that a busy spell hits each alike
+            for setup in args.setups.split(","):
+                out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps),
+                                      str(int(args.where))],
+                                     capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
+                if out.returncode:
+                    sys.exit(f"{setup} failed:\n{out.stderr[-3000:]}")
+                results[setup] = json.loads(out.stdout.strip().splitlines()[-1])
+                host_ms.setdefault(setup, []).append(results[setup]["host_ms"])
+    for setup, times in host_ms.items():
+        results[setup]["host_ms"] = statistics.median(times)
     base = results.get("peer")
-    print(f"one training step, {args.layers}-layer Llama at tiny widths, bf16, batch 2 x 64, 1 thread")
-    print(f"{'setup':8} {'host ms':>8} {'launches':>9} {'(aten':>7} {'native)':>8} {'views':>7} {'reads':>6} "
-          f"{'py calls':>9} {'ms vs peer':>11} {'launches vs peer':>17}")
+    rounds = ", ".join(f"{k} {'/'.join(f'{t:.0f}' for t in v)}" for k, v in host_ms.items())
+    print(f"one training step, {args.layers}-layer Llama at tiny widths, bf16, batch 2 x 64, 1 thread; host ms: "
+          f"median of {args.rounds} rounds {rounds}")
+    print(f"{'setup':14} {'host ms':>8} {'launches':>9} {'(aten':>7} {'native)':>8} {'allocs':>7} {'views':>7} "
+          f"{'reads':>6} {'py calls':>9} {'ms vs peer':>11} {'launches vs peer':>17}")
     for name, r in results.items():
         launches = r["ops"] + r["native"]
-        rel = (f"{r['host_ms'] / base['host_ms']:>10.2f}x {launches / (base['ops'] + base['native']):>16.2f}x"
-               if base else "")
-        print(f"{name:8} {r['host_ms']:8.1f} {launches:9d} {r['ops']:7d} {r['native']:8d} {r['views']:7d} "
-              f"{sum(r['syncs'].values()):6d} {r['python_calls']:9d} {rel}")
+        ms = f"{r['host_ms'] / base['host_ms']:>10.2f}x" if base else ""
+        rel = f"{launches / (base['ops'] + base['native']):>16.2f}x" if base and r["counted"] else ""
+        counts = (f"{launches:9d} {r['ops']:7d} {r['native']:8d} {r['allocs']:7d} {r['views']:7d} "
+                  f"{sum(r['syncs'].values()):6d}" if r["counted"] else f"{'(inside compiled graphs)':>49}")
+        print(f"{name:14} {r['host_ms']:8.1f} {counts} {r['python_calls']:9d} {ms} {rel}")
     for name, r in results.items():
+        if not r["counted"]:
+            continue
         print(f"\n{name}: host reads {r['syncs']}; native {r['native_by']}")
         print("  top ops: " + ", ".join(f"{op} {n}" for op, n in r["top"]))
         if r["where"]:

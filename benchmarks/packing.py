@@ -1,7 +1,7 @@
 """Packed vs padded training on instruction data: real tokens/s (padding not counted) and peak.
 
     flock /tmp/qlora-bench.lock .venv/bin/python benchmarks/packing.py [--docs 160] [--max-length 512] [--batch 4]
-        [--repeat 1] [--dtype bfloat16|float32] [--setups packed,padded,padded-b16,peer-flatten]
+        [--repeat 1] [--dtype bfloat16|float32] [--setups packed,padded,padded-b16,peer-flatten[,padded-ungrouped]]
 
 The documents: a synthetic instruction set with Alpaca's length histogram (`alpaca_like`):
 random token ids in the lengths the Alpaca template gives its rows (instruction about 15
@@ -14,6 +14,8 @@ bf16 weights), NF4 + DQ, gradient checkpointing, an optimizer step per micro-bat
 - padded       qlora: `qlora train --no-packing`: --batch documents a micro-batch, grouped by length,
                padded to a multiple of 16
 - padded-b16   the same with 4 x --batch documents a micro-batch (about as many real tokens as packed)
+- padded-ungrouped  `--no-packing --no-group-by-length`: batches in random order, padded to their
+               longest row (what the HF Trainer does by default: group_by_length=False)
 - peer-flatten transformers + peft + bitsandbytes (nf4 + DQ, prepare_model_for_kbit_training, bf16
                autocast, PagedAdamW32bit) fed by transformers' DataCollatorWithFlattening: each packed
                micro-batch's documents as one row with restarting position ids (its padding-free path)
@@ -51,8 +53,8 @@ CHILD = textwrap.dedent("""
     if setup == "packed" or setup.startswith("peer"):
         micro = [packed.batch(k) for k in range(packed.per_epoch)]
     else:
-        padded = D.Batches(docs, batch * (4 if setup == "padded-b16" else 1), seed=0, group_by_length=True, pad=0,
-                           multiple=16)
+        padded = D.Batches(docs, batch * (4 if setup == "padded-b16" else 1), seed=0,
+                           group_by_length=setup != "padded-ungrouped", pad=0, multiple=16)
         micro = [padded.batch(k) for k in range(padded.per_epoch)]
     if setup.startswith("peer"):  # the same documents per micro-batch, flattened by transformers' own collator
         collator = transformers.DataCollatorWithFlattening()
@@ -106,7 +108,8 @@ CHILD = textwrap.dedent("""
 """)
 
 LABELS = {"packed": "qlora packed (default)", "padded": "qlora padded (--no-packing)",
-          "padded-b16": "qlora padded, 4x the rows", "peer-flatten": "peft+bnb, DataCollatorWithFlattening"}
+          "padded-b16": "qlora padded, 4x the rows", "padded-ungrouped": "qlora padded, not grouped by length",
+          "peer-flatten": "peft+bnb, DataCollatorWithFlattening"}
 
 
 def alpaca_like(n: int, seed: int = 0, vocab: int = 32000) -> list[dict]:
