@@ -282,6 +282,9 @@ def compile_layers(model: nn.Module, backend: str = "inductor", **options) -> in
     One graph per layer with no break inside (the 4-bit decode and the seeded dropout are custom
     ops, nn/ops.py; the dropout seed is a tensor input); layers of one shape share the compiled
     code. transformers checkpoints a layer's `forward`, so the checkpoint is traced inside the graph.
+    Sizes start static; a batch of a new length recompiles once with symbolic sizes (dynamo's
+    automatic dynamic shapes), then every length reuses that graph. (`dynamic=True` from the
+    start trips a dynamo assertion on the dropout op's scalar arguments in torch 2.13.)
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 

@@ -146,8 +146,10 @@ def demo_generations(model, tokenizer, prompts: list[str], max_new_tokens: int =
     width = max(len(row) for row in ids)
     input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=model.device)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=model.device)
-    gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad)
+    with torch.compiler.set_stance("force_eager"):  # --compile's layers: a token at a time with a growing
+        # cache would recompile them at every new shape
+        gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
     model.train(was_training)
     return {p: tokenizer.decode(row[width:], skip_special_tokens=True) for p, row in zip(prompts, gen)}
 

@@ -122,6 +122,9 @@ def test_settings_that_cannot_be_split_are_refused_clearly(model_dir, monkeypatc
     ranks = distributed.Ranks(rank=0, world_size=2, mode="fsdp")
     with pytest.raises(ValueError, match="use --distributed ddp"):
         distributed.build_sharded(TrainConfig(model=str(model_dir), quant_type="none"), ranks, str(model_dir))
+    from qlora.train.loop import _training_model
+    with pytest.raises(TrainingError, match="--compile runs in one process or under --distributed ddp"):
+        _training_model(TrainConfig(model=str(model_dir), compile=True), str(model_dir), ranks)
 
 
 def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_that_resumes(model_dir, alpaca_file, tmp_path):
