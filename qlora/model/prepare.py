@@ -284,7 +284,8 @@ def compile_layers(model: nn.Module, backend: str = "inductor", **options) -> in
     code. transformers checkpoints a layer's `forward`, so the checkpoint is traced inside the graph.
     Sizes start static; a batch of a new length recompiles once with symbolic sizes (dynamo's
     automatic dynamic shapes), then every length reuses that graph. (`dynamic=True` from the
-    start trips a dynamo assertion on the dropout op's scalar arguments in torch 2.13.)
+    start trips a dynamo assertion, lift_tracked_freevar_to_input, at the dropout op inside the
+    layer's autograd Function in torch 2.13: a whole decoder layer only, not one LoraLinear.)
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
