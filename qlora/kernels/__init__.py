@@ -4,6 +4,7 @@ and the fused 4-bit + LoRA GEMMs, and the dispatch that picks one (or none) per 
     kernels.decode_4bit(qt, out)                              -> True if a kernel wrote `out`
     kernels.quantize_4bit(x, order, thresholds, bs)           -> (packed, absmax, finite) or None
     kernels.seeded_dropout(x, out, threshold, scale, seed)    -> True if a kernel wrote `out`
+        (x2=, out2=, scale2=: a second tensor dropped with the same mask, in the same pass)
 
 Files: cpu.py + qlora_cpu.c (the C kernels, built on first use), triton_decode.py,
 triton_dropout.py, triton_matmul.py (Triton, imported only where triton imports), packed.py
@@ -161,12 +162,13 @@ def quantize_4bit(x: torch.Tensor, order: torch.Tensor, thresholds: torch.Tensor
     return packed, absmax, not nonfinite
 
 
-def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: float,
-                   seed: "int | torch.Tensor") -> bool:
+def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: float, seed: "int | torch.Tensor",
+                   x2: torch.Tensor | None = None, out2: torch.Tensor | None = None, scale2: float = 0.0) -> bool:
     """Seeded dropout (qlora/nn/dropout.py) of contiguous `x` into `out` with Triton (CUDA) or the
     C kernel (CPU); False when the reference must do it. `seed`: an int, or a 0-dim int64 tensor
-    on x's device that the kernel reads there (no host read)."""
-    if x.dtype not in _DTYPE_CODES:
+    on x's device that the kernel reads there (no host read). With `x2` (contiguous, x's size and
+    dtype): the same mask drops it into `out2` too, kept values times `scale2`, in the same pass."""
+    if x.dtype not in _DTYPE_CODES or (x2 is not None and (x2.dtype != x.dtype or x2.numel() != x.numel())):
         return False
     if isinstance(seed, torch.Tensor) and (seed.dtype != torch.int64 or seed.device != x.device or seed.numel() != 1):
         raise ValueError(f"a dropout seed tensor must be one int64 on {x.device}, got {seed.dtype} "
@@ -174,13 +176,15 @@ def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: fl
     if _triton_for(x):
         from . import triton_dropout
 
-        triton_dropout.seeded_dropout(x, out, threshold, scale, seed)
+        triton_dropout.seeded_dropout(x, out, threshold, scale, seed, x2, out2, scale2)
         return True
     lib = _native()
-    if lib is None or not _usable(x, out):
+    pair = () if x2 is None else (x2, out2)
+    if lib is None or not _usable(x, out, *pair):
         return False
     held = None if isinstance(seed, torch.Tensor) else cpu.ctypes.c_uint64(seed & 0xFFFFFFFFFFFFFFFF)
     pointer = seed.data_ptr() if held is None else cpu.ctypes.addressof(held)
-    lib.qlora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], pointer, threshold, scale,
-                      torch.get_num_threads(), int(has_simd()))
+    second = (x2.data_ptr(), out2.data_ptr()) if pair else (None, None)
+    lib.qlora_dropout2(x.data_ptr(), out.data_ptr(), *second, x.numel(), _DTYPE_CODES[x.dtype], pointer, threshold,
+                       scale, scale2, torch.get_num_threads(), int(has_simd()))
     return True

@@ -323,12 +323,16 @@ int64_t qlora_quantize_4bit(const void* x, int dtype, int64_t n, int64_t blocksi
 // element i is kept when the 16-bit half (i & 1) of fmix32((uint32)(i >> 1) ^ key) is at
 // least `threshold`; key = fmix32(seed_hi ^ (uint32)(i >> 33)) ^ seed_lo. Kept: x * scale
 // (float32 product rounded once to the output type); dropped: 0.
+// With x2 (not NULL) the same mask also drops x2 into out2, kept values times scale2: one hash
+// per element pair for two tensors of the same size (LoRA's backward: dropout(x) and dropout(dy B A)).
 typedef struct {
     const void* x;
     void* out;
+    const void* x2;
+    void* out2;
     int64_t i0, i1;
     uint32_t seed_lo, seed_hi, threshold;
-    float scale;
+    float scale, scale2;
     int dtype, simd;
 } dropout_args;
 
@@ -341,9 +345,18 @@ static inline uint32_t fmix32(uint32_t h) {
     return h;
 }
 
-static inline float dropout1(float v, int64_t i, uint32_t key, uint32_t threshold, float scale) {
+static inline int keep1(int64_t i, uint32_t key, uint32_t threshold) {
     uint32_t r = fmix32((uint32_t)(i >> 1) ^ key);
-    return ((r >> ((uint32_t)(i & 1) * 16u)) & 0xffffu) >= threshold ? v * scale : 0.0f;
+    return ((r >> ((uint32_t)(i & 1) * 16u)) & 0xffffu) >= threshold;
+}
+
+// Elements i0..i1 one at a time (both tensors where x2 is set).
+static inline void dropout_scalar(const dropout_args* a, int64_t i0, int64_t i1, uint32_t key) {
+    for (int64_t i = i0; i < i1; i++) {
+        int k = keep1(i, key, a->threshold);
+        store1(a->out, i, k ? load1(a->x, i, a->dtype) * a->scale : 0.0f, a->dtype);
+        if (a->x2) store1(a->out2, i, k ? load1(a->x2, i, a->dtype) * a->scale2 : 0.0f, a->dtype);
+    }
 }
 
 // 16 keep flags (all ones / zero per 32-bit lane) for elements i..i+15, i even: 8 hashes, one
@@ -386,19 +399,25 @@ __attribute__((target("avx2"))) static inline void apply8(const void* x, void* o
 }
 
 // One 2^33-element span (one key), fp32 or bf16, 16 elements a step.
-__attribute__((target("avx2"))) static void dropout_avx2(const void* x, void* out, int64_t i0, int64_t i1, int dtype,
-                                                        uint32_t key, uint32_t threshold, float scale) {
-    int64_t i = i0;
-    for (; i < i1 && (i & 15); i++) store1(out, i, dropout1(load1(x, i, dtype), i, key, threshold, scale), dtype);
-    const __m256i vkey = _mm256_set1_epi32((int)key), below = _mm256_set1_epi32((int)threshold - 1);
-    const __m256 vscale = _mm256_set1_ps(scale);
+__attribute__((target("avx2"))) static void dropout_avx2(const dropout_args* a, int64_t i0, int64_t i1,
+                                                        uint32_t key) {
+    int64_t head = i0 + ((16 - (i0 & 15)) & 15);
+    head = head < i1 ? head : i1;
+    dropout_scalar(a, i0, head, key);
+    const __m256i vkey = _mm256_set1_epi32((int)key), below = _mm256_set1_epi32((int)a->threshold - 1);
+    const __m256 vscale = _mm256_set1_ps(a->scale), vscale2 = _mm256_set1_ps(a->scale2);
+    int64_t i = head;
     for (; i + 16 <= i1; i += 16) {
         __m256i k0, k1;
         keep16(i, vkey, below, &k0, &k1);
-        apply8(x, out, i, dtype, k0, vscale);
-        apply8(x, out, i + 8, dtype, k1, vscale);
+        apply8(a->x, a->out, i, a->dtype, k0, vscale);
+        apply8(a->x, a->out, i + 8, a->dtype, k1, vscale);
+        if (a->x2) {
+            apply8(a->x2, a->out2, i, a->dtype, k0, vscale2);
+            apply8(a->x2, a->out2, i + 8, a->dtype, k1, vscale2);
+        }
     }
-    for (; i < i1; i++) store1(out, i, dropout1(load1(x, i, dtype), i, key, threshold, scale), dtype);
+    dropout_scalar(a, i, i1, key);
 }
 
 static void* dropout_range(void* arg) {
@@ -408,10 +427,9 @@ static void* dropout_range(void* arg) {
         int64_t e = span_end < a->i1 ? span_end : a->i1;
         uint32_t key = fmix32(a->seed_hi ^ (uint32_t)(s >> 33)) ^ a->seed_lo;
         if ((a->dtype == OUT_F32 || a->dtype == OUT_BF16) && a->simd) {
-            dropout_avx2(a->x, a->out, s, e, a->dtype, key, a->threshold, a->scale);
+            dropout_avx2(a, s, e, key);
         } else {
-            for (int64_t i = s; i < e; i++)
-                store1(a->out, i, dropout1(load1(a->x, i, a->dtype), i, key, a->threshold, a->scale), a->dtype);
+            dropout_scalar(a, s, e, key);
         }
         s = e;
     }
@@ -419,17 +437,23 @@ static void* dropout_range(void* arg) {
 }
 
 // `seed` points at the 64-bit seed (a 0-dim int64 tensor's storage: read here, not by the host).
-void qlora_dropout(const void* x, void* out, int64_t n, int dtype, const uint64_t* seed_ptr, uint32_t threshold,
-                   float scale, int threads, int simd) {
+// x2 and out2 may be NULL (one tensor); else x2 is dropped with the same mask, times scale2.
+void qlora_dropout2(const void* x, void* out, const void* x2, void* out2, int64_t n, int dtype,
+                    const uint64_t* seed_ptr, uint32_t threshold, float scale, float scale2, int threads, int simd) {
     uint64_t seed = *seed_ptr;
     int64_t chunks = (n + 65535) / 65536;
     threads = clamp_threads(threads, chunks);
     dropout_args args[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         int64_t i0 = (chunks * t / threads) * 65536, i1 = (chunks * (t + 1) / threads) * 65536;
-        dropout_args a = {x, out, i0, i1 < n ? i1 : n, (uint32_t)seed, (uint32_t)(seed >> 32), threshold, scale, dtype,
-                          simd};
+        dropout_args a = {x, out, x2, out2, i0, i1 < n ? i1 : n, (uint32_t)seed, (uint32_t)(seed >> 32), threshold,
+                          scale, scale2, dtype, simd};
         args[t] = a;
     }
     run_threads(dropout_range, args, sizeof(dropout_args), threads);
+}
+
+void qlora_dropout(const void* x, void* out, int64_t n, int dtype, const uint64_t* seed_ptr, uint32_t threshold,
+                   float scale, int threads, int simd) {
+    qlora_dropout2(x, out, NULL, NULL, n, dtype, seed_ptr, threshold, scale, 0.0f, threads, simd);
 }

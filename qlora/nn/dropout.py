@@ -3,6 +3,7 @@
     seed = new_seed(x.device)               # a 0-dim int64 tensor on x's device: no host read
     y = seeded_dropout(x, p, seed)          # x * mask / (1 - p'), mask from (seed, index)
     g = seeded_dropout(g, p, seed)          # the same mask again: dropout's own backward
+    h, d = seeded_dropout_pair(x, g, p, seed, gain)   # both at once: one mask, one pass
 
 torch's dropout draws its mask from a sequential generator and must keep it (or the
 dropped input) for backward. LoRA's dropout feeds a rank-r matmul, so keeping dropout(x)
@@ -80,6 +81,18 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: Seed, gain: float = 1.0) -> 
     out = torch.empty_like(x)
     done = kernels.seeded_dropout(x, out, threshold, scale * gain, seed)
     return out if done else seeded_dropout_ref(x, p, seed, gain)
+
+
+def seeded_dropout_pair(x: torch.Tensor, g: torch.Tensor, p: float, seed: Seed,
+                        gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seeded_dropout(x, p, seed), seeded_dropout(g, p, seed, gain)) for x and g of one shape and
+    dtype: the mask is made once, in one pass over both, where a kernel runs."""
+    threshold, scale = threshold_and_scale(p)
+    x, g = x.contiguous(), g.contiguous()
+    out, out_g = torch.empty_like(x), torch.empty_like(g)
+    if g.shape == x.shape and kernels.seeded_dropout(x, out, threshold, scale, seed, g, out_g, scale * gain):
+        return out, out_g
+    return seeded_dropout(x, p, seed), seeded_dropout(g, p, seed, gain)
 
 
 def new_seed(device: torch.device | str = "cpu") -> torch.Tensor:

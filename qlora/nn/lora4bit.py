@@ -4,6 +4,7 @@
 
 Forward   h = dropout_p(x) (seeded: nn/dropout.py), xa = h A^T,  y = x W^T + b + s xa B^T
 Backward  g = dy B,  dx = dy W + dropout_p(s g A),  dA = s g^T h,  dB = s dy^T xa,  db = sum of dy
+          (h and dropout_p(s g A) come from one pass that makes the mask once: seeded_dropout_pair)
 with W = dequant(qt) decoded into the shared workspace (nn/linear4bit.py), all in the compute
 dtype `dt` (x is in it); a16, b16: A and B cast to `dt` by the caller (no autograd history),
 gradients of A and B in their own dtypes. The same math as the two-Function path of
@@ -24,7 +25,7 @@ import torch
 
 from ..quant.tensor import QuantizedTensor
 from . import ops
-from .dropout import Seed, seeded_dropout
+from .dropout import Seed, seeded_dropout, seeded_dropout_pair
 from .linear4bit import decode, decode_for_backward
 
 
@@ -39,6 +40,12 @@ def _dropout(x: torch.Tensor, p: float, seed: Seed, gain: float = 1.0) -> torch.
     if torch.compiler.is_compiling():
         return ops.seeded_dropout(x, p, seed, gain)
     return seeded_dropout(x, p, seed, gain)
+
+
+def _dropout_pair(x: torch.Tensor, g: torch.Tensor, p: float, seed: Seed, gain: float) -> tuple[torch.Tensor, ...]:
+    if torch.compiler.is_compiling():
+        return ops.seeded_dropout_pair(x, g, p, seed, gain)
+    return seeded_dropout_pair(x, g, p, seed, gain)
 
 
 class Lora4bitLinear(torch.autograd.Function):
@@ -67,17 +74,23 @@ class Lora4bitLinear(torch.autograd.Function):
         n, k = ctx.qt.shape
         dy = grad_y.reshape(-1, n).to(ctx.compute_dtype)
         g = dy @ b16  # [rows, r]: the gradient of xa, up to the factor s
+        need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ga = g @ a16 if need_x else None  # the LoRA input gradient before dropout, up to s
+        h = dga = None  # dropout(x) for dA; s dropout(g A) for dx (s folded into dropout's scale)
+        if p == 0:
+            h = x2
+        elif need_x and need_a:  # one mask, one pass for both
+            h, dga = _dropout_pair(x2, ga, p, seed, s)
+        elif need_x:
+            dga = _dropout(ga, p, seed, gain=s)
+        elif need_a:
+            h = _dropout(x2, p, seed)
         grad_x = grad_a = grad_b = grad_bias = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             w = _weight(ctx.qt, ctx.offset, ctx.compute_dtype, backward=True)
-            ga = g @ a16
-            if p > 0:  # s dropout(g A): the scale folded into dropout's
-                grad_x = torch.addmm(_dropout(ga, p, seed, gain=s), dy, w)
-            else:
-                grad_x = torch.addmm(ga, dy, w, beta=s)
+            grad_x = torch.addmm(ga, dy, w, beta=s) if dga is None else torch.addmm(dga, dy, w)
             grad_x = grad_x.view(grad_y.shape[:-1] + (k,))
-        if ctx.needs_input_grad[1]:
-            h = _dropout(x2, p, seed) if p > 0 else x2
+        if need_a:
             grad_a = torch.mul(g.t() @ h, s, out=a16.new_empty(a16.shape, dtype=ctx.grad_dtypes[0]))
         if ctx.needs_input_grad[2]:
             grad_b = torch.mul(dy.t() @ xa, s, out=b16.new_empty(b16.shape, dtype=ctx.grad_dtypes[1]))

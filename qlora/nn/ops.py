@@ -2,6 +2,7 @@
 
     w = torch.ops.qlora.decode_4bit(data, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype)
     h = torch.ops.qlora.seeded_dropout(x, p, seed, gain)
+    h, d = torch.ops.qlora.seeded_dropout_pair(x, g, p, seed, gain)   # one mask for both
 
 Each runs what the eager path runs (the C kernel on CPU, Triton on CUDA, else the pure-PyTorch
 reference) into a fresh tensor; their fake implementations give the output's shape and dtype
@@ -17,6 +18,7 @@ import torch
 
 from ..quant.tensor import QuantizedTensor
 from .dropout import seeded_dropout as _dropout
+from .dropout import seeded_dropout_pair as _dropout_pair
 
 
 @torch.library.custom_op("qlora::decode_4bit", mutates_args=())
@@ -51,3 +53,16 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, gain: float) -
 @seeded_dropout.register_fake
 def _(x, p, seed, gain):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("qlora::seeded_dropout_pair", mutates_args=())
+def seeded_dropout_pair(x: torch.Tensor, g: torch.Tensor, p: float, seed: torch.Tensor,
+                        gain: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """nn/dropout.py seeded_dropout_pair(x, g, p, seed, gain)."""
+    return _dropout_pair(x, g, p, seed, gain)
+
+
+@seeded_dropout_pair.register_fake
+def _(x, g, p, seed, gain):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(g, memory_format=torch.contiguous_format))

@@ -62,9 +62,10 @@ CHILD = textwrap.dedent("""
     out["bwd_bf16"] = ops(ptx(tm._bwd_kernel.fn, sig, dict(common, ROWS_ALIGNED=False), aligned=range(10), num_warps=8,
                               num_stages=3))
     # seeded dropout, with the argument types its launcher passes (the seed an int64 tensor), n % 16 == 0
-    sig = dict(x_ptr="*bf16", out_ptr="*bf16", n="i32", seed_ptr="*i64", threshold="i32", scale="fp32")
-    out["dropout_bf16"] = ops(ptx(tdo._dropout_kernel, sig, dict(BF16=True, BLOCK=tdo.BLOCK), aligned=range(3),
-                                  num_warps=4))
+    sig = dict(x_ptr="*bf16", out_ptr="*bf16", x2_ptr="*bf16", out2_ptr="*bf16", n="i32", seed_ptr="*i64",
+               threshold="i32", scale="fp32", scale2="fp32")
+    out["dropout_bf16"] = ops(ptx(tdo._dropout_kernel, sig, dict(PAIR=False, BF16=True, BLOCK=tdo.BLOCK),
+                                  aligned=range(5), num_warps=4))
     print(json.dumps(out))
 """)
 

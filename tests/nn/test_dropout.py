@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from qlora import Linear4bit, LoraLinear
-from qlora.nn.dropout import keep_mask, new_seed, seeded_dropout, seeded_dropout_ref, threshold_and_scale
+from qlora.nn.dropout import (keep_mask, new_seed, seeded_dropout, seeded_dropout_pair, seeded_dropout_ref,
+                               threshold_and_scale)
 
 
 @pytest.mark.parametrize("mode", ["native", "scalar"])  # QLORA_KERNELS: AVX2, or the C kernel without SIMD
@@ -25,6 +26,9 @@ def test_native_equals_reference(mode, dtype, shape, monkeypatch):
             assert torch.equal(seeded_dropout(x, p, as_tensor), ref), (seed, p)
             assert torch.equal(seeded_dropout_ref(x, p, as_tensor), ref), (seed, p)
         assert torch.equal(seeded_dropout(x, 0.3, seed, gain=0.25), seeded_dropout_ref(x, 0.3, seed, gain=0.25))
+        g = (torch.randn(*shape) * 5).to(dtype)
+        h, d = seeded_dropout_pair(x, g, 0.3, as_tensor, gain=0.25)  # one pass: the same mask for both
+        assert torch.equal(h, seeded_dropout_ref(x, 0.3, seed)) and torch.equal(d, seeded_dropout_ref(g, 0.3, seed, 0.25))
 
 
 def test_new_seed_stays_on_its_device_and_replays_with_the_rng():
@@ -125,7 +129,7 @@ def test_triton_seeded_dropout_equals_reference(dtype, monkeypatch):
     assert len(calls) == 8
 
 
-def test_triton_kernel_reads_a_seed_tensor(monkeypatch):
+def test_triton_kernel_reads_a_seed_tensor_and_drops_pairs(monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed")
     from qlora import kernels
 
@@ -134,3 +138,7 @@ def test_triton_kernel_reads_a_seed_tensor(monkeypatch):
     for bits in (0, 2**32 + 3, 2**63 + 5, 2**64 - 1):  # negative int64 patterns included
         seed = torch.tensor(bits - 2**64 if bits >= 2**63 else bits, dtype=torch.int64)
         assert torch.equal(seeded_dropout(x, 0.3, seed), seeded_dropout_ref(x, 0.3, bits)), bits
+        g = torch.randn(2, 3000).to(torch.bfloat16)
+        h, d = seeded_dropout_pair(x.to(torch.bfloat16), g, 0.3, seed, gain=3.0)
+        assert torch.equal(h, seeded_dropout_ref(x.to(torch.bfloat16), 0.3, bits))
+        assert torch.equal(d, seeded_dropout_ref(g, 0.3, bits, 3.0)), bits
