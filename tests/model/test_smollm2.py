@@ -109,18 +109,17 @@ def test_export_gguf_round_trips_through_transformers(ids, adapter, tmp_path):
     merged, _ = merged_model(GGUF, adapter)
     with torch.no_grad():
         want = merged.float()(ids).logits
-    errors = {}
-    for kind in ("f16", "q8_0"):
-        out = export_gguf(GGUF, adapter, tmp_path / f"out-{kind}.gguf", kind, progress=False)
-        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
-        with torch.no_grad():
-            errors[kind] = float((back(ids).logits - want).norm() / want.norm())
-        src, new = read_gguf(GGUF), read_gguf(out)
-        assert new.get("tokenizer.chat_template") == src.get("tokenizer.chat_template")
-        assert new.get("tokenizer.ggml.tokens") == src.get("tokenizer.ggml.tokens")
-        assert list(new.tensors) == list(src.tensors)
-    assert errors["f16"] < 1e-5  # bf16 -> f16 is exact in range: only summation order differs
-    assert errors["f16"] < errors["q8_0"] < 0.1
+    # f16 only here (a transformers GGUF load is ~12 s): q8_0 and q4_0 round-trip on the tiny
+    # model in tests/model/test_export_gguf.py
+    out = export_gguf(GGUF, adapter, tmp_path / "out-f16.gguf", "f16", progress=False)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    with torch.no_grad():
+        error = float((back(ids).logits - want).norm() / want.norm())
+    src, new = read_gguf(GGUF), read_gguf(out)
+    assert new.get("tokenizer.chat_template") == src.get("tokenizer.chat_template")
+    assert new.get("tokenizer.ggml.tokens") == src.get("tokenizer.ggml.tokens")
+    assert list(new.tensors) == list(src.tensors)
+    assert error < 1e-5  # bf16 -> f16 is exact in range: only summation order differs
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left beside
 
 
