@@ -22,7 +22,7 @@ from .errors import CheckpointError, QloraError, TrainingError
 from .memory import MemoryPlan, plan_memory
 from .model.adapter import load_adapter, save_adapter
 from .model.load import load_model
-from .model.prepare import memory_report, prepare_model
+from .model.prepare import compile_layers, memory_report, prepare_model
 from .model.save import merge_adapter, save_quantized
 from .model.shard import load_sharded
 from .nn.dora import DoraLinear
@@ -37,7 +37,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FP4", "INT4", "NF4", "CheckpointError", "DoraLinear", "Linear4bit", "LoraConfig", "LoraLinear", "MemoryPlan",
-    "QloraError", "QuantizedTensor", "TrainConfig", "TrainingError", "derive_nf4", "dynamic_map", "explain", "finetune",
+    "QloraError", "QuantizedTensor", "TrainConfig", "TrainingError", "compile_layers", "derive_nf4", "dynamic_map",
+    "explain", "finetune",
     "load_adapter", "load_model", "load_sharded", "memory_report", "merge_adapter", "optim", "plan_memory",
     "prepare_model", "quantize", "save_adapter", "save_quantized",
 ]
