@@ -6,9 +6,6 @@ ipo) and ORPOTrainer on the same base (qlora's NF4 weights decoded to float32 fo
 model), fp32 compute.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -279,26 +276,27 @@ def test_orpo_run(model_dir, pairs_file, tmp_path):
 
 
 def _cli(model_dir, data, out, *extra):
-    return [sys.executable, "-m", "qlora", "train", "--model", str(model_dir), "--data", str(data), "--output", str(out),
+    return ["train", "--model", str(model_dir), "--data", str(data), "--output", str(out),
             "--method", "dpo", "--max-steps", "6", "--save-every", "3", "--batch-size", "2", "--grad-accum", "1",
             "--lora-r", "8", "--lr", "1e-3", "--max-length", "64", "--no-demo", "--eval-split", "0", *extra]
 
 
-def test_cli_resume_continues_the_curve_and_bad_rows(model_dir, pairs_file, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    subprocess.run(_cli(model_dir, pairs_file, tmp_path / "full"), check=True, env=env, capture_output=True)
+def test_cli_resume_continues_the_curve_and_bad_rows(model_dir, pairs_file, tmp_path, capsys):
+    """The `qlora train` command in this process (its own tests run it as a subprocess)."""
+    from qlora.cli import main
+
+    assert main(_cli(model_dir, pairs_file, tmp_path / "full")) == 0
     full = [(r["step"], r["loss"], r["reward_margin"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
     half = tmp_path / "half"
-    subprocess.run(_cli(model_dir, pairs_file, half, "--max-steps", "3"), check=True, env=env, capture_output=True)
-    subprocess.run(_cli(model_dir, pairs_file, half, "--resume"), check=True, env=env, capture_output=True)
+    assert main(_cli(model_dir, pairs_file, half, "--max-steps", "3")) == 0
+    assert main(_cli(model_dir, pairs_file, half, "--resume")) == 0
     # --max-steps 3 then 6 keeps the schedule constant after warmup (constant_with_warmup, 0 warmup steps)
     resumed = [(r["step"], r["loss"], r["reward_margin"]) for r in read_metrics(half / "metrics.jsonl")]
     assert resumed == full
 
     bad = write_rows(tmp_path / "bad.jsonl", ROWS[:6] + [{"prompt": "p", "chosen": "c"}])
-    run = subprocess.run(_cli(model_dir, bad, tmp_path / "bad"), env=env, capture_output=True, text=True)
-    assert run.returncode == 2
-    assert f"{bad}:7: a preference row needs 'prompt', 'chosen' and 'rejected'" in run.stderr
-    subprocess.run(_cli(model_dir, bad, tmp_path / "skip", "--skip-bad-rows", "--max-steps", "1"), check=True,
-                   env=env, capture_output=True)
+    capsys.readouterr()
+    assert main(_cli(model_dir, bad, tmp_path / "bad")) == 2
+    assert f"{bad}:7: a preference row needs 'prompt', 'chosen' and 'rejected'" in capsys.readouterr().err
+    assert main(_cli(model_dir, bad, tmp_path / "skip", "--skip-bad-rows", "--max-steps", "1")) == 0
     assert json.loads((tmp_path / "skip" / "summary.json").read_text())["skipped_rows"] == 1
