@@ -56,11 +56,14 @@ def test_a_decoder_layer_is_one_graph():
     assert any("Lora4bitLinear" in n or "autograd_function_apply" in n for n in names), names  # the one-Function path
 
 
-@pytest.mark.parametrize("arch, exact", [("llama", True), ("gpt2", False)])
-def test_compiled_training_step_equals_eager(arch, exact):
-    """Llama: bit for bit. GPT-2: the traced graph rounds some bf16 step of its blocks differently
-    (gradients within 2% of their largest value; the loss agrees to bf16)."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compiled_training_step_equals_eager(arch):
+    """Bit for bit, LoRA dropout on. GPT-2's own dropout layers (torch's, in the model) are
+    turned off: their masks are drawn differently inside a compiled graph than eager."""
     model = _prepared(checkpointing=True, arch=arch)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout) and not name.endswith("lora_dropout"):
+            m.p = 0.0
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
 
     def step():
@@ -78,10 +81,7 @@ def test_compiled_training_step_equals_eager(arch, exact):
     assert not breaks, dict(breaks)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers really were compiled
     for a, b in zip(compiled, eager):
-        if exact:
-            assert torch.equal(a, b)
-        else:
-            torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()))
+        assert torch.equal(a, b)
 
 
 def test_compile_layers_needs_decoder_layers():
