@@ -31,7 +31,7 @@ from torch import nn
 
 from ..nn.dora import DoraLinear
 from ..nn.linear4bit import Linear4bit, features, is_conv1d
-from ..nn.lora import LoraLinear
+from ..nn.lora import LoraLinear, share_seeds
 from .checkpoint_files import CheckpointError, read_tensors
 from .targets import is_linear
 
@@ -293,4 +293,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
             p.requires_grad_(trainable)
         module.lora_A.weight.requires_grad_(trainable)
         module.lora_B.weight.requires_grad_(trainable)
+    share_seeds(model)
     return model

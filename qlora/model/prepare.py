@@ -15,7 +15,8 @@ What it does, in order (formats.md section 7, the QLoRA recipe):
    model runs with or without autocast. Embeddings and lm_head stay as they are (frozen,
    not upcast: PEFT's fp32 copies cost memory for nothing);
 4. wraps each layer selected by `lora.target_modules` in a LoraLinear, or a DoraLinear with
-   `lora.use_dora` (the only trainable parameters);
+   `lora.use_dora` (the only trainable parameters); each decoder layer's adapters draw
+   their dropout seeds together (`share_seeds`);
 5. enables gradient checkpointing (reentrant: the same gradients as the non-reentrant form,
    fewer host hooks) and input gradients, and turns off the generation cache (which
    checkpointing cannot use). With `keep_attention` the checkpoints are selective (and
@@ -38,7 +39,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from ..errors import InputError
 from ..nn.dora import DoraLinear
 from ..nn.linear4bit import Linear4bit
-from ..nn.lora import LoraConfig, LoraLinear
+from ..nn.lora import LoraConfig, LoraLinear, share_seeds
 from .targets import is_linear, is_norm, matches, output_head
 
 DEFAULT_LORA = LoraConfig(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
@@ -146,6 +147,7 @@ def prepare_model(
         for name in select_modules(model, lora.target_modules, lora.exclude_modules):
             model.set_submodule(name, layer(model.get_submodule(name), lora.r, lora.alpha, lora.dropout,
                                             lora.use_rslora, lora.dtype))
+        share_seeds(model)
     if gradient_checkpointing:
         enable_checkpointing(model, checkpoint_every, keep_attention)
     model.qlora_report = memory_report(model)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..nn.linear4bit import Linear4bit, features, flat_bytes, is_conv1d
-from ..nn.lora import LoraConfig, LoraLinear
+from ..nn.lora import LoraConfig, LoraLinear, share_seeds
 from ..quant.codebooks import codebook, signed_dynamic_map
 from ..quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor, quantize
 from .checkpoint_files import CheckpointError, resolve, stream_tensors
@@ -145,6 +145,7 @@ def load_sharded(
     for name in select_modules(model, lora.target_modules, lora.exclude_modules):
         model.set_submodule(name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout, lora.use_rslora,
                                       lora.dtype, device="cpu"))
+    share_seeds(model)
     if gradient_checkpointing:
         enable_checkpointing(model, keep_attention=keep_attention)
     model.config.use_cache = False

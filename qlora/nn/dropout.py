@@ -4,6 +4,7 @@
     y = seeded_dropout(x, p, seed)          # x * mask / (1 - p'), mask from (seed, index)
     g = seeded_dropout(g, p, seed)          # the same mask again: dropout's own backward
     h, d = seeded_dropout_pair(x, g, p, seed, gain)   # both at once: one mask, one pass
+    bank = SeedBank(7); seed = bank.take(i, x.device)   # the seeds of a block's layers, one draw a pass
 
 torch's dropout draws its mask from a sequential generator and must keep it (or the
 dropped input) for backward. LoRA's dropout feeds a rank-r matmul, so keeping dropout(x)
@@ -18,7 +19,8 @@ threshold = round(p * 65536). The drop probability is threshold / 65536 (p round
 where a caller folds a factor in). A seed is a Python int (its low 64 bits) or a 0-dim int64
 tensor (the same 64 bits, two's complement) that the kernels read on the device: new_seed()
 draws one there, so a step reads nothing back to the host and a captured graph replays a
-fresh draw instead of a frozen constant.
+fresh draw instead of a frozen constant. A SeedBank draws the seeds of all the dropouts of one
+block (a decoder layer's seven LoRA layers) in one launch per pass of the block, instead of one each.
 Tests: tests/nn/test_dropout.py.
 """
 from __future__ import annotations
@@ -99,6 +101,33 @@ def new_seed(device: torch.device | str = "cpu") -> torch.Tensor:
     """A 64-bit seed drawn on `device` by its default generator, as a 0-dim int64 tensor there
     (checkpointing's RNG restore replays the draw; nothing is read back to the host)."""
     return torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=device)
+
+
+class SeedBank:
+    """The dropout seeds of n layers of one block (nn/lora.py: share_seeds), one draw per pass.
+
+    Layer i takes seed i of the bank. The layer that takes first, in the first pass, is the
+    drawer: each time it takes, it draws all n seeds in one launch (new_seed's distribution),
+    and the others take from that draw. A pass of the block (forward, and checkpointing's
+    recomputation, which restores the RNG before it replays the block) calls its layers in the
+    same order, so each layer gets the same seed in both. A layer that runs before the drawer in
+    a later pass gets the previous pass's seed: still a fresh mask for its new input, but one
+    that a recomputation of this pass would not see, so blocks whose layers run in a varying
+    order must not share a bank.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seeds: torch.Tensor | None = None
+        self.drawer: int | None = None
+
+    def take(self, i: int, device: torch.device) -> torch.Tensor:
+        """Seed i (a 0-dim int64 view on `device`), drawing the bank's seeds first if i is the drawer."""
+        if self.drawer is None:
+            self.drawer = i
+        if i == self.drawer or self.seeds is None or self.seeds.device != device:
+            self.seeds = torch.randint(-2**63, 2**63 - 1, (self.n,), dtype=torch.int64, device=device)
+        return self.seeds[i]
 
 
 class SeededDropout(torch.autograd.Function):

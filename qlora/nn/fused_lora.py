@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import kernels
 from ..quant.tensor import QuantizedTensor
-from .dropout import SeededDropout, new_seed
+from .dropout import Seed, SeededDropout, new_seed
 from .linear4bit import Linear4bit, workspace
 
 DEVICE_TYPES = {"cuda"} if os.environ.get("QLORA_FUSED_LORA") == "1" else set()
@@ -78,12 +78,13 @@ def usable(base: nn.Module, x: torch.Tensor) -> bool:
 
 
 def forward(x: torch.Tensor, base: Linear4bit, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-            dropout_p: float = 0.0) -> torch.Tensor:
+            dropout_p: float = 0.0, seed: Seed | None = None) -> torch.Tensor:
     """base(x) + scaling * dropout(x) lora_a^T lora_b^T on the fused path (the caller checked
-    usable()); `dropout_p` > 0 only in training (the seeded dropout of nn/dropout.py)."""
+    usable()); `dropout_p` > 0 only in training (the seeded dropout of nn/dropout.py, with
+    `seed`, or a new one)."""
     if x.shape[-1] != base.in_features:
         raise ValueError(f"LoraLinear({base.in_features} -> {base.out_features}) got input of shape {tuple(x.shape)}")
-    h = SeededDropout.apply(x, dropout_p, new_seed(x.device)) if dropout_p > 0 else None  # the PyTorch path's masks
+    h = SeededDropout.apply(x, dropout_p, new_seed(x.device) if seed is None else seed) if dropout_p > 0 else None  # the PyTorch path's masks
     with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
         return FusedLoraLinear4bit.apply(x, h, base.weight, base.bias, lora_a, lora_b, scaling, base.compute_dtype)
 

@@ -44,7 +44,7 @@ from torch import nn
 from .. import kernels
 from ..errors import InputError
 from . import fused_lora
-from .dropout import new_seed, seeded_dropout
+from .dropout import SeedBank, new_seed, seeded_dropout
 from .linear4bit import Linear4bit, features, is_conv1d
 from .lora4bit import Lora4bitLinear
 
@@ -166,13 +166,24 @@ class LoraLinear(nn.Module):
 
     disabled = False
     """True inside `adapters_disabled`: forward computes the base layer alone."""
+    seed_slot: tuple[SeedBank, int] | None = None
+    """(bank, index) from `share_seeds`: the dropout seed comes from the block's bank."""
+
+    def dropout_seed(self, device: torch.device) -> torch.Tensor:
+        """A fresh dropout seed on `device`: from the block's SeedBank, else drawn alone (and
+        alone while torch.compile traces, where the draw is one op of the layer's graph)."""
+        if self.seed_slot is None or torch.compiler.is_compiling():
+            return new_seed(device)
+        bank, i = self.seed_slot
+        return bank.take(i, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return (self._base4bit() or self.base_layer)(x)
         p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
         if not self.merged and fused_lora.usable(self.base_layer, x):  # opt-in on CUDA: one fused GEMM per direction
-            return fused_lora.forward(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+            return fused_lora.forward(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p,
+                                      self.dropout_seed(x.device) if p > 0 else None)
         base = self.base_layer
         if (not self.merged and isinstance(base, Linear4bit) and x.dtype == base.compute_dtype
                 and x.shape[-1] == self.in_features and not kernels.reference_only()):
@@ -186,7 +197,7 @@ class LoraLinear(nn.Module):
         """base(x) + scaling * B(A(dropout_p(x))) as one Function (lora4bit.py)."""
         dt = base.compute_dtype
         a16, b16 = self.lora_A.weight.detach().to(dt), self.lora_B.weight.detach().to(dt)  # grads: the Function's
-        seed = new_seed(x.device) if p > 0 else None
+        seed = self.dropout_seed(x.device) if p > 0 else None
         with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
             return Lora4bitLinear.apply(x, self.lora_A.weight, self.lora_B.weight, base.weight,
                                         base.nested_offset_tensor, base.bias, a16, b16, self.scaling, p, seed, dt)
@@ -195,7 +206,7 @@ class LoraLinear(nn.Module):
         """out + scaling * B(A(dropout_p(x))), the update in the compute dtype."""
         dt = self.compute_dtype
         x, a, b = x.to(dt), self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
-        xa = _DropoutA.apply(x, a, p, new_seed(x.device)) if p > 0 else F.linear(x, a)
+        xa = _DropoutA.apply(x, a, p, self.dropout_seed(x.device)) if p > 0 else F.linear(x, a)
         if out.dtype != dt:
             return torch.add(out, F.linear(xa, b).to(out.dtype), alpha=self.scaling)
         # out + s xa B^T in one GEMM: one pass over the output instead of three (write, read, add)
@@ -277,6 +288,26 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m in layers:
             del m.disabled  # back to the class default
+
+
+def share_seeds(model: nn.Module) -> int:
+    """One SeedBank (dropout.py) per block for its dropping LoRA layers; returns the number of banks.
+
+    The blocks are the children of the model's outermost ModuleLists (the decoder layers of every
+    transformers model): a pass of a decoder layer then draws its seven seeds in one launch, not
+    seven. Layers outside such a block, and blocks with one dropping layer, draw their own."""
+    banks, nested = 0, set()
+    for m in model.modules():
+        if not isinstance(m, nn.ModuleList) or id(m) in nested:
+            continue
+        for block in m:
+            nested.update(id(sub) for sub in block.modules() if isinstance(sub, nn.ModuleList))
+            layers = [l for l in block.modules() if isinstance(l, LoraLinear) and isinstance(l.lora_dropout, nn.Dropout)]
+            bank = SeedBank(len(layers)) if len(layers) > 1 else None
+            for i, layer in enumerate(layers):
+                layer.seed_slot = None if bank is None else (bank, i)
+            banks += bank is not None
+    return banks
 
 
 def _device(module: nn.Module) -> torch.device:

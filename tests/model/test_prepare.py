@@ -213,3 +213,42 @@ def test_checkpointing_gives_the_gradients_of_no_checkpointing_and_keep_attentio
         for n, g in grads["none"].items():
             torch.testing.assert_close(grads[ckpt][n], g, rtol=1e-5, atol=1e-7)
 
+
+
+def test_each_decoder_layer_draws_its_dropout_seeds_once_and_two_forwards_before_backward_stay_exact():
+    """share_seeds: one SeedBank per decoder layer, so a training forward draws one seed tensor
+    per layer, not one per adapter; two checkpointed forwards before one backward (each layer's
+    recomputation replays its own pass) give the gradients of no checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountDraws(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountDraws.calls += func.overloadpacket is torch.ops.aten.randint
+            return func(*args, **(kwargs or {}))
+
+    grads = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = qlora.prepare_model(tiny_model("llama", torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.2),
+                                    compute_dtype=torch.float32, gradient_checkpointing=ckpt, verbose=False)
+        slots = [[m.seed_slot for m in layer.modules() if isinstance(m, LoraLinear)] for layer in model.model.layers]
+        assert all(len({id(bank) for bank, _ in s}) == 1 and [i for _, i in s] == list(range(7)) for s in slots)
+        assert len({id(s[0][0]) for s in slots}) == len(slots)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        model.train()
+        ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)
+        CountDraws.calls = 0
+        with CountDraws():
+            first = model(input_ids=ids, labels=ids).loss
+        assert CountDraws.calls == model.config.num_hidden_layers
+        second = model(input_ids=ids.flip(0), labels=ids.flip(0)).loss
+        (first + 2 * second).backward()
+        grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-7)

@@ -142,3 +142,19 @@ def test_triton_kernel_reads_a_seed_tensor_and_drops_pairs(monkeypatch):
         h, d = seeded_dropout_pair(x.to(torch.bfloat16), g, 0.3, seed, gain=3.0)
         assert torch.equal(h, seeded_dropout_ref(x.to(torch.bfloat16), 0.3, bits))
         assert torch.equal(d, seeded_dropout_ref(g, 0.3, bits, 3.0)), bits
+
+
+def test_seed_bank_draws_once_a_pass_and_replays_with_the_rng():
+    from qlora.nn.dropout import SeedBank
+
+    bank = SeedBank(3)
+    torch.manual_seed(0)
+    first = [bank.take(i, torch.device("cpu")) for i in (1, 0, 2)]  # layer 1 takes first: the drawer
+    assert bank.drawer == 1
+    assert len({int(s) for s in first}) == 3 and all(s.dim() == 0 and s.dtype == torch.int64 for s in first)
+    assert all(s._base is bank.seeds for s in first)  # views of one draw
+    torch.manual_seed(0)  # what checkpointing's recomputation does: the same RNG, the same order
+    again = [bank.take(i, torch.device("cpu")) for i in (1, 0, 2)]
+    assert [int(s) for s in again] == [int(s) for s in first]
+    later = [bank.take(i, torch.device("cpu")) for i in (1, 0, 2)]  # the next pass: new seeds
+    assert all(int(a) != int(b) for a, b in zip(later, again))
