@@ -11,7 +11,8 @@
   where the base output is in the compute dtype: one pass over the output.
 - The adapters are stored in fp32 by default (`dtype=torch.bfloat16` halves them) and cast
   to the base layer's compute dtype for the two small matmuls, as PEFT does under autocast;
-  gradients flow back through the cast to the fp32 parameters.
+  gradients flow back through the cast to the fp32 parameters. A and B are views of one
+  buffer [A | B], so a call casts both in one launch (`adapters_in`).
 - Over a Linear4bit, with x in its compute dtype, forward is one autograd Function
   (lora4bit.py: base and update together, fewer kernel launches; hooks on the base layer's
   forward do not run there); the code here (Linear4bit's Function, _DropoutA, addmm) is the
@@ -132,9 +133,28 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self._side_by_side()
         self.merged = False
         self.reset_lora_parameters()
         self.train(base_layer.training)  # an adapter added to a model in eval mode does not drop out
+
+    def _side_by_side(self) -> None:
+        """A and B as views of one buffer [A | B], so that a call casts both in one launch (adapters_in)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        ab = torch.cat([a.detach().reshape(-1), b.detach().reshape(-1)])
+        self.lora_A.weight = nn.Parameter(ab[:a.numel()].view(a.shape))
+        self.lora_B.weight = nn.Parameter(ab[a.numel():].view(b.shape))
+
+    def adapters_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in `dtype`, detached: one cast of both while they lie side by side in one buffer
+        (as __init__ puts them; `.to(device)` or loading with assign=True separates them), else two."""
+        a, b = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        if a.dtype == dtype and b.dtype == dtype:
+            return a, b
+        if not torch.compiler.is_compiling() and _side_by_side(a, b):
+            ab = a.as_strided((a.numel() + b.numel(),), (1,)).to(dtype)
+            return ab.as_strided(a.shape, a.stride(), 0), ab.as_strided(b.shape, b.stride(), a.numel())
+        return a.to(dtype), b.to(dtype)
 
     @property
     def scaling(self) -> float:
@@ -196,7 +216,7 @@ class LoraLinear(nn.Module):
     def _one_function(self, x: torch.Tensor, base: Linear4bit, p: float) -> torch.Tensor:
         """base(x) + scaling * B(A(dropout_p(x))) as one Function (lora4bit.py)."""
         dt = base.compute_dtype
-        a16, b16 = self.lora_A.weight.detach().to(dt), self.lora_B.weight.detach().to(dt)  # grads: the Function's
+        a16, b16 = self.adapters_in(dt)  # no autograd history: the Function makes A's and B's gradients
         seed = self.dropout_seed(x.device) if p > 0 else None
         with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
             return Lora4bitLinear.apply(x, self.lora_A.weight, self.lora_B.weight, base.weight,
@@ -308,6 +328,14 @@ def share_seeds(model: nn.Module) -> int:
                 layer.seed_slot = None if bank is None else (bank, i)
             banks += bank is not None
     return banks
+
+
+def _side_by_side(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when contiguous plain tensors a and b of one dtype lie in one storage, b right after a."""
+    n = a.numel()
+    return (type(a) is torch.Tensor and type(b) is torch.Tensor and a.dtype == b.dtype and a.device == b.device
+            and b.data_ptr() == a.data_ptr() + n * a.element_size() and a.is_contiguous() and b.is_contiguous()
+            and a.untyped_storage().nbytes() >= (a.storage_offset() + n + b.numel()) * a.element_size())
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -170,3 +170,39 @@ def test_bad_hyperparameters_and_bases():
     with pytest.raises(TypeError, match="Embedding"):
         LoraLinear(nn.Embedding(4, 4), r=2)
     assert LoraConfig(r=16, alpha=32).scaling() == 2 and LoraConfig(r=16, alpha=8, use_rslora=True).scaling() == 2
+
+
+def test_adapters_lie_side_by_side_and_cast_in_one_op_with_the_bits_of_two_casts():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket is torch.ops.aten._to_copy
+            return func(*args, **(kwargs or {}))
+
+    layer = lora4()
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    assert b.data_ptr() == a.data_ptr() + 4 * a.numel()  # one buffer [A | B]
+    with Casts() as casts:
+        a16, b16 = layer.adapters_in(torch.bfloat16)
+    assert casts.n == 1
+    assert torch.equal(a16, a.detach().bfloat16()) and torch.equal(b16, b.detach().bfloat16())
+    assert a16.shape == a.shape and b16.shape == b.shape and not a16.requires_grad
+    with torch.no_grad():  # separate storages (what .to(device) does): two casts, the same values
+        layer.lora_B.weight = nn.Parameter(b.detach().clone())
+    with Casts() as casts:
+        a16, b16 = layer.adapters_in(torch.bfloat16)
+    assert casts.n == 2 and torch.equal(b16, b.detach().bfloat16())
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    ref = lora4()  # the same layer, B's storage separate: the same output and gradients
+    ref.lora_B.weight = nn.Parameter(ref.lora_B.weight.detach().clone())
+    fresh = lora4()
+    for m in (ref, fresh):
+        m(x).float().square().sum().backward()
+    assert torch.equal(ref(x), fresh(x))
+    assert torch.equal(ref.lora_A.weight.grad, fresh.lora_A.weight.grad)
+    assert torch.equal(ref.lora_B.weight.grad, fresh.lora_B.weight.grad)
