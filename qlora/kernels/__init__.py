@@ -51,8 +51,8 @@ def _mode() -> str:
 
 def reread_mode() -> None:
     """Read QLORA_KERNELS again at the next kernel call (after changing it in this process)."""
-    global _MODE
-    _MODE = None
+    global _MODE, _SIMD
+    _MODE = _SIMD = None
 
 
 def reference_only() -> bool:
@@ -71,14 +71,23 @@ def _native() -> "cpu.ctypes.CDLL | None":
     return lib
 
 
+_SIMD: bool | None = None
+
+
 def has_simd() -> bool:
-    """True when the native decode runs its AVX2 path."""
-    lib = _native()
-    return bool(lib and _mode() == "native" and lib.qlora_has_simd())
+    """True when the native decode runs its AVX2 path (asked once per mode)."""
+    global _SIMD
+    if _SIMD is None:
+        lib = _native()
+        _SIMD = bool(lib and _mode() == "native" and lib.qlora_has_simd())
+    return _SIMD
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return False
+    return True
 
 
 STREAM_BYTES = 4 << 20

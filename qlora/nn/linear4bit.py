@@ -36,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..quant.tensor import QuantizedTensor, quantize
 
 # ---- the shared decode workspace ---------------------------------------------------------
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
+_VIEWS: dict[tuple, torch.Tensor] = {}  # (shape, dtype, device, tag) -> its view of the buffer: made once
 
 
 def workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device, tag: str = "") -> torch.Tensor:
@@ -48,13 +50,18 @@ def workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device, tag: 
     Its contents are valid only until the next call: decode into it, then consume it.
     Not for concurrent use from several threads on one device.
     """
+    view = _VIEWS.get((shape, dtype, device, tag))
+    if view is not None:
+        return view
     numel = math.prod(shape)
     key = (torch.device(device), dtype) + ((tag,) if tag else ())
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < numel:
         _WORKSPACES.pop(key, None)  # free the smaller buffer before allocating the larger
+        _VIEWS.clear()  # (their views hold it too)
         buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
+    view = _VIEWS[shape, dtype, device, tag] = buf[:numel].view(shape)
+    return view
 
 
 def workspace_bytes() -> int:
@@ -65,11 +72,13 @@ def workspace_bytes() -> int:
 def clear_workspaces() -> None:
     """Free the decode workspaces (they are re-created on the next forward)."""
     _WORKSPACES.clear()
+    _VIEWS.clear()
 
 
 def decode(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """W decoded into the shared workspace (valid until the next decode)."""
-    return qt.dequantize(out=workspace(qt.shape, dtype, qt.device))
+    out = workspace(qt.shape, dtype, qt.device)
+    return out if kernels.decode_4bit(qt, out) else qt.dequantize(out=out)
 
 
 def decode_for_backward(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:

@@ -218,9 +218,12 @@ class LoraLinear(nn.Module):
         dt = base.compute_dtype
         a16, b16 = self.adapters_in(dt)  # no autograd history: the Function makes A's and B's gradients
         seed = self.dropout_seed(x.device) if p > 0 else None
-        with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
-            return Lora4bitLinear.apply(x, self.lora_A.weight, self.lora_B.weight, base.weight,
-                                        base.nested_offset_tensor, base.bias, a16, b16, self.scaling, p, seed, dt)
+        args = (x, self.lora_A.weight, self.lora_B.weight, base.weight, base.nested_offset_tensor, base.bias, a16, b16,
+                self.scaling, p, seed, dt)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
+                return Lora4bitLinear.apply(*args)
+        return Lora4bitLinear.apply(*args)
 
     def _add_update(self, x: torch.Tensor, out: torch.Tensor, p: float) -> torch.Tensor:
         """out + scaling * B(A(dropout_p(x))), the update in the compute dtype."""
