@@ -5,9 +5,11 @@
 
 Tested by `pytest tests/optim` (torch.optim.AdamW is the oracle for 32-bit state).
 
-- Decoupled weight decay, exactly torch.optim.AdamW's arithmetic (its multi-tensor ops):
-  p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
-  p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+- Decoupled weight decay, exactly torch.optim.AdamW(fused=True)'s arithmetic (its kernel,
+  `torch._fused_adamw_`: one launch for any number of tensors, the transformers Trainer's
+  default optimizer): p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
+  p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps). Steps are Python ints; the kernel
+  reads the step from a float32 scalar made on the device per step (a fill, no copy).
 - state_bits=32: m and v in float32 (also for bf16 parameters: the math runs in float32
   and the parameter is rounded once).
 - state_bits=8 (formats.md sections 3 and 9): m and v cut into blocks of 256 elements,
@@ -58,19 +60,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def _adamw_(p: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
             group: dict, step: int) -> None:
-    """torch.optim.AdamW's update, op for op its multi-tensor (foreach) arithmetic, in place on
-    lists of float32 p/g/m/v (pairwise of one shape): a few kernel launches for any number of
-    tensors. On the CPU the same bits as its single-tensor loop (tests/optim compare both)."""
+    """torch.optim.AdamW(fused=True)'s update in place on lists of float32 p/g/m/v (pairwise of
+    one shape, on one device), all at step `step`: one kernel launch, plus one to make the step."""
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if wd != 0:
-        torch._foreach_mul_(p, 1 - lr * wd)
-    torch._foreach_lerp_(m, g, 1 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(p, m, denom, value=-(lr / (1 - beta1**step)))
+    steps = [torch.full((), float(step), dtype=torch.float32, device=p[0].device)] * len(p)
+    torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
+                        amsgrad=False, maximize=False)
 
 
 def _update(p: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
@@ -101,7 +96,7 @@ def _update_chunk(
 
 class _Batch:
     """Resident float32-state chunks of one group at one step (at most MATH_CHUNK elements),
-    updated by one _update call: about eight kernel launches for all of them, not per chunk."""
+    updated by one _update call: one fused kernel launch for all of them, not one per chunk."""
 
     def __init__(self, group: dict, step: int) -> None:
         self.group, self.step, self.numel = group, step, 0
