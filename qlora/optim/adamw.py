@@ -25,7 +25,8 @@ Tested by `pytest tests/optim` (torch.optim.AdamW is the oracle for 32-bit state
   default budget keeps everything in place: same API, same numbers.
 - All state is flat 1-D per parameter; big parameters are updated in chunks (multiples
   of 256 elements, so 8-bit blocks never straddle a chunk) to bound temporaries and
-  page sizes. Elementwise math makes chunked and whole updates identical.
+  page sizes; float32 parameters with resident state go whole (the fused kernel makes no
+  temporaries). Elementwise math makes chunked and whole updates identical.
 - Sharded parameters (FSDP2's DTensors) are updated through their local shard: the state
   covers this rank's elements only (so state_dict() is this rank's shard), while the
   8-bit-or-not choice follows the whole parameter's size, the same on every rank.
@@ -106,8 +107,10 @@ class _Batch:
         self.v: list[torch.Tensor] = []
 
     def add(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
-        for items, t in ((self.p, p), (self.g, g), (self.m, m), (self.v, v)):
-            items.append(t)
+        self.p.append(p)
+        self.g.append(g)
+        self.m.append(m)
+        self.v.append(v)
         self.numel += p.numel()
 
     def run(self, _: list[torch.Tensor]) -> None:
@@ -272,25 +275,34 @@ class AdamW(torch.optim.Optimizer):
     def _step_device(self, device: torch.device, items: list[tuple[torch.Tensor, dict]]) -> None:
         pager = self._pager(device) if self.paged else None
         if pager is not None:
-            # Every state on this device takes part, stepped this time or not.
-            held = [(p, g) for g in self.param_groups for p in g["params"] if p.device == device and self.state.get(p)]
-            largest = max(_chunk_page_bytes(self.is_8bit(p, g), local(p).numel()) for p, g in held)
-            pager.place({p: self.state[p] for p, _ in held}, largest)
+            pager.place(*self._held(device))
         jobs: list[Job] = []
         batches: dict[tuple[int, int], _Batch] = {}  # resident 32-bit chunks, by (group, step)
+        wholes: dict[tuple[int, int], _Batch] = {}  # resident float32 parameters, whole, by (group, step)
         for p, group in items:
             state = self.state[p]
             state["step"] = step = state["step"] + 1
             eight_bit = self.is_8bit(p, group)
             paged = pager is not None and not pager.is_resident(p)
+            lp = local(p)
+            flat_g = local(p.grad).reshape(-1)
+            flat_p, writeback = _flat(lp)
+            if not (paged or eight_bit) and lp.dtype == torch.float32:
+                # whole, not in chunks: for float32 parameters the fused kernel makes no temporaries
+                whole = wholes.get((id(group), step))
+                if whole is None:
+                    whole = wholes[id(group), step] = _Batch(group, step)
+                    jobs.append(Job([], whole.run, False))
+                whole.add(flat_p, flat_g, state["exp_avg"], state["exp_avg_sq"])
+                if writeback is not None:  # after the batch's job, which is earlier in the list
+                    jobs.append(Job([], writeback, False))
+                continue
             if paged:
                 assert pager.pages is not None
                 size = min(MATH_CHUNK, _page_elements(eight_bit, pager.pages.shape[1]))
             else:
                 size = MATH_CHUNK
-            flat_p, writeback = _flat(local(p))
-            flat_g = local(p.grad).reshape(-1)
-            for start, end in chunks(local(p).numel(), size):
+            for start, end in chunks(lp.numel(), size):
                 tensors = _state_slices(state, eight_bit, start, end)
                 if paged or eight_bit:
                     runner = _chunk_runner(flat_p[start:end], flat_g[start:end], eight_bit, group, step)
@@ -308,6 +320,19 @@ class AdamW(torch.optim.Optimizer):
         else:
             for job in jobs:
                 job.run(job.tensors)
+
+    def _held(self, device: torch.device) -> tuple[dict[torch.Tensor, dict], int]:
+        """(every state on `device`, stepped this time or not, by parameter in group order; the
+        page bytes of the largest chunk): worked out again only when states or groups change."""
+        key = (device, len(self.state), sum(len(g["params"]) for g in self.param_groups))
+        cached = self.__dict__.get("_held_cache")  # (self.state, key, result): the dict itself, not its id
+        if cached is not None and cached[0] is self.state and cached[1] == key:
+            return cached[2]
+        held = [(p, g) for g in self.param_groups for p in g["params"] if p.device == device and self.state.get(p)]
+        largest = max(_chunk_page_bytes(self.is_8bit(p, g), local(p).numel()) for p, g in held)
+        result = ({p: self.state[p] for p, _ in held}, largest)
+        self._held_cache = (self.state, key, result)
+        return result
 
     # ---- checkpoints ------------------------------------------------------------------
     def synchronize(self) -> None:

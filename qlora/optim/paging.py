@@ -177,10 +177,13 @@ class Pager:
         replaced in those dicts when they move. `largest_job` is the page bytes the
         largest chunk the owner will stream needs (it sizes the pages).
         """
+        limit = self.limit()
+        if (self.pages is None and len(self.resident) == len(states) and sum(self.resident.values()) <= limit
+                and all(p in self.resident for p in states)):
+            return  # all resident, no pages, and it fits: nothing moves (the common step)
         for p in [p for p in self.resident if p not in states]:  # params that left
             del self.resident[p]
         sizes = {p: nbytes(s) for p, s in states.items()}
-        limit = self.limit()
         if sum(sizes.values()) <= limit:
             page, capacity = 0, limit
         else:

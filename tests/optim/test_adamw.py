@@ -78,12 +78,19 @@ def test_resident_float32_state_is_updated_by_one_fused_call_per_group(monkeypat
     with Count():
         opt.step()
     assert Count.calls == 2
-    monkeypatch.setattr(adamw_mod, "MATH_CHUNK", 1024)  # batches hold at most MATH_CHUNK elements
+    monkeypatch.setattr(adamw_mod, "MATH_CHUNK", 1024)
     Count.calls = 0
-    with Count():
+    with Count():  # float32 parameters go whole: the fused kernel makes no temporaries for them
         opt.step()
-    want = sum(-(-p.numel() // 1024) for p in ours)  # at most one chunk of a parameter per batch here
-    assert 2 < Count.calls <= want, (Count.calls, [p.numel() for p in ours])
+    assert Count.calls == 2
+    half = [torch.nn.Parameter(p.detach().bfloat16().contiguous()) for p in ours]
+    opt = AdamW([{"params": half[:2]}, {"params": half[2:], "lr": 0.1}], paged=False)
+    _set_grads(0, half)
+    Count.calls = 0
+    with Count():  # bf16 ones in float32 copies of at most MATH_CHUNK elements a batch
+        opt.step()
+    want = sum(-(-p.numel() // 1024) for p in half)  # at most one chunk of a parameter per batch here
+    assert 2 < Count.calls <= want, (Count.calls, [p.numel() for p in half])
 
 
 def test_lambda_lr_scheduler_and_closure():

@@ -156,3 +156,26 @@ def test_pager_errors():
         from qlora.optim.paging import Job
 
         Pager("cpu").stream([Job([torch.zeros(4)], lambda ts: None, True)])
+
+
+def test_a_step_where_everything_stays_resident_does_no_bookkeeping(monkeypatch):
+    """The probe of free memory runs every step (a spike must be seen), the per-state sizing only
+    when something may move."""
+    import qlora.optim.paging as paging
+
+    free = {"bytes": 10**9}
+    probes = []
+    params = _params()
+    opt = AdamW(params, paged=True, budget="auto", margin=4096,
+                free_memory=lambda: probes.append(1) or free["bytes"])
+    _run(opt, params, range(2))
+    sized = []
+    monkeypatch.setattr(paging, "nbytes", lambda s: sized.append(1) or nbytes(s))
+    probes.clear()
+    _run(opt, params, range(2, 5))
+    assert len(probes) == 3 and sized == []
+    pager = opt.pagers[torch.device("cpu")]
+    assert all(pager.is_resident(p) for p in params)
+    free["bytes"] = 0  # a spike: less than the margin free, so the next step evicts
+    _run(opt, params, range(5, 6))
+    assert sized and pager.evictions > 0 and not all(pager.is_resident(p) for p in params)
