@@ -23,7 +23,7 @@ counted step: aten ops that compute (each a kernel launch on a GPU), native qlor
 (each one Triton launch there), allocations (empty, empty_like, new_empty: no launch on a GPU,
 so not counted as launches), view/metadata ops (no launch), host reads (ops that bring a
 tensor's value to the host: _local_scalar_dense from .item()/float()/bool(), .tolist(), nonzero,
-masked_select, ...: a device sync where that tensor lives on the device; `--where` lists the
+masked_select, indexing by a boolean mask, ...: a device sync where that tensor lives on the device; `--where` lists the
 lines they come from) and Python function calls (sys.setprofile). The top computing ops are
 listed by count.
 Not measured: a fake-tensor trace of the CUDA path (here both stacks run their CPU kernels:
@@ -58,7 +58,9 @@ CHILD = textwrap.dedent("""
             self.where = collections.Counter()
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
-            if name in SYNCS:
+            if name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+                name = "index (boolean mask)"  # nonzero inside: on a GPU the host waits for the count
+            if name in SYNCS or name == "index (boolean mask)":
                 self.syncs[name] += 1
                 if WHERE:
                     import traceback

@@ -7,7 +7,9 @@ transformers computes logits [batch, seq, vocab] for every position, a float32 c
 log-softmax and, in backward, their gradients: at vocab 32000 and 4 x 512 tokens that is
 about 1 GB at the peak of a step, and the head's matmuls run for prompt tokens whose label
 is -100 too. Here:
-- only target positions (label != -100 after the one-token shift) go through the head;
+- only target positions (label != -100 after the one-token shift) go through the head, picked
+  by index (`target_index`): the trainer builds the index on the host from the CPU batch, so
+  the device never reports a count back (a boolean mask would: a sync per micro-batch);
 - they go in chunks of `chunk_tokens` rows, so one chunk of logits exists at a time;
 - the gradient w.r.t. the hidden states, (softmax - onehot) W / n, is computed in the
   forward pass while the chunk's logits are at hand. Backward only scales it: no logits
@@ -159,21 +161,31 @@ def _wrapped(model: nn.Module) -> bool:
 
 
 def _hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The final hidden states [b, t-1, hidden] of every position that predicts a next token."""
+    """The final hidden states [b, t, hidden]."""
     base = getattr(model, model.base_model_prefix)
-    out = base(**model_inputs(batch))
-    return out[0][:, :-1]
+    return base(**model_inputs(batch))[0]
+
+
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions i * t + j of labels [b, t] whose next token is a target (labels[i, j + 1]
+    != -100), int64 in row-major order, on labels' device (made on the host for a CPU batch)."""
+    keep = labels[:, 1:] != IGNORE
+    rows, cols = keep.nonzero().unbind(1)
+    return rows * labels.shape[1] + cols
 
 
 def _fused_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None) -> torch.Tensor:
     hidden = _hidden(model, batch)
-    labels = batch["labels"][:, 1:].to(hidden.device)
-    keep = labels != IGNORE
-    return head_cross_entropy(hidden[keep], model.get_output_embeddings(), labels[keep], chunk_tokens)
+    labels = batch["labels"].to(hidden.device)
+    index = batch.get("target_index")  # the trainer's, made on the host (distributed.share)
+    index = target_index(labels) if index is None else index.to(hidden.device)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    return head_cross_entropy(rows, model.get_output_embeddings(), labels.reshape(-1).index_select(0, index + 1),
+                              chunk_tokens)
 
 
 def _fused_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None) -> torch.Tensor:
-    hidden = _hidden(model, batch)
+    hidden = _hidden(model, batch)[:, :-1]  # the positions that predict a next token
     keep = batch["keep"].to(hidden.device)
     targets = batch["input_ids"][:, 1:].to(hidden.device)
     return head_log_probs(hidden[keep], model.get_output_embeddings(), targets[keep], chunk_tokens)

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..model.loss import target_index
 from ..model.shard import load_sharded, shard_rows
 from ..nn.lora import LoraConfig
 from .config import ConfigError
@@ -147,13 +148,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tensor]:
     """This rank's contiguous rows of a global micro-batch, on its device (one process: all of them).
     To CUDA through pinned memory, without blocking the host (the copy is queued before the
-    step's kernels on the same stream)."""
+    step's kernels on the same stream). With labels on the host, also `target_index` (the loss's
+    target positions, model/loss.py), so the loss picks them without a device sync."""
     cuda = torch.device(ranks.device).type == "cuda"
     out = {}
     for k, v in batch.items():
         v = shard_rows(v, ranks.rank, ranks.world_size)
         out[k] = v.pin_memory().to(ranks.device, non_blocking=True) if cuda and v.device.type == "cpu" else \
             v.to(ranks.device)
+    labels = batch.get("labels")
+    if labels is not None and labels.device.type == "cpu":
+        index = target_index(shard_rows(labels, ranks.rank, ranks.world_size))
+        out["target_index"] = index.pin_memory().to(ranks.device, non_blocking=True) if cuda else \
+            index.to(ranks.device)
     return out
 
 

@@ -154,3 +154,47 @@ def test_token_log_probs_match_dense_log_softmax_and_gradients():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for n in ref_grads:
         torch.testing.assert_close(got_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_target_index_from_the_host_picks_the_mask_rows_without_a_device_sync():
+    """distributed.share builds target_index on the host: the loss then selects by index (no
+    nonzero, no boolean-mask index: on a GPU each of those waits for the device), with the
+    boolean mask's loss and gradients bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qlora.model.loss import target_index
+    from qlora.train.distributed import Ranks, share
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            bool_index = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+            self.n += name in ("nonzero", "masked_select") or bool_index
+            return func(*args, **(kwargs or {}))
+
+    batch = _batch()
+    keep = batch["labels"][:, 1:] != -100
+    index = target_index(batch["labels"])
+    rows, cols = index // 17, index % 17
+    assert torch.equal(keep[rows, cols], torch.ones_like(rows, dtype=torch.bool)) and len(index) == keep.sum()
+    assert torch.equal(index, index.sort().values)  # row-major, as the mask's order
+    model = prepare_model(tiny_model("llama", torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+                          compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    shared = share(batch, Ranks())
+    assert torch.equal(shared["target_index"], index)
+    with Syncs() as syncs:
+        loss = causal_lm_loss(model, shared)
+    assert syncs.n == 0
+    with Syncs() as syncs:  # without it the loss finds the targets itself (a sync where labels are on a GPU)
+        ref = causal_lm_loss(model, batch)
+    assert syncs.n > 0
+    assert torch.equal(loss, ref)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(model, loss).values(), _grads(model, ref).values()))
