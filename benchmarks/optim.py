@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/optim.py                 # ~1-2 minutes on 2 cores
     .venv/bin/python benchmarks/optim.py --matrices 4 --dim 512 --rounds 5   # quicker
 
-Compares torch.optim.AdamW (single-tensor and foreach), bitsandbytes AdamW / AdamW8bit
+Compares torch.optim.AdamW (single-tensor, foreach and fused), bitsandbytes AdamW / AdamW8bit
 (CPU code paths), and qlora.optim.AdamW: 32-bit and 8-bit, unpaged, paged with the
 default budget (a no-op without an accelerator), and paged with a budget of half the
 state: both tiers are then the CPU, the two staging pages take a quarter of the state, a
@@ -72,6 +72,7 @@ def optimizers(args) -> dict[str, Callable]:
     table = {
         "torch AdamW (single-tensor)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
         "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "qlora AdamW 32-bit": qlora(32, False),
         "qlora AdamW 32-bit paged (default budget)": qlora(32, True),
         "qlora AdamW 32-bit paged (budget 1/2 of state)": qlora(32, True, 0.5),

@@ -145,13 +145,13 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
     rope = 0 if s.family == "gpt2" else 2 * (batch_size if packed else 1) * seq_len * s.head_dim * e
     # the head (model/loss.py, fused and chunked): the final norm saves its input (+ rstd); the
     # fused loss saves only d loss / d h for the target rows (n - b: the labels shift by one),
-    # computed in forward, and the boolean mask that picked those rows (one byte per shifted
-    # position, target or not). While it runs, one chunk of
+    # computed in forward, and the int64 index that picked those rows (model/loss.py:
+    # target_index, 8 bytes a target). While it runs, one chunk of
     # logits exists: in float32 (softmax in place), beside the 16-bit logits it was copied from
     # and later the 16-bit probabilities multiplied by W (none of these copies in fp32 compute).
     targets = n - batch_size if targets is None else min(targets, n - batch_size)
     rows = min(targets, max(1, CE_CHUNK_BYTES // (4 * s.vocab)))
-    head_saved = (n * s.hidden * e + n * 4 + targets * s.hidden * e + n - batch_size
+    head_saved = (n * s.hidden * e + n * 4 + targets * s.hidden * e + 8 * targets
                   + (4 * s.hidden if s.norm_offset else 0))
     head_peak = rows * s.vocab * (4 + (e if e < 4 else 0)) + targets * s.hidden * e  # + the gathered rows
     transient = _backward_transient(s, batch_size, seq_len, e)
