@@ -84,7 +84,9 @@ def forward(x: torch.Tensor, base: Linear4bit, lora_a: torch.Tensor, lora_b: tor
     `seed`, or a new one)."""
     if x.shape[-1] != base.in_features:
         raise ValueError(f"LoraLinear({base.in_features} -> {base.out_features}) got input of shape {tuple(x.shape)}")
-    h = SeededDropout.apply(x, dropout_p, new_seed(x.device) if seed is None else seed) if dropout_p > 0 else None  # the PyTorch path's masks
+    h = None
+    if dropout_p > 0:  # the PyTorch path's masks
+        h = SeededDropout.apply(x, dropout_p, new_seed(x.device) if seed is None else seed)
     with torch.autocast(x.device.type, enabled=False):  # the compute dtype is explicit here
         return FusedLoraLinear4bit.apply(x, h, base.weight, base.bias, lora_a, lora_b, scaling, base.compute_dtype)
 

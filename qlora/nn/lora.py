@@ -325,7 +325,7 @@ def share_seeds(model: nn.Module) -> int:
             continue
         for block in m:
             nested.update(id(sub) for sub in block.modules() if isinstance(sub, nn.ModuleList))
-            layers = [l for l in block.modules() if isinstance(l, LoraLinear) and isinstance(l.lora_dropout, nn.Dropout)]
+            layers = [m for m in block.modules() if isinstance(m, LoraLinear) and isinstance(m.lora_dropout, nn.Dropout)]
             bank = SeedBank(len(layers)) if len(layers) > 1 else None
             for i, layer in enumerate(layers):
                 layer.seed_slot = None if bank is None else (bank, i)

@@ -96,8 +96,9 @@ def _update_chunk(
 
 
 class _Batch:
-    """Resident float32-state chunks of one group at one step (at most MATH_CHUNK elements),
-    updated by one _update call: one fused kernel launch for all of them, not one per chunk."""
+    """Resident float32 state of one group at one step (whole float32 parameters, or chunks of
+    other dtypes' of at most MATH_CHUNK elements in all), updated by one _update call: one fused
+    kernel launch for all of them, not one per parameter or chunk."""
 
     def __init__(self, group: dict, step: int) -> None:
         self.group, self.step, self.numel = group, step, 0
