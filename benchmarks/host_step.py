@@ -1,12 +1,14 @@
 """Host cost of one training step, qlora vs transformers + peft + bitsandbytes, counted on the CPU.
 
     .venv/bin/python benchmarks/host_step.py [--layers 22] [--steps 5] [--rounds 3] [--setups qlora,peer[,qlora-compile]]
-                                             [--where]
+                                             [--where] [--dtype bfloat16|float32]
 
 A proxy for where a GPU step spends its host time: the 1.1B Llama's shape (22 layers, GQA 8:1,
 LoRA r=16 on all seven linear layers, gradient checkpointing) at tiny widths (hidden 64,
 intermediate 176, vocab 512; batch 2 x 64 tokens), bf16, so that a step's wall time is Python,
-dispatch and kernel-call overhead, not arithmetic. Per setup, in a fresh subprocess, one
+dispatch and kernel-call overhead, not arithmetic. (Mostly: this CPU's bf16 matmuls cost 25-40
+us a call even at these sizes, fp32 ones a third of that; `--dtype float32` runs both stacks in
+fp32, without autocast, where more of the step is host time.) Per setup, in a fresh subprocess, one
 training step as each trainer runs it:
 - qlora  the body of qlora/train/loop.py's step: forward_backward (the fused head + loss),
          clip_grad_norm, the finite check, qlora's AdamW (paged), the schedule, zero_grad and
@@ -15,7 +17,7 @@ training step as each trainer runs it:
          the CPU generates C++; only host ms and Python calls are measured, the kernels inside
          the graphs are not aten dispatches);
 - peer   bnb nf4 + DQ, prepare_model_for_kbit_training (non-reentrant checkpointing), peft
-         LoRA, bf16 autocast, model(**batch).loss, clip_grad_norm_, PagedAdamW32bit, zero_grad,
+         LoRA, bf16 autocast (none with --dtype float32), model(**batch).loss, clip_grad_norm_, PagedAdamW32bit, zero_grad,
          float(loss) (what a plain loop or the HF Trainer's logging reads).
 Printed per setup: host ms per step (median of --steps after 3 warm-up steps; the median of
 --rounds fresh runs, the setups interleaved), then in one
@@ -45,7 +47,7 @@ from pathlib import Path
 CHILD = textwrap.dedent("""
     import collections, json, math, statistics, sys, time, torch
     from torch.utils._python_dispatch import TorchDispatchMode
-    path, setup, steps, WHERE = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+    path, setup, steps, WHERE, DT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", getattr(torch, sys.argv[5])
     torch.set_num_threads(1)
     SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2",
              "repeat_interleave", "nonzero_static"}
@@ -90,8 +92,8 @@ CHILD = textwrap.dedent("""
                 native[_n] += 1
                 return _f(*a, **k)
             setattr(K, fn, counted)
-        model = qlora.prepare_model(qlora.load_model(path, compute_dtype=torch.bfloat16, progress=False),
-                                    lora=qlora.LoraConfig(r=16, alpha=32, dropout=0.05), compute_dtype=torch.bfloat16,
+        model = qlora.prepare_model(qlora.load_model(path, compute_dtype=DT, progress=False),
+                                    lora=qlora.LoraConfig(r=16, alpha=32, dropout=0.05), compute_dtype=DT,
                                     verbose=False)
         if setup == "qlora-compile":
             from qlora.model.prepare import compile_layers
@@ -112,8 +114,8 @@ CHILD = textwrap.dedent("""
         import bitsandbytes, peft, transformers
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                            bnb_4bit_compute_dtype=torch.bfloat16)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                            bnb_4bit_compute_dtype=DT)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=DT,
                                                                   device_map="cpu")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -123,7 +125,7 @@ CHILD = textwrap.dedent("""
         opt = bitsandbytes.optim.PagedAdamW32bit(params, lr=2e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         def step(batch):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=DT == torch.bfloat16):
                 loss = model(**batch).loss
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -181,6 +183,9 @@ def main() -> None:
     ap.add_argument("--setups", default="qlora,peer")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each setup, interleaved (host ms: their median)")
     ap.add_argument("--where", action="store_true", help="also list where the host reads come from (file:line)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="compute dtype of both stacks (float32: no autocast; this CPU's fp32 matmuls cost "
+                         "a fraction of its bf16 ones, so more of a step is host time)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint(Path(tmp), args.layers)
@@ -188,7 +193,7 @@ def main() -> None:
         for _ in range(args.rounds):  # setups interleaved, so that a busy spell hits each alike
             for setup in args.setups.split(","):
                 out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps),
-                                      str(int(args.where))],
+                                      str(int(args.where)), args.dtype],
                                      capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
                 if out.returncode:
                     sys.exit(f"{setup} failed:\n{out.stderr[-3000:]}")
@@ -198,7 +203,7 @@ def main() -> None:
         results[setup]["host_ms"] = statistics.median(times)
     base = results.get("peer")
     rounds = ", ".join(f"{k} {'/'.join(f'{t:.0f}' for t in v)}" for k, v in host_ms.items())
-    print(f"one training step, {args.layers}-layer Llama at tiny widths, bf16, batch 2 x 64, 1 thread; host ms: "
+    print(f"one training step, {args.layers}-layer Llama at tiny widths, {args.dtype}, batch 2 x 64, 1 thread; host ms: "
           f"median of {args.rounds} rounds {rounds}")
     print(f"{'setup':14} {'host ms':>8} {'launches':>9} {'(aten':>7} {'native)':>8} {'allocs':>7} {'views':>7} "
           f"{'reads':>6} {'py calls':>9} {'ms vs peer':>11} {'launches vs peer':>17}")
