@@ -20,6 +20,17 @@ def _batch(seed: int = 0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _model(arch: str = "llama"):
+    """A prepared fp32 model whose adapters are not zero (B starts at zero: something to differentiate)."""
+    model = prepare_model(tiny_model(arch, torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+                          compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    return model
+
+
 def _grads(model, loss):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -29,12 +40,7 @@ def _grads(model, loss):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_matches_transformers_loss_and_lora_grads(arch):
-    model = prepare_model(tiny_model(arch, torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.0),
-                          compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
-    with torch.no_grad():  # B starts at zero: give the adapters something to differentiate
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
+    model = _model(arch)
     assert fusable(model)
     batch = _batch()
     ref = model(**batch).loss
@@ -99,12 +105,7 @@ def test_ddp_and_fsdp2_models_compute_the_fused_loss_inside_their_forward():
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        model = prepare_model(tiny_model("llama", torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.0),
-                              compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.02)
+        model = _model()
         batch = _batch()
         ref = causal_lm_loss(model, batch)
         ref_grads = _grads(model, ref)
@@ -137,12 +138,7 @@ def test_ddp_and_fsdp2_models_compute_the_fused_loss_inside_their_forward():
 def test_token_log_probs_match_dense_log_softmax_and_gradients():
     from qlora.model.loss import token_log_probs
 
-    model = prepare_model(tiny_model("llama", torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.0),
-                          compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
+    model = _model()
     batch = _batch()
     keep = batch["labels"][:, 1:] != -100
     weights = torch.randn(int(keep.sum()))  # a downstream loss weighs each token differently
@@ -182,12 +178,7 @@ def test_target_index_from_the_host_picks_the_mask_rows_without_a_device_sync():
     rows, cols = index // 17, index % 17
     assert torch.equal(keep[rows, cols], torch.ones_like(rows, dtype=torch.bool)) and len(index) == keep.sum()
     assert torch.equal(index, index.sort().values)  # row-major, as the mask's order
-    model = prepare_model(tiny_model("llama", torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.0),
-                          compute_dtype=torch.float32, gradient_checkpointing=False, verbose=False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
+    model = _model()
     shared = share(batch, Ranks())
     assert torch.equal(shared["target_index"], index)
     with Syncs() as syncs:

@@ -166,6 +166,17 @@ def test_checkpoint_every_n_layers_recomputes_only_those():
         qlora.prepare_model(tiny_model("llama"), checkpoint_every=0, verbose=False)
 
 
+def _dropping(arch: str, **kwargs):
+    """A prepared fp32 model in training mode, LoRA dropout 0.2, B not zero (something to differentiate)."""
+    model = qlora.prepare_model(tiny_model(arch, torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.2),
+                                compute_dtype=torch.float32, verbose=False, **kwargs)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model.train()
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_checkpointing_gives_the_gradients_of_no_checkpointing_and_keep_attention_skips_attention(arch):
     """With seeded LoRA dropout the recomputed forward draws the same masks, so checkpointed
@@ -186,18 +197,11 @@ def test_checkpointing_gives_the_gradients_of_no_checkpointing_and_keep_attentio
     grads, calls = {}, {}
     for ckpt in ("none", "full", "full-nonreentrant", "keep_attention"):
         torch.manual_seed(0)
-        model = qlora.prepare_model(tiny_model(arch, torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.2),
-                                    compute_dtype=torch.float32, gradient_checkpointing=ckpt != "none",
-                                    keep_attention=ckpt == "keep_attention", verbose=False)
+        model = _dropping(arch, gradient_checkpointing=ckpt != "none", keep_attention=ckpt == "keep_attention")
         if ckpt.startswith("full"):  # prepare_model checkpoints reentrantly (fewer host hooks) ...
             assert model.model.layers[0]._gradient_checkpointing_func.keywords["use_reentrant"] is True
         if ckpt == "full-nonreentrant":  # ... with the non-reentrant form's gradients, bit for bit
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-        model.train()
         ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(5)  # the dropout seeds
         CountAttention.calls = 0
@@ -231,16 +235,10 @@ def test_each_decoder_layer_draws_its_dropout_seeds_once_and_two_forwards_before
     grads = {}
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = qlora.prepare_model(tiny_model("llama", torch.float32), lora=LoraConfig(r=4, alpha=8, dropout=0.2),
-                                    compute_dtype=torch.float32, gradient_checkpointing=ckpt, verbose=False)
+        model = _dropping("llama", gradient_checkpointing=ckpt)
         slots = [[m.seed_slot for m in layer.modules() if isinstance(m, LoraLinear)] for layer in model.model.layers]
         assert all(len({id(bank) for bank, _ in s}) == 1 and [i for _, i in s] == list(range(7)) for s in slots)
         assert len({id(s[0][0]) for s in slots}) == len(slots)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-        model.train()
         ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(5)
         CountDraws.calls = 0
