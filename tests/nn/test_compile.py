@@ -59,7 +59,9 @@ def test_a_decoder_layer_is_one_graph():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_compiled_training_step_equals_eager(arch):
     """Bit for bit, LoRA dropout on. GPT-2's own dropout layers (torch's, in the model) are
-    turned off: their masks are drawn differently inside a compiled graph than eager."""
+    turned off: their masks are drawn differently inside a compiled graph than eager. LoRA's
+    seeds: eager draws a decoder layer's seven as one randint of seven (nn/dropout.py SeedBank),
+    compiled as seven randints of one; the CPU generator gives the same values in the same order."""
     model = _prepared(checkpointing=True, arch=arch)
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Dropout) and not name.endswith("lora_dropout"):
