@@ -63,7 +63,6 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qlora_quantize_4bit.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32]
     lib.qlora_quantize_4bit.restype = i64
     lib.qlora_has_simd.restype = i32
-    lib.qlora_dropout.argtypes = [ptr, ptr, i64, i32, ptr, ctypes.c_uint32, ctypes.c_float, i32, i32]
     lib.qlora_dropout2.argtypes = [ptr, ptr, ptr, ptr, i64, i32, ptr, ctypes.c_uint32, ctypes.c_float, ctypes.c_float,
                                    i32, i32]
     return lib

@@ -452,8 +452,3 @@ void qlora_dropout2(const void* x, void* out, const void* x2, void* out2, int64_
     }
     run_threads(dropout_range, args, sizeof(dropout_args), threads);
 }
-
-void qlora_dropout(const void* x, void* out, int64_t n, int dtype, const uint64_t* seed_ptr, uint32_t threshold,
-                   float scale, int threads, int simd) {
-    qlora_dropout2(x, out, NULL, NULL, n, dtype, seed_ptr, threshold, scale, 0.0f, threads, simd);
-}

@@ -97,10 +97,11 @@ def seeded_dropout_pair(x: torch.Tensor, g: torch.Tensor, p: float, seed: Seed,
     return seeded_dropout(x, p, seed), seeded_dropout(g, p, seed, gain)
 
 
-def new_seed(device: torch.device | str = "cpu") -> torch.Tensor:
+def new_seed(device: torch.device | str = "cpu", shape: tuple[int, ...] = ()) -> torch.Tensor:
     """A 64-bit seed drawn on `device` by its default generator, as a 0-dim int64 tensor there
-    (checkpointing's RNG restore replays the draw; nothing is read back to the host)."""
-    return torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=device)
+    (`shape`: that many seeds in one draw); checkpointing's RNG restore replays the draw, and
+    nothing is read back to the host."""
+    return torch.randint(-2**63, 2**63 - 1, shape, dtype=torch.int64, device=device)
 
 
 class SeedBank:
@@ -126,7 +127,7 @@ class SeedBank:
         if self.drawer is None:
             self.drawer = i
         if i == self.drawer or self.seeds is None or self.seeds.device != device:
-            self.seeds = torch.randint(-2**63, 2**63 - 1, (self.n,), dtype=torch.int64, device=device)
+            self.seeds = new_seed(device, (self.n,))
         return self.seeds[i]
 
 

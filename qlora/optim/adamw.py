@@ -278,8 +278,16 @@ class AdamW(torch.optim.Optimizer):
         if pager is not None:
             pager.place(*self._held(device))
         jobs: list[Job] = []
-        batches: dict[tuple[int, int], _Batch] = {}  # resident 32-bit chunks, by (group, step)
-        wholes: dict[tuple[int, int], _Batch] = {}  # resident float32 parameters, whole, by (group, step)
+        batches: dict[tuple[int, int, bool], _Batch] = {}  # resident 32-bit state, by (group, step, whole)
+
+        def batch_for(group: dict, step: int, whole: bool, numel: int) -> _Batch:
+            """The open batch of (group, step), or a new one where a chunk would pass MATH_CHUNK."""
+            batch = batches.get((id(group), step, whole))
+            if batch is None or (not whole and batch.numel + numel > MATH_CHUNK):
+                batch = batches[id(group), step, whole] = _Batch(group, step)
+                jobs.append(Job([], batch.run, False))
+            return batch
+
         for p, group in items:
             state = self.state[p]
             state["step"] = step = state["step"] + 1
@@ -290,11 +298,7 @@ class AdamW(torch.optim.Optimizer):
             flat_p, writeback = _flat(lp)
             if not (paged or eight_bit) and lp.dtype == torch.float32:
                 # whole, not in chunks: for float32 parameters the fused kernel makes no temporaries
-                whole = wholes.get((id(group), step))
-                if whole is None:
-                    whole = wholes[id(group), step] = _Batch(group, step)
-                    jobs.append(Job([], whole.run, False))
-                whole.add(flat_p, flat_g, state["exp_avg"], state["exp_avg_sq"])
+                batch_for(group, step, True, 0).add(flat_p, flat_g, state["exp_avg"], state["exp_avg_sq"])
                 if writeback is not None:  # after the batch's job, which is earlier in the list
                     jobs.append(Job([], writeback, False))
                 continue
@@ -309,11 +313,7 @@ class AdamW(torch.optim.Optimizer):
                     runner = _chunk_runner(flat_p[start:end], flat_g[start:end], eight_bit, group, step)
                     jobs.append(Job(tensors, runner, paged))
                     continue
-                batch = batches.get((id(group), step))
-                if batch is None or batch.numel + end - start > MATH_CHUNK:
-                    batch = batches[id(group), step] = _Batch(group, step)
-                    jobs.append(Job([], batch.run, False))
-                batch.add(flat_p[start:end], flat_g[start:end], *tensors)
+                batch_for(group, step, False, end - start).add(flat_p[start:end], flat_g[start:end], *tensors)
             if writeback is not None:
                 jobs.append(Job([], writeback, False))
         if pager is not None:

@@ -178,7 +178,7 @@ class Pager:
         largest chunk the owner will stream needs (it sizes the pages).
         """
         limit = self.limit()
-        if (self.pages is None and len(self.resident) == len(states) and sum(self.resident.values()) <= limit
+        if (self.pages is None and len(self.resident) == len(states) and self.device_bytes <= limit
                 and all(p in self.resident for p in states)):
             return  # all resident, no pages, and it fits: nothing moves (the common step)
         for p in [p for p in self.resident if p not in states]:  # params that left

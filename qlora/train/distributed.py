@@ -151,16 +151,16 @@ def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tenso
     step's kernels on the same stream). With labels on the host, also `target_index` (the loss's
     target positions, model/loss.py), so the loss picks them without a device sync."""
     cuda = torch.device(ranks.device).type == "cuda"
-    out = {}
-    for k, v in batch.items():
-        v = shard_rows(v, ranks.rank, ranks.world_size)
-        out[k] = v.pin_memory().to(ranks.device, non_blocking=True) if cuda and v.device.type == "cpu" else \
-            v.to(ranks.device)
-    labels = batch.get("labels")
-    if labels is not None and labels.device.type == "cpu":
-        index = target_index(shard_rows(labels, ranks.rank, ranks.world_size))
-        out["target_index"] = index.pin_memory().to(ranks.device, non_blocking=True) if cuda else \
-            index.to(ranks.device)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if cuda and t.device.type == "cpu":
+            return t.pin_memory().to(ranks.device, non_blocking=True)
+        return t.to(ranks.device)
+
+    rows = {k: shard_rows(v, ranks.rank, ranks.world_size) for k, v in batch.items()}
+    out = {k: move(v) for k, v in rows.items()}
+    if "labels" in rows and rows["labels"].device.type == "cpu":
+        out["target_index"] = move(target_index(rows["labels"]))
     return out
 
 

@@ -46,8 +46,8 @@ def test_the_pthread_build_decodes_and_drops_like_the_reference():
     dropped = torch.empty_like(x)
     threshold, scale = threshold_and_scale(0.1)
     seed = torch.tensor(12345)  # the kernel reads the seed through a pointer
-    lib.qlora_dropout(x.data_ptr(), dropped.data_ptr(), x.numel(), 2, seed.data_ptr(), threshold, scale, 2,
-                      int(kernels.has_simd()))
+    lib.qlora_dropout2(x.data_ptr(), dropped.data_ptr(), None, None, x.numel(), 2, seed.data_ptr(), threshold, scale,
+                       0.0, 2, int(kernels.has_simd()))
     assert torch.equal(dropped, seeded_dropout_ref(x, 0.1, 12345))
 
 
