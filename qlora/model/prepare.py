@@ -12,7 +12,8 @@ What it does, in order (formats.md section 7, the QLoRA recipe):
    quantized. `quant_type=None` keeps the base in 16 bits (plain LoRA, the baseline);
 3. keeps norms in fp32: their parameters are stored in fp32 and they compute in fp32, but
    return their input's dtype, so the residual stream stays in the model's dtype and the
-   model runs with or without autocast. Embeddings and lm_head stay as they are (frozen,
+   model runs with or without autocast (Llama-style RMSNorms as qlora's RMSNorm, one fused
+   kernel, nn/rms_norm.py). Embeddings and lm_head stay as they are (frozen,
    not upcast: PEFT's fp32 copies cost memory for nothing);
 4. wraps each layer selected by `lora.target_modules` in a LoraLinear, or a DoraLinear with
    `lora.use_dora` (the only trainable parameters); each decoder layer's adapters draw
@@ -40,6 +41,7 @@ from ..errors import InputError
 from ..nn.dora import DoraLinear
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraConfig, LoraLinear, share_seeds
+from ..nn.rms_norm import RMSNorm, is_llama_style
 from .targets import is_linear, is_norm, matches, output_head
 
 DEFAULT_LORA = LoraConfig(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
@@ -89,14 +91,22 @@ def _norm_post_hook(module: nn.Module, args: tuple, output):
 
 
 def keep_norms_fp32(model: nn.Module) -> int:
-    """Store and compute every norm in fp32, returning its input's dtype; returns the count."""
+    """Store and compute every norm in fp32, returning its input's dtype; returns the count.
+    Llama-style RMSNorms become qlora's RMSNorm (nn/rms_norm.py: the same bits, one fused
+    kernel); other norms get fp32 weights and hooks that cast their input and output."""
     count = 0
-    for m in model.modules():
+    for name, m in list(model.named_modules()):
+        if is_llama_style(m):
+            m = RMSNorm.from_module(m)
+            model.set_submodule(name, m)
+        if isinstance(m, RMSNorm):
+            count += 1
+            continue
         if not is_norm(m) or is_linear(m):
             continue
-        for name, p in m.named_parameters(recurse=False):
+        for pname, p in m.named_parameters(recurse=False):
             if p.is_floating_point() and p.dtype != torch.float32:
-                m._parameters[name] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+                m._parameters[pname] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
         if not getattr(m, "_qlora_fp32_hooks", False):
             m.register_forward_pre_hook(_norm_pre_hook)
             m.register_forward_hook(_norm_post_hook)

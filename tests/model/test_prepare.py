@@ -76,6 +76,28 @@ def test_fresh_adapter_model_computes_the_dequantized_base(arch):
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_style_norms_run_fused_with_the_formulas_bits(arch, monkeypatch):
+    """Llama, Qwen2, Mistral and Phi-3 norms become qlora's RMSNorm (one fused kernel); Gemma's
+    (1 + w) and GPT-2's LayerNorm keep their own forward behind the fp32 hooks. The logits and
+    the loss are bit for bit those of the op-by-op formula (nn/rms_norm.py: rms_norm_ref)."""
+    from qlora.nn.rms_norm import RMSNorm, rms_norm_ref
+    model = tiny_model(arch)
+    qlora.prepare_model(model, lora=LoraConfig(r=4, alpha=8, dropout=0.0), verbose=False)
+    fused = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    hooked = [m for m in model.modules() if getattr(m, "_qlora_fp32_hooks", False)]
+    if arch in ("gemma", "gpt2"):
+        assert not fused and hooked
+    else:
+        assert fused and not hooked and all(m.weight.dtype == torch.float32 for m in fused)
+    ids = torch.randint(3, 256, (2, 12))
+    model.eval()  # GPT-2's own dropouts off: two calls compute the same
+    out = model(ids, labels=ids)
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, x: rms_norm_ref(x, self.weight, self.eps))
+    ref = model(ids, labels=ids)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+
+
 def test_report_counts_each_part():
     model = tiny_model("llama")
     n_embed = model.get_input_embeddings().weight.numel()
