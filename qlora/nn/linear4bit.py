@@ -220,6 +220,7 @@ class Linear4bit(nn.Module):
     """True when built from a Conv1D (informational: the stored weight is always [out, in])."""
 
     def _set_weight(self, qt: QuantizedTensor) -> None:
+        self.__dict__.pop("_qt", None)  # `weight`'s cached QuantizedTensor: it holds the old buffers
         self._meta = dict(shape=torch.Size(qt.shape), dtype=qt.dtype, quant_type=qt.quant_type,
                           blocksize=qt.blocksize, nested_offset=qt.nested_offset)
         self._sync_offset()
@@ -232,7 +233,13 @@ class Linear4bit(nn.Module):
         While torch.compile traces, without its nested_offset float (a constant guarded per layer):
         the compiled path decodes with `nested_offset_tensor` (nn/ops.py)."""
         m = self._meta
-        offset = None if torch.compiler.is_compiling() else m["nested_offset"]
+        compiling = torch.compiler.is_compiling()
+        offset = None if compiling else m["nested_offset"]
+        if not compiling:  # eager: the QuantizedTensor made last, while the same buffers and metadata hold
+            key = (*map(id, map(self._buffers.get, _QUANT_BUFFERS)), offset, m["dtype"])
+            cached = self.__dict__.get("_qt")
+            if cached is not None and cached[0] == key:
+                return cached[1]
         if self.flat:
             packed = _view_as(self.weight_packed, torch.uint8, "weight_packed").view(-1, 1)
             absmax = _view_as(self.weight_absmax, m["absmax_dtype"], "weight_absmax")
@@ -240,8 +247,11 @@ class Linear4bit(nn.Module):
             nested = None if nested is None else _view_as(nested, torch.float32, "weight_nested_absmax")
             return QuantizedTensor(packed, absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
                                    self._code, nested, self._nested_code, offset)
-        return QuantizedTensor(self._packed, self._absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
-                               self._code, self._nested_absmax, self._nested_code, offset)
+        qt = QuantizedTensor(self._packed, self._absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
+                             self._code, self._nested_absmax, self._nested_code, offset)
+        if not compiling:
+            self.__dict__["_qt"] = (key, qt)
+        return qt
 
     @property
     def flat(self) -> bool:
@@ -255,6 +265,7 @@ class Linear4bit(nn.Module):
         if self.flat:
             return self
         qt = self.weight
+        self.__dict__.pop("_qt", None)
         self._meta["absmax_dtype"] = qt.absmax.dtype
         for name, t in flat_bytes(qt).items():
             self.register_parameter(name, nn.Parameter(t, requires_grad=False))
@@ -269,6 +280,7 @@ class Linear4bit(nn.Module):
                 or qt.blocksize != self.blocksize or qt.double_quant != self.double_quant:
             raise ValueError(f"set_tensor_meta: {qt} does not match this layer's layout {self.extra_repr()}")
         self._meta.update(dtype=qt.dtype, nested_offset=qt.nested_offset)
+        self.__dict__.pop("_qt", None)
         self._sync_offset()
 
     def _sync_offset(self) -> None:
@@ -313,6 +325,7 @@ class Linear4bit(nn.Module):
 
     # ---- movement: device moves apply, dtype casts do not touch the quantization state -----------
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_qt", None)  # let the buffers before the move go
         quant = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS if name in self._buffers}
         try:
             super()._apply(fn, recurse)

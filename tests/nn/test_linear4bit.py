@@ -219,3 +219,24 @@ def test_forward_parity_over_shapes(in_f, out_f, rows, blocksize, double_quant, 
     w, b = dense_reference(layer)
     x = torch.randn(rows, in_f, dtype=torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, w, b))
+
+
+def test_the_cached_quantized_tensor_follows_loads_moves_and_metadata():
+    """`weight` hands back the QuantizedTensor it made last (and the decode its native arguments)
+    while the buffers and metadata are the same; a load, a move or new metadata makes a new one."""
+    _, layer = make(seed=0)
+    _, other = make(seed=1)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    first = layer(x)
+    assert layer.weight is layer.weight
+    assert torch.equal(layer(x), first)  # the cached decode call writes the same bits
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x)) and not torch.equal(layer(x), first)
+    before = layer.weight
+    layer.to("cpu", torch.bfloat16)
+    assert layer.weight is not before and torch.equal(layer(x), other(x))
+    qt = layer.weight
+    layer.set_tensor_meta(type(qt)(qt.data, qt.absmax, qt.shape, torch.float16, qt.quant_type, qt.blocksize,
+                                   qt.code, qt.nested_absmax, qt.nested_code, qt.nested_offset + 0.5))
+    assert layer.weight.dtype == torch.float16 and layer.weight.nested_offset == qt.nested_offset + 0.5
+    assert not torch.equal(layer(x), other(x))  # the decode reads the new offset
