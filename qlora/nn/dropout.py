@@ -119,15 +119,15 @@ class SeedBank:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.seeds: torch.Tensor | None = None
+        self.seeds: tuple[torch.Tensor, ...] | None = None
         self.drawer: int | None = None
 
     def take(self, i: int, device: torch.device) -> torch.Tensor:
         """Seed i (a 0-dim int64 view on `device`), drawing the bank's seeds first if i is the drawer."""
         if self.drawer is None:
             self.drawer = i
-        if i == self.drawer or self.seeds is None or self.seeds.device != device:
-            self.seeds = new_seed(device, (self.n,))
+        if i == self.drawer or self.seeds is None or self.seeds[0].device != device:
+            self.seeds = new_seed(device, (self.n,)).unbind()  # n views made in one call
         return self.seeds[i]
 
 

@@ -148,13 +148,20 @@ class LoraLinear(nn.Module):
     def adapters_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B in `dtype`, detached: one cast of both while they lie side by side in one buffer
         (as __init__ puts them; `.to(device)` or loading with assign=True separates them), else two."""
-        a, b = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        a, b = self.lora_A.weight, self.lora_B.weight
         if a.dtype == dtype and b.dtype == dtype:
-            return a, b
-        if not torch.compiler.is_compiling() and _side_by_side(a, b):
-            ab = a.as_strided((a.numel() + b.numel(),), (1,)).to(dtype)
-            return ab.as_strided(a.shape, a.stride(), 0), ab.as_strided(b.shape, b.stride(), a.numel())
-        return a.to(dtype), b.to(dtype)
+            return a.detach(), b.detach()
+        if torch.compiler.is_compiling():  # two casts in the graph (no storage addresses while tracing)
+            return a.detach().to(dtype), b.detach().to(dtype)
+        joint = self.__dict__.get("_joint")  # (A, B, their addresses, [A | B] flat or None): checked once per layout
+        if joint is None or joint[0] is not a or joint[1] is not b or joint[2] != (a.data_ptr(), b.data_ptr()):
+            a_, b_ = a.detach(), b.detach()
+            flat = a_.as_strided((a.numel() + b.numel(),), (1,)) if _side_by_side(a_, b_) else None
+            joint = self.__dict__["_joint"] = (a, b, (a.data_ptr(), b.data_ptr()), flat)
+        if joint[3] is None:
+            return a.detach().to(dtype), b.detach().to(dtype)
+        ab = joint[3].to(dtype)
+        return ab.as_strided(a.shape, a.stride(), 0), ab.as_strided(b.shape, b.stride(), a.numel())
 
     @property
     def scaling(self) -> float:

@@ -192,6 +192,15 @@ def test_adapters_lie_side_by_side_and_cast_in_one_op_with_the_bits_of_two_casts
     assert casts.n == 1
     assert torch.equal(a16, a.detach().bfloat16()) and torch.equal(b16, b.detach().bfloat16())
     assert a16.shape == a.shape and b16.shape == b.shape and not a16.requires_grad
+    with torch.no_grad():  # an in-place update (the optimizer's) shows in the next cast
+        a.mul_(2)
+    assert torch.equal(layer.adapters_in(torch.bfloat16)[0], a.detach().bfloat16())
+    old_a = a.detach().clone()
+    layer.lora_A.weight.data = a.detach() * 3  # new storage under the same Parameter: two casts of the new values
+    with Casts() as casts:
+        a16, _ = layer.adapters_in(torch.bfloat16)
+    assert casts.n == 2 and torch.equal(a16, (old_a * 3).bfloat16())
+    layer.lora_A.weight.data = old_a
     with torch.no_grad():  # separate storages (what .to(device) does): two casts, the same values
         layer.lora_B.weight = nn.Parameter(b.detach().clone())
     with Casts() as casts:
