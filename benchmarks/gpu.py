@@ -149,6 +149,21 @@ def correctness(args) -> None:
     ok = worst < 2e-2
     print(f"fused layer vs PyTorch path (y, grad_x, grad_A, grad_B): max |diff| / max |ref| = {worst:.2e}")
     summary("fused layer vs PyTorch path, rel. diff", f"{worst:.1e}", "< 2e-2 (bf16)", ok)
+    # qlora's RMSNorm (torch's fused kernel on CUDA) vs the op-by-op fp32 formula it replaces
+    from qlora.nn.rms_norm import _UNFUSED, RMSNorm, rms_norm_ref
+    norm = RMSNorm(nn.Parameter(torch.randn(dim, device=DEVICE) * 0.3 + 1), 1e-5)
+    x0 = torch.randn(rows, dim, device=DEVICE, dtype=torch.bfloat16).mul(3)
+    xs = [x0.clone().requires_grad_() for _ in range(2)]
+    gy = torch.randn(rows, dim, device=DEVICE, dtype=torch.bfloat16)
+    outs = [f(x) for f, x in zip((norm, lambda x: rms_norm_ref(x, norm.weight, norm.eps)), xs)]
+    for y in outs:
+        y.backward(gy)
+    diffs = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+             for a, b in ((outs[0], outs[1]), (xs[0].grad, xs[1].grad))]
+    ok = max(diffs) < 1e-2 and DEVICE.type not in _UNFUSED
+    print(f"RMSNorm fused vs formula (y, grad_x): max |diff| / max |ref| = {diffs[0]:.1e}, {diffs[1]:.1e}; "
+          f"fallback: {_UNFUSED.get(DEVICE.type, 'none')}")
+    summary("RMSNorm fused vs formula, rel. diff", f"{max(diffs):.1e}", "< 1e-2 (bf16), no fallback", ok)
 
 
 # ---- 1. decode bandwidth -----------------------------------------------------------------------

@@ -5,10 +5,12 @@
 
 The norm prepare_model keeps in fp32 (model/prepare.py: keep_norms_fp32) for the RMSNorms of
 Llama, Mistral, Qwen2/3 and Phi-3: y = (w * (x_f32 * rsqrt(mean(x_f32^2) + eps))).to(x.dtype),
-w in float32. The reference (`rms_norm_ref`, the oracle and what QLORA_KERNELS=reference and
+w in float32. The reference (`rms_norm_ref`: the oracle, and what QLORA_KERNELS=reference and
 torch.compile run) is that formula op by op, as transformers' forward runs it behind the fp32
-hooks; the default is torch's fused `_fused_rms_norm`, one launch with the same bits (tested),
-and a backward of seven elementwise launches instead of autograd's fourteen:
+hooks. The default is torch's `_fused_rms_norm`: one launch, the same bits on the CPU (tested;
+CUDA's kernel sums the squares in another order, within float32 rounding: benchmarks/gpu.py
+checks it); where a device's torch cannot run it, the formula (one warning). Its backward is
+seven elementwise launches instead of autograd's fourteen:
     xhat = x rstd,  g = dy w,  dx = rstd (g - xhat mean(g xhat)),  dw = sum over rows of dy xhat
 (float32 throughout, dx rounded once to x's dtype; within float32 rounding of autograd's, tested).
 Saved for backward: x itself (the layer input checkpointing keeps anyway: no fp32 copy, which
@@ -16,6 +18,8 @@ the op-by-op form saves) and rstd [rows, 1] in float32.
 Tests: tests/nn/test_rms_norm.py.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -26,6 +30,10 @@ LLAMA_STYLE = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qw
                          "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm"})
 """transformers RMSNorm classes of the Llama form: weight * normalized x, eps in `variance_epsilon`
 (Gemma's scales by 1 + weight, and keeps its own forward)."""
+
+
+_UNFUSED: dict[str, str] = {}
+"""Device types where the fused kernel raised (the reason): they run rms_norm_ref."""
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -73,9 +81,15 @@ class RMSNorm(nn.Module):
         return cls(w, float(module.variance_epsilon))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.reference_only() or torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+        if kernels.reference_only() or torch.compiler.is_compiling() or x.device.type in _UNFUSED:
             return rms_norm_ref(x, self.weight, self.eps)
-        return _FusedRMSNorm.apply(x, self.weight, self.eps)
+        try:
+            return _FusedRMSNorm.apply(x, self.weight, self.eps)
+        except (RuntimeError, NotImplementedError) as e:  # a torch or device without the kernel (or these dtypes)
+            _UNFUSED[x.device.type] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"qlora: torch's fused RMSNorm does not run on {x.device.type} here ({e}); "
+                          "using the op-by-op formula (the same values, more launches)", stacklevel=2)
+            return rms_norm_ref(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"({self.weight.shape[0]},), eps={self.eps}, float32"

@@ -87,3 +87,22 @@ def test_reference_mode_and_compile_run_the_formula(monkeypatch):
 def test_gemma_norm_is_not_llama_style():
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     assert not is_llama_style(GemmaRMSNorm(32)) and not is_llama_style(torch.nn.LayerNorm(32))
+
+
+def test_a_torch_without_the_kernel_falls_back_to_the_formula_with_one_warning(monkeypatch):
+    from qlora.nn import rms_norm
+
+    monkeypatch.setattr(rms_norm, "_UNFUSED", {})
+
+    def missing(*args):
+        raise NotImplementedError("Could not run 'aten::_fused_rms_norm' with arguments from the 'CPU' backend")
+    monkeypatch.setattr(rms_norm._FusedRMSNorm, "apply", missing)
+    ours = RMSNorm.from_module(_hf_fp32(64, 1e-5))
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="fused RMSNorm does not run on cpu"):
+        y = ours(x)
+    assert torch.equal(y, rms_norm_ref(x, ours.weight, 1e-5)) and "cpu" in rms_norm._UNFUSED
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(ours(x), y)  # no second warning
