@@ -22,8 +22,8 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     requires grad (always with checkpointing; without it, not for layer 0: the embeddings are
     frozen). A frozen Linear4bit saves nothing (its input gradient needs only W); a LoRA
     saves its input x (for A's gradient; with dropout, the seeded mask is regenerated from
-    x's indices in backward, so q, k and v share one saved x and no mask) and A's output (for
-    B's); a DoRA layer (nn/dora.py) also its output before the magnitude scale (for m's
+    x's indices in backward, so q, k and v share one saved x and no mask), A's output (for
+    B's) and, in 16-bit compute, A and B cast to it; a DoRA layer (nn/dora.py) also its output before the magnitude scale (for m's
     gradient) and the scale g [out]. Elementwise ops save an operand only when the other one requires grad (frozen norm
     weights and RoPE tables never do).
     """
@@ -45,14 +45,16 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
             return x_grad
         keep(x_key, n * width * e)  # x itself; seeded dropout is regenerated in backward (nn/dropout.py)
         keep(suffix + ".a", n * r * e)
+        if r and e < 4 and not dora:  # the fp32 A and B cast to the compute dtype for the matmuls
+            keep(suffix + ".ab", r * (width + fan_out[suffix]) * e)
         if dora:
             keep(suffix + ".z", n * fan_out[suffix] * e)
             keep(suffix + ".g", fan_out[suffix] * e)  # the scale (m / norm: the norm is not saved)
         return True
 
     def norm(key: str, x_grad: bool) -> None:
-        if x_grad:  # RMSNorm/LayerNorm: input x and the per-token rsqrt (fp32) / mean+rstd
-            keep(key, n * s.hidden * e)
+        if x_grad:  # RMSNorm/LayerNorm: input x (or its fp32 copy) and the per-token rsqrt (fp32) / mean+rstd
+            keep(key, n * s.hidden * norm_bytes(s, e))
             keep(key + ".rstd", n * 4 * (2 if s.family == "gpt2" else 1))
             if s.norm_offset:  # Gemma: output * (1 + weight) saves the fp32 (1 + weight)
                 keep(key + ".w", s.hidden * 4)
@@ -120,6 +122,12 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     return saved
 
 
+def norm_bytes(s: Shape, e: int) -> int:
+    """Bytes per element of the input a norm saves: x itself for qlora's fused RMSNorm (nn/rms_norm.py);
+    the fp32 copy its hooks make for the norms that keep their own forward (Gemma's, GPT-2's LayerNorm)."""
+    return 4 if s.family == "gpt2" or s.norm_offset else e
+
+
 def _backward_transient(s: Shape, b: int, t: int, e: int) -> int:
     """Gradients alive at once inside one decoder layer's backward (estimate, derived):
     at the MLP product, grad of the product + grads of both factors (3 x [n, intermediate]),
@@ -151,7 +159,7 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
     # and later the 16-bit probabilities multiplied by W (none of these copies in fp32 compute).
     targets = n - batch_size if targets is None else min(targets, n - batch_size)
     rows = min(targets, max(1, CE_CHUNK_BYTES // (4 * s.vocab)))
-    head_saved = (n * s.hidden * e + n * 4 + targets * s.hidden * e + 8 * targets
+    head_saved = (n * s.hidden * norm_bytes(s, e) + n * 4 + targets * s.hidden * e + 8 * targets
                   + (4 * s.hidden if s.norm_offset else 0))
     head_peak = rows * s.vocab * (4 + (e if e < 4 else 0)) + targets * s.hidden * e  # + the gathered rows
     transient = _backward_transient(s, batch_size, seq_len, e)

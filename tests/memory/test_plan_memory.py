@@ -98,19 +98,22 @@ def _saved_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("arch,dropout,padded", [("llama", 0.05, True), ("llama", 0.0, True), ("llama", 0.05, False),
-                                                 ("qwen2", 0.05, True), ("gemma", 0.05, True), ("mistral", 0.0, True),
-                                                 ("phi3", 0.05, True), ("phi3", 0.0, False)])
-def test_activations_equal_what_autograd_saves(arch, dropout, padded):
+@pytest.mark.parametrize("arch,dropout,padded,dtype", [
+    ("llama", 0.05, True, "float32"), ("llama", 0.0, True, "float32"), ("llama", 0.05, False, "float32"),
+    ("qwen2", 0.05, True, "float32"), ("gemma", 0.05, True, "float32"), ("mistral", 0.0, True, "float32"),
+    ("phi3", 0.05, True, "float32"), ("phi3", 0.0, False, "float32"),
+    # bf16 compute: the adapters' bf16 casts, the fused RMSNorm's own input, Gemma's fp32 norm copies
+    ("llama", 0.05, True, "bfloat16"), ("gemma", 0.05, False, "bfloat16"), ("phi3", 0.0, True, "bfloat16")])
+def test_activations_equal_what_autograd_saves(arch, dropout, padded, dtype):
     torch.manual_seed(0)
-    model = _prepared(arch, torch.float32, dropout=dropout).train()
+    model = _prepared(arch, getattr(torch, dtype), dropout=dropout).train()
     b, s = (2, 40) if padded else (1, 40)
     ids = torch.randint(3, 250, (b, s))
     mask = torch.ones_like(ids)
     if padded:
         mask[0, -7:] = 0  # a padded row: HF passes SDPA a mask
     saved = _saved_bytes(model, dict(input_ids=ids, attention_mask=mask, labels=ids))
-    plan = plan_memory(tiny_config(arch), rank=8, seq_len=s, batch_size=b, compute_dtype="float32", device="cpu",
+    plan = plan_memory(tiny_config(arch), rank=8, seq_len=s, batch_size=b, compute_dtype=dtype, device="cpu",
                        gradient_checkpointing=False, lora_dropout=dropout, padded=padded)
     assert plan.details["activations_saved"] == saved
 
