@@ -1,7 +1,7 @@
 """Host cost of one training step, qlora vs transformers + peft + bitsandbytes, counted on the CPU.
 
     .venv/bin/python benchmarks/host_step.py [--layers 22] [--steps 5] [--rounds 3] [--setups qlora,peer[,qlora-compile]]
-                                             [--where] [--dtype bfloat16|float32]
+                                             [--where] [--dtype bfloat16|float32] [--kernels]
 
 A proxy for where a GPU step spends its host time: the 1.1B Llama's shape (22 layers, GQA 8:1,
 LoRA r=16 on all seven linear layers, gradient checkpointing) at tiny widths (hidden 64,
@@ -28,6 +28,12 @@ tensor's value to the host: _local_scalar_dense from .item()/float()/bool(), .to
 masked_select, indexing by a boolean mask, ...: a device sync where that tensor lives on the device; `--where` lists the
 lines they come from) and Python function calls (sys.setprofile). The top computing ops are
 listed by count.
+With --kernels, also the step's kernel time and its host time less it: the self time that
+torch.profiler gives the GEMMs, attention, torch's fused AdamW and bitsandbytes' ops, plus qlora's
+C kernel calls timed around the call, per step over 3 profiled steps: the work a GPU runs
+asynchronously while the host goes on. An estimate (a difference of two measurements, so it
+carries their noise; bitsandbytes' ops count whole, their Python included, which lowers the
+peer's host time).
 Not measured: a fake-tensor trace of the CUDA path (here both stacks run their CPU kernels:
 qlora decodes with its C kernel, bitsandbytes with its own CPU code), so launch counts are
 the CPU dispatch counts, a proxy for the CUDA ones.
@@ -48,6 +54,11 @@ CHILD = textwrap.dedent("""
     import collections, json, math, statistics, sys, time, torch
     from torch.utils._python_dispatch import TorchDispatchMode
     path, setup, steps, WHERE, DT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", getattr(torch, sys.argv[5])
+    KERNELS = sys.argv[6] == "1"
+    KERNEL_OPS = {"aten::" + op for op in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "_fused_adamw_",
+                  "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")}
     torch.set_num_threads(1)
     SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2",
              "repeat_interleave", "nonzero_static"}
@@ -82,6 +93,7 @@ CHILD = textwrap.dedent("""
         ids = torch.randint(0, 512, (2, 64), generator=g)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     native = collections.Counter()
+    native_s = [0.0]  # seconds inside qlora's C kernels
     if setup in ("qlora", "qlora-compile"):
         import qlora, qlora.kernels as K
         from qlora.train.loop import forward_backward
@@ -92,6 +104,13 @@ CHILD = textwrap.dedent("""
                 native[_n] += 1
                 return _f(*a, **k)
             setattr(K, fn, counted)
+        lib = K.cpu.load()
+        for fn in ("qlora_decode_4bit", "qlora_dropout2"):  # the C kernels' own time: device work on a GPU
+            def timed(*a, _f=getattr(lib, fn)):
+                t = time.perf_counter()
+                _f(*a)
+                native_s[0] += time.perf_counter() - t
+            setattr(lib, fn, timed)
         model = qlora.prepare_model(qlora.load_model(path, compute_dtype=DT, progress=False),
                                     lora=qlora.LoraConfig(r=16, alpha=32, dropout=0.05), compute_dtype=DT,
                                     verbose=False)
@@ -159,7 +178,17 @@ CHILD = textwrap.dedent("""
     sys.setprofile(prof)
     step(batches[-1])
     sys.setprofile(None)
-    print(json.dumps({"host_ms": 1000 * statistics.median(times), "ops": sum(mode.ops.values()),
+    kernel_ms = None
+    if KERNELS:  # device work a GPU would run asynchronously: the GEMMs, attention, 4-bit decode, optimizer kernels
+        from torch.profiler import profile
+        native_s[0] = 0.0
+        with profile() as prof:
+            for b in batches[:3]:
+                step(b)
+        heavy = sum(e.self_cpu_time_total for e in prof.key_averages()
+                    if e.key in KERNEL_OPS or e.key.startswith("bitsandbytes::"))
+        kernel_ms = (heavy / 1000 + 1000 * native_s[0]) / 3
+    print(json.dumps({"host_ms": 1000 * statistics.median(times), "kernel_ms": kernel_ms, "ops": sum(mode.ops.values()),
                       "native": sum(native_step.values()), "native_by": native_step, "views": mode.views,
                       "allocs": mode.allocs, "syncs": dict(mode.syncs), "python_calls": calls[0], "counted": counted,
                       "top": mode.ops.most_common(40), "where": mode.where.most_common(12)}))
@@ -186,21 +215,27 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="compute dtype of both stacks (float32: no autocast; this CPU's fp32 matmuls cost "
                          "a fraction of its bf16 ones, so more of a step is host time)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also profile 3 steps for the time inside the GEMM, attention, 4-bit decode and optimizer "
+                         "kernels (device work on a GPU), and print host ms less it")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint(Path(tmp), args.layers)
-        results, host_ms = {}, {}
+        results, host_ms, kernel_ms = {}, {}, {}
         for _ in range(args.rounds):  # setups interleaved, so that a busy spell hits each alike
             for setup in args.setups.split(","):
                 out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps),
-                                      str(int(args.where)), args.dtype],
+                                      str(int(args.where)), args.dtype, str(int(args.kernels))],
                                      capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
                 if out.returncode:
                     sys.exit(f"{setup} failed:\n{out.stderr[-3000:]}")
                 results[setup] = json.loads(out.stdout.strip().splitlines()[-1])
                 host_ms.setdefault(setup, []).append(results[setup]["host_ms"])
+                kernel_ms.setdefault(setup, []).append(results[setup]["kernel_ms"])
     for setup, times in host_ms.items():
         results[setup]["host_ms"] = statistics.median(times)
+        if args.kernels:
+            results[setup]["kernel_ms"] = statistics.median(kernel_ms[setup])
     base = results.get("peer")
     rounds = ", ".join(f"{k} {'/'.join(f'{t:.0f}' for t in v)}" for k, v in host_ms.items())
     print(f"one training step, {args.layers}-layer Llama at tiny widths, {args.dtype}, batch 2 x 64, 1 thread; host ms: "
@@ -214,6 +249,14 @@ def main() -> None:
         counts = (f"{launches:9d} {r['ops']:7d} {r['native']:8d} {r['allocs']:7d} {r['views']:7d} "
                   f"{sum(r['syncs'].values()):6d}" if r["counted"] else f"{'(inside compiled graphs)':>49}")
         print(f"{name:14} {r['host_ms']:8.1f} {counts} {r['python_calls']:9d} {ms} {rel}")
+    if args.kernels:
+        print(f"\nless the kernels (self time of GEMMs, attention, 4-bit decode and optimizer kernels, profiled over "
+              f"3 steps: device work on a GPU)\n{'setup':14} {'host ms':>8} {'kernel ms':>10} {'host less kernels':>18} "
+              f"{'vs peer':>8}")
+        rest = {name: r["host_ms"] - r["kernel_ms"] for name, r in results.items()}
+        for name, r in results.items():
+            vs = f"{rest[name] / rest['peer']:>7.2f}x" if base else ""
+            print(f"{name:14} {r['host_ms']:8.1f} {r['kernel_ms']:10.1f} {rest[name]:18.1f} {vs}")
     for name, r in results.items():
         if not r["counted"]:
             continue
