@@ -13,8 +13,8 @@ checks it); where a device's torch cannot run it, the formula (one warning). Its
 seven elementwise launches instead of autograd's fourteen:
     xhat = x rstd,  g = dy w,  dx = rstd (g - xhat mean(g xhat)),  dw = sum over rows of dy xhat
 (float32 throughout, dx rounded once to x's dtype; within float32 rounding of autograd's, tested).
-Saved for backward: x itself (the layer input checkpointing keeps anyway: no fp32 copy, which
-the op-by-op form saves) and rstd [rows, 1] in float32.
+Saved for backward: x itself (not the fp32 copy the op-by-op form saves) and rstd [rows, 1] in
+float32.
 Tests: tests/nn/test_rms_norm.py.
 """
 from __future__ import annotations
@@ -96,6 +96,18 @@ class RMSNorm(nn.Module):
 
 
 def is_llama_style(module: nn.Module) -> bool:
-    """A transformers RMSNorm of the Llama form (LLAMA_STYLE) with a 1-D weight."""
-    return (type(module).__name__ in LLAMA_STYLE and hasattr(module, "variance_epsilon")
-            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1)
+    """A transformers RMSNorm of the Llama form: a class of LLAMA_STYLE whose forward is, op for
+    op, LlamaRMSNorm's (a transformers that changes one keeps it on the fp32 hooks), a 1-D weight."""
+    cls = type(module)
+    if cls.__name__ not in LLAMA_STYLE or not hasattr(module, "variance_epsilon"):
+        return False
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 1 and _llama_forward(cls.forward)
+
+
+def _llama_forward(forward) -> bool:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    mine, llama = getattr(forward, "__code__", None), LlamaRMSNorm.forward.__code__
+    return mine is not None and (mine.co_code, mine.co_consts, mine.co_names) == (llama.co_code, llama.co_consts,
+                                                                                  llama.co_names)

@@ -84,9 +84,21 @@ def test_reference_mode_and_compile_run_the_formula(monkeypatch):
     assert torch.equal(compiled(x), y)
 
 
-def test_gemma_norm_is_not_llama_style():
+def test_which_norms_are_llama_style():
+    import importlib
+
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    for arch, name in [("llama", "Llama"), ("mistral", "Mistral"), ("mixtral", "Mixtral"), ("qwen2", "Qwen2"),
+                       ("qwen2_moe", "Qwen2Moe"), ("qwen3", "Qwen3"), ("qwen3_moe", "Qwen3Moe"), ("phi3", "Phi3")]:
+        cls = getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name + "RMSNorm")
+        assert is_llama_style(cls(32)), arch
     assert not is_llama_style(GemmaRMSNorm(32)) and not is_llama_style(torch.nn.LayerNorm(32))
+
+    class Renamed(LlamaRMSNorm):  # a listed name whose forward is not Llama's: left on the hooks
+        def forward(self, x):
+            return self.weight * x
+    Renamed.__name__ = "Qwen2RMSNorm"
+    assert not is_llama_style(Renamed(32))
 
 
 def test_a_torch_without_the_kernel_falls_back_to_the_formula_with_one_warning(monkeypatch):
