@@ -133,7 +133,7 @@ def decode_4bit(qt: "Packed4bit", out: torch.Tensor) -> bool:
     if out.dtype in _DTYPE_CODES and (module := _triton_for(out)):
         module.decode_4bit(qt, out)
         return True
-    key = (out.data_ptr(), out.dtype, out.numel(), qt.data.data_ptr(), torch.get_num_threads(), _MODE)
+    key = (out.data_ptr(), out.dtype, out.numel(), qt.data.data_ptr(), qt.nested_offset, torch.get_num_threads(), _MODE)
     call = qt.__dict__.get("_native_call")  # the arguments of this (qt, out)'s last call: the checks passed then
     if call is not None and call[0] == key and out.is_contiguous():
         call[1](*call[2])

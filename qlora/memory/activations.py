@@ -23,9 +23,9 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     frozen). A frozen Linear4bit saves nothing (its input gradient needs only W); a LoRA
     saves its input x (for A's gradient; with dropout, the seeded mask is regenerated from
     x's indices in backward, so q, k and v share one saved x and no mask), A's output (for
-    B's) and, in 16-bit compute, A and B cast to it; a DoRA layer (nn/dora.py) also its output before the magnitude scale (for m's
-    gradient) and the scale g [out]. Elementwise ops save an operand only when the other one requires grad (frozen norm
-    weights and RoPE tables never do).
+    B's) and, in 16-bit compute, A and B cast to it; a DoRA layer (nn/dora.py) also its output
+    before the magnitude scale (for m's gradient) and the scale g [out]. Elementwise ops save an
+    operand only when the other one requires grad (frozen norm weights and RoPE tables never do).
     """
     n = b * t  # tokens
     saved = 0
