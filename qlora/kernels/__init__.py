@@ -136,7 +136,7 @@ def decode_4bit(qt: "Packed4bit", out: torch.Tensor) -> bool:
     key = (out.data_ptr(), out.dtype, out.numel(), qt.data.data_ptr(), qt.nested_offset, torch.get_num_threads(), _MODE)
     call = qt.__dict__.get("_native_call")  # the arguments of this (qt, out)'s last call: the checks passed then
     if call is not None and call[0] == key and out.is_contiguous():
-        call[1](*call[2])
+        cpu.load().qlora_decode_4bit(*call[1])
         return True
     lib = _native()
     tensors = [qt.data, qt.absmax, qt.code, out] + ([qt.nested_absmax, qt.nested_code] if qt.double_quant else [])
@@ -152,7 +152,7 @@ def decode_4bit(qt: "Packed4bit", out: torch.Tensor) -> bool:
     args = (qt.data.data_ptr(), scale, qscale, nested, nested_code, offset, qt.code.data_ptr(), out.data_ptr(),
             qt.numel(), qt.blocksize, _DTYPE_CODES[out.dtype], torch.get_num_threads(), int(has_simd()), int(stream))
     lib.qlora_decode_4bit(*args)
-    qt.__dict__["_native_call"] = (key, lib.qlora_decode_4bit, args)
+    qt.__dict__["_native_call"] = (key, args)  # plain numbers: a deep copy or pickle of qt carries no pointer type
     return True
 
 

@@ -240,3 +240,6 @@ def test_the_cached_quantized_tensor_follows_loads_moves_and_metadata():
                                    qt.code, qt.nested_absmax, qt.nested_code, qt.nested_offset + 0.5))
     assert layer.weight.dtype == torch.float16 and layer.weight.nested_offset == qt.nested_offset + 0.5
     assert not torch.equal(layer(x), other(x))  # the decode reads the new offset
+    import copy
+    twin = copy.deepcopy(layer)  # the caches copy too (plain numbers), and are not reused for the copy's buffers
+    assert twin.weight is not layer.weight and torch.equal(twin(x), layer(x))
