@@ -84,6 +84,9 @@ class RMSNorm(nn.Module):
         if kernels.reference_only() or torch.compiler.is_compiling() or x.device.type in _UNFUSED:
             return rms_norm_ref(x, self.weight, self.eps)
         try:
+            if torch.is_autocast_enabled(x.device.type):  # float32 whatever autocast's list says of the op
+                with torch.autocast(x.device.type, enabled=False):
+                    return _FusedRMSNorm.apply(x, self.weight, self.eps)
             return _FusedRMSNorm.apply(x, self.weight, self.eps)
         except (RuntimeError, NotImplementedError) as e:  # a torch or device without the kernel (or these dtypes)
             _UNFUSED[x.device.type] = f"{type(e).__name__}: {e}"

@@ -41,6 +41,14 @@ def test_forward_is_bit_exact_and_backward_within_rounding(dtype, hidden):
         torch.testing.assert_close(x_ours.grad, x_hf.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_autocast_changes_nothing():
+    ours = RMSNorm.from_module(_hf_fp32(576, 1e-5))
+    x = (torch.randn(4, 37, 576) * 3).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+    assert torch.equal(y, rms_norm_ref(x, ours.weight, 1e-5))
+
+
 def test_weight_gradient_and_frozen_weight():
     hf = _hf_fp32(96, 1e-6)
     w_ref = hf.weight.detach().clone().requires_grad_()
