@@ -81,6 +81,8 @@ class RMSNorm(nn.Module):
         return cls(w, float(module.variance_epsilon))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.weight.shape[0]:  # before the kernel: its error would read as a missing kernel
+            raise ValueError(f"RMSNorm({self.weight.shape[0]}) got input of shape {tuple(x.shape)}")
         if kernels.reference_only() or torch.compiler.is_compiling() or x.device.type in _UNFUSED:
             return rms_norm_ref(x, self.weight, self.eps)
         try:

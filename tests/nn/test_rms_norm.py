@@ -41,6 +41,13 @@ def test_forward_is_bit_exact_and_backward_within_rounding(dtype, hidden):
         torch.testing.assert_close(x_ours.grad, x_hf.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_a_wrong_width_is_a_clear_error_not_a_fallback():
+    from qlora.nn import rms_norm
+    with pytest.raises(ValueError, match=r"RMSNorm\(64\) got input of shape \(2, 5, 32\)"):
+        RMSNorm.from_module(_hf_fp32(64, 1e-5))(torch.randn(2, 5, 32))
+    assert "cpu" not in rms_norm._UNFUSED
+
+
 def test_autocast_changes_nothing():
     ours = RMSNorm.from_module(_hf_fp32(576, 1e-5))
     x = (torch.randn(4, 37, 576) * 3).to(torch.bfloat16)
