@@ -55,7 +55,7 @@ class _FusedRMSNorm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         xhat = x * rstd  # float32 (rstd is)
-        g = dy * weight  # float32 (weight is)
+        g = dy * weight if weight.dtype == torch.float32 else dy.float() * weight  # float32
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dot = (g * xhat).mean(-1, keepdim=True)
