@@ -233,13 +233,19 @@ class Linear4bit(nn.Module):
         While torch.compile traces, without its nested_offset float (a constant guarded per layer):
         the compiled path decodes with `nested_offset_tensor` (nn/ops.py)."""
         m = self._meta
-        compiling = torch.compiler.is_compiling()
-        offset = None if compiling else m["nested_offset"]
-        if not compiling:  # eager: the QuantizedTensor made last, while the same buffers and metadata hold
-            key = (*map(id, map(self._buffers.get, _QUANT_BUFFERS)), offset, m["dtype"])
-            cached = self.__dict__.get("_qt")
-            if cached is not None and cached[0] == key:
-                return cached[1]
+        if torch.compiler.is_compiling():
+            return self._make_weight(None)
+        if self.flat:  # FSDP2 swaps the parameters between calls: nothing to keep
+            return self._make_weight(m["nested_offset"])
+        # eager: the QuantizedTensor made last, while the same buffers and metadata hold (the hot path)
+        key = (*map(id, map(self._buffers.get, _QUANT_BUFFERS)), m["nested_offset"], m["dtype"])
+        cached = self.__dict__.get("_qt")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_qt"] = (key, self._make_weight(m["nested_offset"]))
+        return cached[1]
+
+    def _make_weight(self, offset: float | None) -> QuantizedTensor:
+        m = self._meta
         if self.flat:
             packed = _view_as(self.weight_packed, torch.uint8, "weight_packed").view(-1, 1)
             absmax = _view_as(self.weight_absmax, m["absmax_dtype"], "weight_absmax")
@@ -247,11 +253,8 @@ class Linear4bit(nn.Module):
             nested = None if nested is None else _view_as(nested, torch.float32, "weight_nested_absmax")
             return QuantizedTensor(packed, absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
                                    self._code, nested, self._nested_code, offset)
-        qt = QuantizedTensor(self._packed, self._absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
-                             self._code, self._nested_absmax, self._nested_code, offset)
-        if not compiling:
-            self.__dict__["_qt"] = (key, qt)
-        return qt
+        return QuantizedTensor(self._packed, self._absmax, m["shape"], m["dtype"], m["quant_type"], m["blocksize"],
+                               self._code, self._nested_absmax, self._nested_code, offset)
 
     @property
     def flat(self) -> bool:
@@ -265,7 +268,7 @@ class Linear4bit(nn.Module):
         if self.flat:
             return self
         qt = self.weight
-        self.__dict__.pop("_qt", None)
+        self.__dict__.pop("_qt", None)  # flat mode keeps none: the full buffers must not outlive the sharding
         self._meta["absmax_dtype"] = qt.absmax.dtype
         for name, t in flat_bytes(qt).items():
             self.register_parameter(name, nn.Parameter(t, requires_grad=False))
@@ -280,7 +283,6 @@ class Linear4bit(nn.Module):
                 or qt.blocksize != self.blocksize or qt.double_quant != self.double_quant:
             raise ValueError(f"set_tensor_meta: {qt} does not match this layer's layout {self.extra_repr()}")
         self._meta.update(dtype=qt.dtype, nested_offset=qt.nested_offset)
-        self.__dict__.pop("_qt", None)
         self._sync_offset()
 
     def _sync_offset(self) -> None:
