@@ -15,7 +15,7 @@ from .shape import Shape
 
 
 def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: int,
-                 masked: bool, stream_grad: bool, dora: bool = False) -> int:
+                 masked: bool, stream_grad: bool, dora: bool = False, device: str = "cuda") -> int:
     """Bytes autograd saves for one decoder layer, walked op by op as HF runs it.
 
     `lora[suffix]` says which linears carry an adapter; `stream_grad` whether the layer input
@@ -26,6 +26,7 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     B's) and, in 16-bit compute, A and B cast to it; a DoRA layer (nn/dora.py) also its output
     before the magnitude scale (for m's gradient) and the scale g [out]. Elementwise ops save an
     operand only when the other one requires grad (frozen norm weights and RoPE tables never do).
+    The model's own dropouts (GPT-2's, Phi-3's; `device` decides their form): see `dropout_bytes`.
     """
     n = b * t  # tokens
     saved = 0
@@ -73,7 +74,23 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
         kg = linear("self_attn.k_proj", "n1", h, g)
         vg = linear("self_attn.v_proj", "n1", h, g)
     attn_grad = qg or kg or vg
-    if attn_grad:
+    math_attention = attn_grad and s.attn_dropout > 0 and device == "cpu"
+    # o_proj's input: SDPA's own output (flash kernels: [b, t, heads, d] already) or a copy of it
+    attn_out = "attn_out_copy" if math_attention or s.family == "phi3" else "attn_out"
+    if math_attention:
+        # SDPA's CPU kernels take no dropout: its math path runs, in float32 (16-bit inputs upcast),
+        # with k and v repeated to all heads under GQA. It saves q and k scaled, v, and three
+        # [b, heads, t, t]: the softmax, dropout's noise and the dropped probabilities; the mask is
+        # added in place, and the output is copied to [b, t, heads, d] for o_proj (saved there).
+        kv_math = q_dim if s.kv_heads != s.heads else kv_dim
+        keep("q", n * q_dim * 4)
+        keep("k", n * kv_math * 4)
+        if e < 4 or kv_math != kv_dim or b > 1:  # a float32 copy, the repeat, or bmm's copy of [b, heads] rows
+            keep("v", n * kv_math * 4)
+        else:  # v itself: a view of the fused qkv output (gpt2, phi3), else v_proj's output
+            keep("v", n * (q_dim + 2 * kv_dim) * e if s.family in ("gpt2", "phi3") else n * kv_dim * e)
+        keep("probs", 3 * b * s.heads * t * t * 4)
+    elif attn_grad:
         # SDPA (flash/efficient kernels, CPU and CUDA) saves q, k, v, out and the fp32 logsumexp.
         # With a mask (padding, or packed documents kept apart), HF repeats k/v to all heads
         # (repeat_kv) and SDPA saves a float [b, 1, t, t] mask per call; without one, is_causal and
@@ -97,15 +114,17 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     # transposed view, so o_proj's input (transpose(1, 2).contiguous()) is the same tensor; Phi-3
     # builds q with torch.cat (head-major), so its o_proj input is a copy (checked on CPU; on
     # CUDA the flash kernel's layout rule is assumed to be the same).
-    og = linear(o_suffix, "attn_out" if s.family != "phi3" else "attn_out_copy", q_dim, attn_grad)
+    og = linear(o_suffix, attn_out, q_dim, attn_grad)
+    if og and s.resid_dropout:
+        keep("resid_attn", dropout_bytes(n * h, e, device))
     g = g or og
     norm("x2", g)
     i = s.intermediate
     if s.family == "gpt2":
         ug = linear("mlp.c_fc", "n2", h, g)
-        if ug:  # gelu(tanh) saves its input
-            keep("fc_out", n * i * e)
-        linear("mlp.c_proj", "act", i, ug)
+        if ug:  # gelu_new, a formula, saves its input, tanh's output, 0.5 x and 1 + tanh; torch's gelu its input
+            keep("fc_out", n * i * e * (4 if s.activation == "gelu_new" else 1))
+        mg = linear("mlp.c_proj", "act", i, ug)
     else:
         if s.family == "phi3":
             gg = ug = linear("mlp.gate_up_proj", "n2", h, g)
@@ -118,8 +137,16 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
             keep("act", n * i * e)
         if gg:  # ... and up
             keep("up", n * i * e)
-        linear("mlp.down_proj", "prod", i, gg or ug)
+        mg = linear("mlp.down_proj", "prod", i, gg or ug)
+    if mg and s.resid_dropout:
+        keep("resid_mlp", dropout_bytes(n * h, e, device))
     return saved
+
+
+def dropout_bytes(numel: int, e: int, device: str) -> int:
+    """Bytes torch's dropout saves for an input of `numel` elements that requires grad: on the CPU
+    the scaled noise it multiplies by, in the input's dtype; on CUDA its fused kernel's bool mask."""
+    return numel * (e if device == "cpu" else 1)
 
 
 def norm_bytes(s: Shape, e: int) -> int:
@@ -140,17 +167,20 @@ def _backward_transient(s: Shape, b: int, t: int, e: int) -> int:
 
 def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora: dict[str, bool], e: int,
                      checkpointing: bool, masked: bool, targets: int | None = None,
-                     keep_attention: bool = False, packed: bool = False, dora: bool = False) -> dict[str, int]:
+                     keep_attention: bool = False, packed: bool = False, dora: bool = False,
+                     device: str = "cuda") -> dict[str, int]:
     """The activation memory at the peak of backward, and its pieces (bytes). `packed`: rows of
     packed documents, with position ids of their own (RoPE tables per row) and a mask. `dora`:
-    DoRA adapters (their extra saves per adapted layer)."""
+    DoRA adapters (their extra saves per adapted layer). `device` (cpu, cuda): the form of the
+    model's own dropouts and of attention under dropout."""
     n = batch_size * seq_len
-    full = _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked, dora=dora,
-                        stream_grad=True)
-    first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, e=e, r=rank, masked=masked, dora=dora,
-                                                    stream_grad=False)
+    kw = dict(e=e, r=rank, masked=masked, dora=dora, device=device)
+    full = _layer_saves(s, batch_size, seq_len, lora, stream_grad=True, **kw)
+    first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, stream_grad=False, **kw)
     # cos, sin: shared by all layers; per row when each row has position ids of its own (packed)
     rope = 0 if s.family == "gpt2" else 2 * (batch_size if packed else 1) * seq_len * s.head_dim * e
+    if checkpointing and s.embd_dropout:  # the embeddings require grad (checkpointing's input hook): dropout saves
+        rope += dropout_bytes(n * s.hidden, e, device)
     # the head (model/loss.py, fused and chunked): the final norm saves its input (+ rstd); the
     # fused loss saves only d loss / d h for the target rows (n - b: the labels shift by one),
     # computed in forward, and the int64 index that picked those rows (model/loss.py:
@@ -159,7 +189,7 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
     # and later the 16-bit probabilities multiplied by W (none of these copies in fp32 compute).
     targets = n - batch_size if targets is None else min(targets, n - batch_size)
     rows = min(targets, max(1, CE_CHUNK_BYTES // (4 * s.vocab)))
-    head_saved = (n * s.hidden * norm_bytes(s, e) + n * 4 + targets * s.hidden * e + 8 * targets
+    head_saved = (n * s.hidden * norm_bytes(s, e) + n * 4 * (2 if s.family == "gpt2" else 1) + targets * s.hidden * e + 8 * targets
                   + (4 * s.hidden if s.norm_offset else 0))
     head_peak = rows * s.vocab * (4 + (e if e < 4 else 0)) + targets * s.hidden * e  # + the gathered rows
     transient = _backward_transient(s, batch_size, seq_len, e)

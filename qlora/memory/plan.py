@@ -222,7 +222,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     lora = {k: True for k in lora_on} if method != "full16" else {x[0]: True for x in shape.linears()}
     # full16: a dense Linear saves its input for the weight gradient, like a LoRA's A (rank 0: no xa)
     kw = dict(seq_len=seq_len, batch_size=rows, rank=rank if method != "full16" else 0, lora=lora, e=e,
-              masked=masked, targets=target_tokens, packed=packed, dora=use_dora and method != "full16")
+              masked=masked, targets=target_tokens, packed=packed, dora=use_dora and method != "full16", device=device)
     act = activation_bytes(shape, checkpointing=gradient_checkpointing, keep_attention=keep_attention, **kw)
     other = activation_bytes(shape, checkpointing=not gradient_checkpointing, **kw)
     parts["activations"] = act["peak"]

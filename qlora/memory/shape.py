@@ -72,6 +72,10 @@ class Shape:
     positions: int = 0  # learned position embeddings (GPT-2)
     qkv_bias: bool = False
     norm_offset: bool = False  # Gemma's RMSNorm scales by (1 + weight)
+    attn_dropout: float = 0.0  # dropout on the attention probabilities in training (GPT-2: attn_pdrop)
+    resid_dropout: float = 0.0  # dropout on each sublayer's output before the residual add (GPT-2, Phi-3)
+    embd_dropout: float = 0.0  # dropout on the embeddings (GPT-2)
+    activation: str = ""  # GPT-2's activation_function (gelu_new: a formula of four saved tensors)
 
     def linears(self) -> list[tuple[str, int, int, bool]]:
         """(module suffix, in, out, bias) of one decoder layer's linear layers, in call order."""
@@ -113,7 +117,10 @@ def model_shape(config: dict) -> Shape:
         return Shape("gpt2", h, need("n_inner", default=4 * h) or 4 * h, need("n_layer", "num_hidden_layers"),
                      need("n_head", "num_attention_heads"), need("n_head", "num_attention_heads"),
                      h // need("n_head", "num_attention_heads"), need("vocab_size"), True,
-                     positions=need("n_positions", "max_position_embeddings"))
+                     positions=need("n_positions", "max_position_embeddings"),
+                     attn_dropout=_float(config, "attn_pdrop", 0.1), resid_dropout=_float(config, "resid_pdrop", 0.1),
+                     embd_dropout=_float(config, "embd_pdrop", 0.1),
+                     activation=config.get("activation_function") or "gelu_new")  # GPT2Config's defaults
     family = "phi3" if kind in ("phi3", "phi4") else "llama"
     if kind not in ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "mixtral") and "architectures" in config:
         archs = " ".join(config["architectures"] or [])
@@ -126,4 +133,10 @@ def model_shape(config: dict) -> Shape:
                  need("num_key_value_heads", default=heads), config.get("head_dim") or h // heads,
                  need("vocab_size"), bool(config.get("tie_word_embeddings", kind == "gemma")),
                  qkv_bias=kind == "qwen2" or bool(config.get("attention_bias", False)),
-                 norm_offset=kind.startswith("gemma"))
+                 norm_offset=kind.startswith("gemma"), attn_dropout=_float(config, "attention_dropout", 0.0),
+                 resid_dropout=_float(config, "resid_pdrop", 0.0) if family == "phi3" else 0.0)
+
+
+def _float(config: dict, key: str, default: float) -> float:
+    value = config.get(key)
+    return default if value is None else float(value)

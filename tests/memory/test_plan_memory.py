@@ -118,7 +118,27 @@ def test_activations_equal_what_autograd_saves(arch, dropout, padded, dtype):
     assert plan.details["activations_saved"] == saved
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3"])
+@pytest.mark.parametrize("arch,overrides,padded,dtype", [
+    ("gpt2", {}, True, "float32"), ("gpt2", {}, False, "bfloat16"),  # GPT2Config's dropouts (0.1) and gelu_new
+    ("gpt2", dict(attn_pdrop=0.0, resid_pdrop=0.0, activation_function="gelu_pytorch_tanh"), True, "bfloat16"),
+    ("llama", dict(attention_dropout=0.1), True, "float32"), ("qwen2", dict(attention_dropout=0.1), False, "bfloat16"),
+    ("phi3", dict(attention_dropout=0.1, resid_pdrop=0.1), True, "bfloat16")])
+def test_the_models_own_dropouts_equal_what_autograd_saves(arch, overrides, padded, dtype):
+    """Attention dropout (SDPA's math path on the CPU, in float32), residual dropout (a saved noise
+    tensor on the CPU) and GPT-2's gelu_new formula, as the planner reads them from the config."""
+    torch.manual_seed(0)
+    model = _prepared(arch, getattr(torch, dtype), **overrides).train()
+    b, s = (2, 40) if padded else (1, 40)
+    ids = torch.randint(3, 250, (b, s))
+    mask = torch.ones_like(ids)
+    mask[0, -7:] = 0 if padded else 1
+    saved = _saved_bytes(model, dict(input_ids=ids, attention_mask=mask, labels=ids))
+    plan = plan_memory(tiny_config(arch, **overrides), rank=8, seq_len=s, batch_size=b, compute_dtype=dtype,
+                       device="cpu", gradient_checkpointing=False, padded=padded)
+    assert plan.details["activations_saved"] == saved
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3", "gpt2"])
 def test_packed_activations_equal_what_autograd_saves(arch):
     """A packed batch (documents kept apart by their position ids): SDPA gets the block mask,
     RoPE a table per row, and the head a labelled subset."""
