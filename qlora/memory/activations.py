@@ -177,10 +177,12 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
     kw = dict(e=e, r=rank, masked=masked, dora=dora, device=device)
     full = _layer_saves(s, batch_size, seq_len, lora, stream_grad=True, **kw)
     first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, stream_grad=False, **kw)
-    # cos, sin: shared by all layers; per row when each row has position ids of its own (packed)
-    rope = 0 if s.family == "gpt2" else 2 * (batch_size if packed else 1) * seq_len * s.head_dim * e
-    if checkpointing and s.embd_dropout:  # the embeddings require grad (checkpointing's input hook): dropout saves
-        rope += dropout_bytes(n * s.hidden, e, device)
+    # saved once for all layers: RoPE's cos and sin (per row when each row has position ids of its
+    # own: packed) and, where the embeddings require grad (checkpointing's input hook), the noise
+    # of GPT-2's embedding dropout
+    shared = 0 if s.family == "gpt2" else 2 * (batch_size if packed else 1) * seq_len * s.head_dim * e
+    if checkpointing and s.embd_dropout:
+        shared += dropout_bytes(n * s.hidden, e, device)
     # the head (model/loss.py, fused and chunked): the final norm saves its input (+ rstd); the
     # fused loss saves only d loss / d h for the target rows (n - b: the labels shift by one),
     # computed in forward, and the int64 index that picked those rows (model/loss.py:
@@ -189,7 +191,8 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
     # and later the 16-bit probabilities multiplied by W (none of these copies in fp32 compute).
     targets = n - batch_size if targets is None else min(targets, n - batch_size)
     rows = min(targets, max(1, CE_CHUNK_BYTES // (4 * s.vocab)))
-    head_saved = (n * s.hidden * norm_bytes(s, e) + n * 4 * (2 if s.family == "gpt2" else 1) + targets * s.hidden * e + 8 * targets
+    stats = n * 4 * (2 if s.family == "gpt2" else 1)  # the norm's rstd (LayerNorm: and its mean), fp32
+    head_saved = (n * s.hidden * norm_bytes(s, e) + stats + targets * s.hidden * e + 8 * targets
                   + (4 * s.hidden if s.norm_offset else 0))
     head_peak = rows * s.vocab * (4 + (e if e < 4 else 0)) + targets * s.hidden * e  # + the gathered rows
     transient = _backward_transient(s, batch_size, seq_len, e)
@@ -197,11 +200,11 @@ def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora
         # each checkpointed layer keeps its input and, with keep_attention, what its attention
         # kernel returned (the output and the fp32 logsumexp), which the recompute then skips
         kept = n * s.hidden * e + (n * s.heads * s.head_dim * e + n * s.heads * 4 if keep_attention else 0)
-        at_head = s.layers * kept + rope + head_saved + head_peak
+        at_head = s.layers * kept + shared + head_saved + head_peak
         # the last layer recomputed (its kept attention output counted in `full`), then its backward
-        in_layer = s.layers * kept - (kept - n * s.hidden * e) + rope + full + transient
+        in_layer = s.layers * kept - (kept - n * s.hidden * e) + shared + full + transient
     else:
-        layers = first + (s.layers - 1) * full + rope
+        layers = first + (s.layers - 1) * full + shared
         at_head = layers + head_saved + head_peak
         in_layer = layers + n * s.hidden * e + transient
     peak = max(at_head, in_layer)
