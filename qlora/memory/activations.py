@@ -26,7 +26,8 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     B's) and, in 16-bit compute, A and B cast to it; a DoRA layer (nn/dora.py) also its output
     before the magnitude scale (for m's gradient) and the scale g [out]. Elementwise ops save an
     operand only when the other one requires grad (frozen norm weights and RoPE tables never do).
-    The model's own dropouts (GPT-2's, Phi-3's; `device` decides their form): see `dropout_bytes`.
+    The model's own dropouts (on attention: any family's attention_dropout, GPT-2's attn_pdrop; on
+    the residuals: GPT-2's and Phi-3's resid_pdrop) take a form `device` decides: see `dropout_bytes`.
     """
     n = b * t  # tokens
     saved = 0
@@ -74,6 +75,7 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
         kg = linear("self_attn.k_proj", "n1", h, g)
         vg = linear("self_attn.v_proj", "n1", h, g)
     attn_grad = qg or kg or vg
+    fused = n * (q_dim + 2 * kv_dim) * e  # gpt2, phi3: q, k, v are views of one fused output
     math_attention = attn_grad and s.attn_dropout > 0 and device == "cpu"
     # o_proj's input: SDPA's own output (flash kernels: [b, t, heads, d] already) or a copy of it
     attn_out = "attn_out_copy" if math_attention or s.family == "phi3" else "attn_out"
@@ -88,7 +90,7 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
         if e < 4 or kv_math != kv_dim or b > 1:  # a float32 copy, the repeat, or bmm's copy of [b, heads] rows
             keep("v", n * kv_math * 4)
         else:  # v itself: a view of the fused qkv output (gpt2, phi3), else v_proj's output
-            keep("v", n * (q_dim + 2 * kv_dim) * e if s.family in ("gpt2", "phi3") else n * kv_dim * e)
+            keep("v", fused if s.family in ("gpt2", "phi3") else n * kv_dim * e)
         keep("probs", 3 * b * s.heads * t * t * 4)
     elif attn_grad:
         # SDPA (flash/efficient kernels, CPU and CUDA) saves q, k, v, out and the fp32 logsumexp.

@@ -105,17 +105,8 @@ def _saved_bytes(model, batch) -> int:
     # bf16 compute: the adapters' bf16 casts, the fused RMSNorm's own input, Gemma's fp32 norm copies
     ("llama", 0.05, True, "bfloat16"), ("gemma", 0.05, False, "bfloat16"), ("phi3", 0.0, True, "bfloat16")])
 def test_activations_equal_what_autograd_saves(arch, dropout, padded, dtype):
-    torch.manual_seed(0)
-    model = _prepared(arch, getattr(torch, dtype), dropout=dropout).train()
-    b, s = (2, 40) if padded else (1, 40)
-    ids = torch.randint(3, 250, (b, s))
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[0, -7:] = 0  # a padded row: HF passes SDPA a mask
-    saved = _saved_bytes(model, dict(input_ids=ids, attention_mask=mask, labels=ids))
-    plan = plan_memory(tiny_config(arch), rank=8, seq_len=s, batch_size=b, compute_dtype=dtype, device="cpu",
-                       gradient_checkpointing=False, lora_dropout=dropout, padded=padded)
-    assert plan.details["activations_saved"] == saved
+    saved, planned = _saved_and_planned(arch, dtype, dropout, padded)
+    assert planned == saved
 
 
 @pytest.mark.parametrize("arch,overrides,padded,dtype", [
@@ -126,16 +117,24 @@ def test_activations_equal_what_autograd_saves(arch, dropout, padded, dtype):
 def test_the_models_own_dropouts_equal_what_autograd_saves(arch, overrides, padded, dtype):
     """Attention dropout (SDPA's math path on the CPU, in float32), residual dropout (a saved noise
     tensor on the CPU) and GPT-2's gelu_new formula, as the planner reads them from the config."""
+    saved, planned = _saved_and_planned(arch, dtype, 0.05, padded, **overrides)
+    assert planned == saved
+
+
+def _saved_and_planned(arch: str, dtype: str, dropout: float, padded: bool, **overrides) -> tuple[int, int]:
+    """What autograd saves for one training forward of the tiny `arch` model (40 tokens; two rows,
+    one padded, when `padded`) and what plan_memory says it saves."""
     torch.manual_seed(0)
-    model = _prepared(arch, getattr(torch, dtype), **overrides).train()
+    model = _prepared(arch, getattr(torch, dtype), dropout=dropout, **overrides).train()
     b, s = (2, 40) if padded else (1, 40)
     ids = torch.randint(3, 250, (b, s))
     mask = torch.ones_like(ids)
-    mask[0, -7:] = 0 if padded else 1
+    if padded:
+        mask[0, -7:] = 0  # a padded row: HF passes SDPA a mask
     saved = _saved_bytes(model, dict(input_ids=ids, attention_mask=mask, labels=ids))
     plan = plan_memory(tiny_config(arch, **overrides), rank=8, seq_len=s, batch_size=b, compute_dtype=dtype,
-                       device="cpu", gradient_checkpointing=False, padded=padded)
-    assert plan.details["activations_saved"] == saved
+                       device="cpu", gradient_checkpointing=False, lora_dropout=dropout, padded=padded)
+    return saved, plan.details["activations_saved"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3", "gpt2"])
