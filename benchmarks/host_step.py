@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/host_step.py [--layers 22] [--steps 5] [--rounds 3] [--setups qlora,peer[,qlora-compile]]
                                              [--where] [--dtype bfloat16|float32] [--kernels]
+                                             [--rows full|padded|packed]
 
 A proxy for where a GPU step spends its host time: the 1.1B Llama's shape (22 layers, GQA 8:1,
 LoRA r=16 on all seven linear layers, gradient checkpointing) at tiny widths (hidden 64,
@@ -54,7 +55,7 @@ CHILD = textwrap.dedent("""
     import collections, json, math, statistics, sys, time, torch
     from torch.utils._python_dispatch import TorchDispatchMode
     path, setup, steps, WHERE, DT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", getattr(torch, sys.argv[5])
-    KERNELS = sys.argv[6] == "1"
+    KERNELS, ROWS = sys.argv[6] == "1", sys.argv[7]
     KERNEL_OPS = {"aten::" + op for op in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "_fused_adamw_",
                   "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
@@ -91,7 +92,15 @@ CHILD = textwrap.dedent("""
     batches = []
     for _ in range(steps + 4):
         ids = torch.randint(0, 512, (2, 64), generator=g)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        mask, labels = torch.ones_like(ids), ids.clone()
+        if ROWS == "packed":  # documents of 20, 30 and 14 tokens side by side, then one of 64
+            pos = torch.stack([torch.cat([torch.arange(n) for n in (20, 30, 14)]), torch.arange(64)])
+            labels[pos == 0] = -100
+            batches.append({"input_ids": ids, "position_ids": pos, "labels": labels})
+            continue
+        if ROWS == "padded":  # the second row 48 tokens, right-padded
+            mask[1, 48:], labels[1, 48:] = 0, -100
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     native = collections.Counter()
     native_s = [0.0]  # seconds inside qlora's C kernels
     if setup in ("qlora", "qlora-compile"):
@@ -218,6 +227,9 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true",
                     help="also profile 3 steps for the time inside the GEMM, attention, 4-bit decode and optimizer "
                          "kernels (device work on a GPU), and print host ms less it")
+    ap.add_argument("--rows", default="full", choices=["full", "padded", "packed"],
+                    help="the batch: two full rows of 64 (default), the second padded after 48 tokens, or packed "
+                         "documents (position ids restarting, no 2-D mask: DataCollatorWithFlattening's form)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint(Path(tmp), args.layers)
@@ -225,7 +237,7 @@ def main() -> None:
         for _ in range(args.rounds):  # setups interleaved, so that a busy spell hits each alike
             for setup in args.setups.split(","):
                 out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps),
-                                      str(int(args.where)), args.dtype, str(int(args.kernels))],
+                                      str(int(args.where)), args.dtype, str(int(args.kernels)), args.rows],
                                      capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
                 if out.returncode:
                     sys.exit(f"{setup} failed:\n{out.stderr[-3000:]}")
@@ -238,7 +250,8 @@ def main() -> None:
             results[setup]["kernel_ms"] = statistics.median(kernel_ms[setup])
     base = results.get("peer")
     rounds = ", ".join(f"{k} {'/'.join(f'{t:.0f}' for t in v)}" for k, v in host_ms.items())
-    print(f"one training step, {args.layers}-layer Llama at tiny widths, {args.dtype}, batch 2 x 64, 1 thread; host ms: "
+    print(f"one training step, {args.layers}-layer Llama at tiny widths, {args.dtype}, batch 2 x 64 ({args.rows} rows), "
+          f"1 thread; host ms: "
           f"median of {args.rounds} rounds {rounds}")
     print(f"{'setup':14} {'host ms':>8} {'launches':>9} {'(aten':>7} {'native)':>8} {'allocs':>7} {'views':>7} "
           f"{'reads':>6} {'py calls':>9} {'ms vs peer':>11} {'launches vs peer':>17}")

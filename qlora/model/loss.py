@@ -163,7 +163,7 @@ def _wrapped(model: nn.Module) -> bool:
 def _hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The final hidden states [b, t, hidden]."""
     base = getattr(model, model.base_model_prefix)
-    return base(**model_inputs(batch))[0]
+    return base(**model_inputs(batch, model.config))[0]
 
 
 def target_index(labels: torch.Tensor) -> torch.Tensor:
@@ -219,7 +219,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_token
     labelled tokens gives a zero loss (zero gradients), not NaN."""
     inner = _unwrap(model)
     if not fusable(inner):
-        out = model(**model_inputs(batch), labels=batch["labels"])
+        out = model(**model_inputs(batch, inner.config), labels=batch["labels"])
         if not bool((batch["labels"][:, 1:] != IGNORE).any()):
             return out.logits.float().sum() * 0.0  # still through the graph: collectives, if any, run
         return out.loss
@@ -241,7 +241,7 @@ def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], keep: torc
     keep = batch["labels"][:, 1:] != IGNORE if keep is None else keep
     inner = _unwrap(model)
     if not fusable(inner):
-        logits = model(**model_inputs(batch)).logits[:, :-1]
+        logits = model(**model_inputs(batch, inner.config)).logits[:, :-1]
         picked = logits[keep.to(logits.device)].float().log_softmax(-1)
         return picked.gather(1, batch["input_ids"][:, 1:].to(logits.device)[keep][:, None]).squeeze(1)
     compute = lambda m, b: _fused_log_probs(m, b, chunk_tokens)  # noqa: E731

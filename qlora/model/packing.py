@@ -16,6 +16,15 @@ Positions follow the position ids: RoPE (Llama, Qwen2, Mistral, Gemma, Phi-3) an
 learned table alike restart at each document. So a packed document gets the logits, loss and
 gradients it gets alone (tests/model/test_packing.py, on every architecture of PACKED_MODEL_TYPES).
 
+With the model's config, `model_inputs` builds that mask itself on the batch's device (sdpa on the
+architectures above, one window or none for every layer), the same boolean mask transformers
+builds: transformers' own mask code first asks the device whether the mask is all ones
+(`mask.sum() == numel`, `.all()`), a device sync per forward on a GPU. Whether there is padding
+is decided on the host instead (`unpadded_on_host`; train/distributed.py: share, before the copy),
+so a padded or packed step reads nothing back. (Rows without padding or packing still cost one
+read: transformers scans the default position ids for packed documents; a prebuilt mask would
+avoid it but trade SDPA's is_causal kernels for masked ones.)
+
 Other attention forms were measured on this CPU (torch 2.13, docs/benchmarks.md "Packing"):
 SDPA once per document (no wasted work, but a call per document per layer) and flex_attention
 (compiled) were both slower than the masked SDPA; torch's varlen_attn is CUDA-only.
@@ -33,13 +42,64 @@ PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "
 code paths for packed position ids, not run here: no GPU, no flash-attn)."""
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict:
     """The model's keyword arguments for `batch` (labels left out): a packed batch passes its
     position ids and no 2-D attention mask (which would hide the documents' boundaries), an
-    unpacked one its attention mask; never a cache (a cache hides the boundaries too)."""
-    if batch.get("position_ids") is not None:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    unpacked one its attention mask (none for a host-side mask of all ones); never a cache (a
+    cache hides the boundaries too). With the model's `config`, where `builds_mask(config)`,
+    the mask is passed prebuilt ([b, 1, t, t], `block_causal_mask`): nothing read back."""
+    ids, pos, mask = batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask")
+    inputs = {"input_ids": ids, "use_cache": False}
+    if pos is not None:
+        inputs["position_ids"] = pos
+        mask = None
+    elif mask is not None and unpadded_on_host(mask):
+        mask = None  # causal attention needs no mask
+    if (pos is not None or mask is not None) and config is not None and builds_mask(config):
+        mask = block_causal_mask(ids.shape[1], pos, mask, window(config))
+    if mask is not None:
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+def unpadded_on_host(mask: torch.Tensor) -> bool:
+    """True when the 2-D attention `mask` is on the host and all ones. A mask on a device is not
+    read: that would be a device sync (so the trainer asks before the copy, distributed.share)."""
+    return mask.device.type == "cpu" and bool(mask.all())
+
+
+def builds_mask(config) -> bool:
+    """True when `model_inputs` may pass the mask prebuilt: sdpa on an architecture of
+    PACKED_MODEL_TYPES, causal, every layer with the same window (or none)."""
+    get = lambda k, d=None: getattr(config, k, d)  # noqa: E731
+    if (get("_attn_implementation") or "sdpa") != "sdpa" or get("model_type") not in PACKED_MODEL_TYPES:
+        return False
+    return get("is_causal", True) and len(set(get("layer_types") or ())) <= 1
+
+
+def window(config) -> int | None:
+    """The sliding window every layer attends within (None: none)."""
+    size, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    return size if types is None or "sliding_attention" in types else None
+
+
+def block_causal_mask(length: int, position_ids: torch.Tensor | None = None, padding: torch.Tensor | None = None,
+                      window: int | None = None) -> torch.Tensor:
+    """Boolean [b, 1, t, t] (True: attend), on the inputs' device, what transformers' sdpa_mask
+    gives: causal, within each document of packed `position_ids` [b, t] (a new document where
+    a position does not follow the one before), to the keys `padding` [b, t] keeps, less than
+    `window` positions back."""
+    device = (position_ids if position_ids is not None else padding).device
+    i = torch.arange(length, device=device)
+    back = i[:, None] - i[None, :]
+    mask = ((back >= 0) if window is None else (back >= 0) & (back < window))[None]
+    if position_ids is not None:
+        start = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+        doc = start.cumsum(-1)
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    if padding is not None:
+        mask = mask & padding.bool()[:, None, :]
+    return mask[:, None]
 
 
 def packs_exactly(model: nn.Module | dict) -> bool:

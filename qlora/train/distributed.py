@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..model.loss import target_index
+from ..model.packing import unpadded_on_host
 from ..model.shard import load_sharded, shard_rows
 from ..nn.lora import LoraConfig
 from .config import ConfigError
@@ -149,7 +150,8 @@ def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tenso
     """This rank's contiguous rows of a global micro-batch, on its device (one process: all of them).
     To CUDA through pinned memory, without blocking the host (the copy is queued before the
     step's kernels on the same stream). With labels on the host, also `target_index` (the loss's
-    target positions, model/loss.py), so the loss picks them without a device sync."""
+    target positions, model/loss.py), so the loss picks them without a device sync; an attention
+    mask of all ones is left out (model/packing.py: model_inputs)."""
     cuda = torch.device(ranks.device).type == "cuda"
 
     def move(t: torch.Tensor) -> torch.Tensor:
@@ -158,6 +160,8 @@ def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tenso
         return t.to(ranks.device)
 
     rows = {k: shard_rows(v, ranks.rank, ranks.world_size) for k, v in batch.items()}
+    if "attention_mask" in rows and "position_ids" not in rows and unpadded_on_host(rows["attention_mask"]):
+        del rows["attention_mask"]  # no padding: decided here, so the model never asks the device
     out = {k: move(v) for k, v in rows.items()}
     if "labels" in rows and rows["labels"].device.type == "cpu":
         out["target_index"] = move(target_index(rows["labels"]))

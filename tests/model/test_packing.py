@@ -1,12 +1,17 @@
 """Packed batches keep documents apart: the loss and LoRA gradients of a packed batch equal
 those of the same documents run one by one, on every architecture packing is on for."""
+import traceback
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora import LoraConfig, prepare_model
 from qlora.model.loss import IGNORE, _as_forward, _fused_loss, causal_lm_loss, fusable
 from qlora.model.packing import PACKED_MODEL_TYPES, model_inputs, packs_exactly
 from qlora.train import data as D
+from qlora.train.distributed import Ranks, share
 
 from tiny_models import ARCHS, tiny_model
 
@@ -140,9 +145,78 @@ def test_model_inputs_and_which_models_pack():
     assert batch["position_ids"].tolist() == [[0, 1, 0, 0]]
     inputs = model_inputs(batch)
     assert "attention_mask" not in inputs and inputs["use_cache"] is False  # both would hide the boundaries
-    assert model_inputs(D.collate([D.Example([5, 6], [5, 6])], pad=0))["attention_mask"].tolist() == [[1, 1]]
+    padded = D.collate([D.Example([5, 6], [5, 6]), D.Example([7], [7])], pad=0)
+    assert model_inputs(padded)["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    unpadded = D.collate([D.Example([5, 6], [5, 6])], pad=0)
+    assert "attention_mask" not in model_inputs(unpadded) and "attention_mask" not in share(unpadded, Ranks())
     assert all(packs_exactly({"model_type": t}) for t in PACKED_MODEL_TYPES)
     assert not packs_exactly({"model_type": "gemma2"}) and not packs_exactly({"model_type": "mamba"})
     model = tiny_model("llama")
     model.config._attn_implementation = "paged|sdpa"  # an implementation that takes no mask
     assert not packs_exactly(model)
+
+
+def test_the_prebuilt_mask_is_transformers_own():
+    """model_inputs' mask for a padded and a packed batch is the one transformers builds from the
+    2-D mask or the position ids, with a sliding window too; layers of two kinds, eager or
+    another architecture leave it to transformers."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    model = tiny_model("mistral", sliding_window=None)
+    docs = _documents(seed=7)
+    for batch in (D.collate(docs, pad=0), D.collate(D.pack(docs, 40), pad=0)):
+        inputs = model_inputs(batch, model.config)
+        embeds = torch.zeros(*batch["input_ids"].shape, 8)
+        ours = inputs["attention_mask"]
+        theirs = create_causal_mask(model.config, embeds, batch["attention_mask"] if "position_ids" not in batch
+                                    else None, None, position_ids=batch.get("position_ids"))
+        assert ours.dtype == torch.bool and torch.equal(ours.expand_as(theirs), theirs)
+    for size in (5, batch["input_ids"].shape[1]):
+        model.config.sliding_window = size
+        theirs = create_sliding_window_causal_mask(model.config, embeds, None, None, position_ids=batch["position_ids"])
+        assert torch.equal(model_inputs(batch, model.config)["attention_mask"].expand_as(theirs), theirs)
+    qwen2 = tiny_model("qwen2", use_sliding_window=True, sliding_window=5,
+                       layer_types=["full_attention", "sliding_attention"]).config
+    assert len(set(qwen2.layer_types)) == 2 and "attention_mask" not in model_inputs(batch, qwen2)  # two masks
+    model.config._attn_implementation = "eager"
+    assert "attention_mask" not in model_inputs(batch, model.config)
+    assert "attention_mask" not in model_inputs(batch, SimpleNamespace(model_type="gemma2", _attn_implementation="sdpa"))
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that bring a tensor's value to the host: a device sync on a GPU, but for
+    `unpadded_on_host`, which only reads a mask that is on the host (here every tensor is)."""
+    NAMES = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal", "item"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.NAMES and not any(
+                f.name == "unpadded_on_host" for f in traceback.extract_stack()):
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_a_step_reads_nothing_back_from_the_device(arch):
+    """The forward and backward of a padded and a packed batch, as the trainer hands them over
+    (share), read no value back (each read is a device sync on a GPU), and give the loss of
+    transformers' own masks; the model left to build the padded mask reads one. (A batch with
+    no padding still reads one: transformers scans the default position ids for documents.)"""
+    model = _model(arch, torch.float32)
+    docs = _documents(seed=6)
+    padded = D.collate(docs, pad=0)
+    for batch in (padded, D.collate(D.pack(docs, 40), pad=0)):
+        shared = share(batch, Ranks())
+        with _HostReads() as reads:
+            loss = causal_lm_loss(model, shared)
+            loss.backward()
+        assert reads.seen == [], reads.seen
+        packed = "position_ids" in batch  # transformers reads the documents from the position ids alone
+        theirs = model(**{k: v for k, v in batch.items() if not (packed and k == "attention_mask")}, use_cache=False)
+        torch.testing.assert_close(loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    with _HostReads() as reads:
+        model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False)
+    assert reads.seen  # transformers' own mask code asks whether there is padding
