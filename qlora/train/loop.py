@@ -34,7 +34,7 @@ from ..model.gguf_model import gguf_source
 from ..model.load import load_model
 from ..memory import load_config
 from ..model.loss import IGNORE, causal_lm_loss
-from ..model.packing import PACKED_MODEL_TYPES, packs_exactly
+from ..model.packing import PACKED_MODEL_TYPES, packs_exactly, unpadded_on_host
 from ..model.prepare import compile_layers, prepare_model
 from ..model.shard import shard_rows, wrap_ddp
 from ..nn.lora import LoraConfig
@@ -205,8 +205,8 @@ def evaluate(model, examples: list[D.Example], batch_size: int, pad: int, multip
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for batch in D.eval_batches(examples, batch_size, pad, multiple):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())  # on the host
+        batch = {k: v.to(device) for k, v in batch.items() if not (k == "attention_mask" and unpadded_on_host(v))}
         total += float(causal_lm_loss(model, batch)) * n
         count += n
     model.train()
