@@ -56,7 +56,7 @@ def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict:
     elif mask is not None and unpadded_on_host(mask):
         mask = None  # causal attention needs no mask
     if (pos is not None or mask is not None) and config is not None and builds_mask(config):
-        mask = block_causal_mask(ids.shape[1], pos, mask, window(config))
+        mask = block_causal_mask(ids.shape[1], pos, mask, sliding_window(config))
     if mask is not None:
         inputs["attention_mask"] = mask
     return inputs
@@ -77,7 +77,7 @@ def builds_mask(config) -> bool:
     return get("is_causal", True) and len(set(get("layer_types") or ())) <= 1
 
 
-def window(config) -> int | None:
+def sliding_window(config) -> int | None:
     """The sliding window every layer attends within (None: none)."""
     size, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     return size if types is None or "sliding_attention" in types else None
