@@ -185,10 +185,16 @@ def _fused_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
 
 
 def _fused_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None) -> torch.Tensor:
-    hidden = _hidden(model, batch)[:, :-1]  # the positions that predict a next token
-    keep = batch["keep"].to(hidden.device)
-    targets = batch["input_ids"][:, 1:].to(hidden.device)
-    return head_log_probs(hidden[keep], model.get_output_embeddings(), targets[keep], chunk_tokens)
+    hidden = _hidden(model, batch)
+    index = batch.get("target_index")
+    if index is None:  # picked by a boolean mask (a device sync)
+        keep = batch["keep"].to(hidden.device)
+        targets = batch["input_ids"][:, 1:].to(hidden.device)
+        return head_log_probs(hidden[:, :-1][keep], model.get_output_embeddings(), targets[keep], chunk_tokens)
+    index = index.to(hidden.device)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    targets = batch["input_ids"].to(hidden.device).reshape(-1).index_select(0, index + 1)
+    return head_log_probs(rows, model.get_output_embeddings(), targets, chunk_tokens)
 
 
 @contextmanager
@@ -233,11 +239,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_token
 def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor | None = None,
                     chunk_tokens: int | None = None) -> torch.Tensor:
     """log p(input_ids[i, t+1] | input_ids[i, :t+1]) at each position where keep[i, t] (default:
-    labels[:, 1:] != -100), float32 [kept positions] in row-major order: through the fused
-    head (one chunk of logits at a time) like causal_lm_loss, whose per-token terms these are.
+    labels[:, 1:] != -100, picked by the batch's `target_index` where the trainer made one on
+    the host), float32 [kept positions] in row-major order: through the fused head (one chunk
+    of logits at a time) like causal_lm_loss, whose per-token terms these are.
 
     Sum them per row for a sequence's log-probability (preference losses, train/preference.py).
     A DDP-wrapped or FSDP2-sharded model computes them inside its own forward."""
+    index = batch.get("target_index") if keep is None else None
     keep = batch["labels"][:, 1:] != IGNORE if keep is None else keep
     inner = _unwrap(model)
     if not fusable(inner):
@@ -245,7 +253,8 @@ def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], keep: torc
         picked = logits[keep.to(logits.device)].float().log_softmax(-1)
         return picked.gather(1, batch["input_ids"][:, 1:].to(logits.device)[keep][:, None]).squeeze(1)
     compute = lambda m, b: _fused_log_probs(m, b, chunk_tokens)  # noqa: E731
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "keep": keep}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "keep": keep,
+              "target_index": index}
     if not _wrapped(model):
         return compute(model, inputs)
     with _as_forward(inner, compute):

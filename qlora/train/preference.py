@@ -188,16 +188,22 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_log_probs(model, batch: dict[str, torch.Tensor], keep: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row sum of the completion tokens' log-probs [rows], per-token log-probs at `keep`
-    (default: the completion tokens), row-major)."""
+    (default: the completion tokens), row-major, and the row of each). The completion tokens
+    are picked by the trainer's host-built `target_index` where the batch has one (no device
+    sync); another `keep` by a boolean mask."""
     completion = batch["labels"][:, 1:] != IGNORE
-    keep = completion if keep is None else keep
+    index = batch.get("target_index") if keep is None else None
     logps = token_log_probs(model, batch, keep)
+    sums = torch.zeros(completion.shape[0], dtype=torch.float32, device=logps.device)
+    if index is not None:
+        rows = index.to(logps.device) // batch["labels"].shape[1]
+        return sums.index_add(0, rows, logps), logps, rows
+    keep = completion if keep is None else keep
     rows = keep.nonzero()[:, 0].to(logps.device)
     scored = completion[keep].to(logps.device)
-    sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=logps.device)
-    return sums.index_add(0, rows[scored], logps[scored]), logps
+    return sums.index_add(0, rows[scored], logps[scored]), logps, rows
 
 
 @torch.no_grad()
@@ -249,7 +255,7 @@ class Preference:
         if self.method == "dpo":
             ref = batch.get("ref_logps")
             ref = reference_log_probs(model, batch) if ref is None else ref.to(lengths.device)
-            policy, _ = sequence_log_probs(model, batch)
+            policy = sequence_log_probs(model, batch)[0]
             ratio = policy - ref
             chosen, rejected = ratio[0::2], ratio[1::2]
             if self.loss_type == "ipo":
@@ -260,13 +266,17 @@ class Preference:
             terms = {"pairs": losses.sum()}
             rewards = self.beta * ratio.detach()
         else:
-            nll_keep = self._nll_keep(batch)
-            keep = completion | nll_keep
-            sums, token_logps = sequence_log_probs(model, batch, keep)
+            if self.train_on_prompt:  # the chosen rows' prompts too: picked by boolean masks
+                nll_keep = self._nll_keep(batch)
+                keep = completion | nll_keep
+                sums, token_logps, _ = sequence_log_probs(model, batch, keep)
+                nll = -token_logps[nll_keep[keep].to(token_logps.device)].sum()
+            else:  # the NLL's tokens are the chosen (even) rows' completion tokens
+                sums, token_logps, rows = sequence_log_probs(model, batch)
+                nll = -(token_logps * (rows % 2 == 0)).sum()
             average = sums / lengths.clamp(min=1)
             a_c, a_r = average[0::2], average[1::2]
             log_odds = (a_c - a_r) - (log1mexp(a_c) - log1mexp(a_r))
-            nll = -token_logps[nll_keep[keep].to(token_logps.device)].sum()
             terms = {"nll_tokens": nll, "pairs": -self.beta * F.logsigmoid(log_odds).sum()}
             rewards = self.beta * average.detach()
         chosen_r, rejected_r = rewards[0::2], rewards[1::2]

@@ -1,11 +1,9 @@
 """Packed batches keep documents apart: the loss and LoRA gradients of a packed batch equal
 those of the same documents run one by one, on every architecture packing is on for."""
-import traceback
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora import LoraConfig, prepare_model
 from qlora.model.loss import IGNORE, _as_forward, _fused_loss, causal_lm_loss, fusable
@@ -183,24 +181,8 @@ def test_the_prebuilt_mask_is_transformers_own():
     assert "attention_mask" not in model_inputs(batch, SimpleNamespace(model_type="gemma2", _attn_implementation="sdpa"))
 
 
-class _HostReads(TorchDispatchMode):
-    """Records the ops that bring a tensor's value to the host: a device sync on a GPU, but for
-    `unpadded_on_host`, which only reads a mask that is on the host (here every tensor is)."""
-    NAMES = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal", "item"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.NAMES and not any(
-                f.name == "unpadded_on_host" for f in traceback.extract_stack()):
-            self.seen.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_a_step_reads_nothing_back_from_the_device(arch):
+def test_a_step_reads_nothing_back_from_the_device(arch, host_reads):
     """The forward and backward of a padded and a packed batch, as the trainer hands them over
     (share), read no value back (each read is a device sync on a GPU), and give the loss of
     transformers' own masks; the model left to build the padded mask reads one. (A batch with
@@ -210,13 +192,13 @@ def test_a_step_reads_nothing_back_from_the_device(arch):
     padded = D.collate(docs, pad=0)
     for batch in (padded, D.collate(D.pack(docs, 40), pad=0)):
         shared = share(batch, Ranks())
-        with _HostReads() as reads:
+        with host_reads() as reads:
             loss = causal_lm_loss(model, shared)
             loss.backward()
         assert reads.seen == [], reads.seen
         packed = "position_ids" in batch  # transformers reads the documents from the position ids alone
         theirs = model(**{k: v for k, v in batch.items() if not (packed and k == "attention_mask")}, use_cache=False)
         torch.testing.assert_close(loss, theirs.loss, rtol=1e-5, atol=1e-6)
-    with _HostReads() as reads:
+    with host_reads() as reads:
         model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False)
     assert reads.seen  # transformers' own mask code asks whether there is padding
