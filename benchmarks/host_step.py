@@ -27,7 +27,9 @@ counted step: aten ops that compute (each a kernel launch on a GPU), native qlor
 so not counted as launches), view/metadata ops (no launch), host reads (ops that bring a
 tensor's value to the host: _local_scalar_dense from .item()/float()/bool(), .tolist(), nonzero,
 masked_select, indexing by a boolean mask, ...: a device sync where that tensor lives on the device; `--where` lists the
-lines they come from) and Python function calls (sys.setprofile). The top computing ops are
+lines they come from), of them "on dev" the reads while the step works on the batch where the model is (qlora:
+after the trainer's copy, `share`; the peer: the whole step), the logged reads left out: each a device sync inside
+the step on a GPU; and Python function calls (sys.setprofile). The top computing ops are
 listed by count.
 With --kernels, also the step's kernel time and its host time less it: the self time that
 torch.profiler gives the GEMMs, attention, torch's fused AdamW and bitsandbytes' ops, plus qlora's
@@ -65,19 +67,23 @@ CHILD = textwrap.dedent("""
              "repeat_interleave", "nonzero_static"}
     ALLOCS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}  # no kernel on a GPU
 
+    ON_DEVICE = [False]  # True while the step works on the batch where the model is (after the copy)
+
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
             self.ops, self.views, self.allocs, self.syncs = collections.Counter(), 0, 0, collections.Counter()
-            self.where = collections.Counter()
+            self.where, self.device_reads = collections.Counter(), collections.Counter()
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
             if name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
                 name = "index (boolean mask)"  # nonzero inside: on a GPU the host waits for the count
             if name in SYNCS or name == "index (boolean mask)":
                 self.syncs[name] += 1
+                import traceback
+                if ON_DEVICE[0] and not any(f.name == "unpadded_on_host" for f in traceback.extract_stack()):
+                    self.device_reads[name] += 1  # unpadded_on_host reads a mask only where it is on the host
                 if WHERE:
-                    import traceback
                     frames = [f for f in traceback.extract_stack()[:-1] if "site-packages/torch/" not in f.filename]
                     self.where[f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}"] += 1
             elif func.is_view or name in ("detach", "alias", "lift_fresh", "_unsafe_view"):
@@ -130,13 +136,22 @@ CHILD = textwrap.dedent("""
         opt = qlora.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
         sched = scheduler(opt, "cosine", 0, 1000)
         ranks = dist_.Ranks()
+        host_share = dist_.share
+        def share(batch, ranks):  # the trainer's copy to the device: what follows works on the device
+            out = host_share(batch, ranks)
+            ON_DEVICE[0] = True
+            return out
+        dist_.share = share
         def step(batch):
             loss_sum, _ = forward_backward(model, [batch], ranks)
             norm = clip_grad_norm(params, 1.0, error_if_nonfinite=False)
+            ON_DEVICE[0] = False  # the logged read, counted apart
             loss_v, norm_v = torch.stack([loss_sum.float(), norm.to(loss_sum.device, torch.float32)]).tolist()
             if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
                 raise SystemExit("non-finite")
+            ON_DEVICE[0] = True
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            ON_DEVICE[0] = False
             return loss_v, norm_v
     else:
         import bitsandbytes, peft, transformers
@@ -153,11 +168,13 @@ CHILD = textwrap.dedent("""
         opt = bitsandbytes.optim.PagedAdamW32bit(params, lr=2e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         def step(batch):
+            ON_DEVICE[0] = True  # the batch as it would be on the device
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=DT == torch.bfloat16):
                 loss = model(**batch).loss
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            ON_DEVICE[0] = False  # the logged reads, counted apart
             return float(loss), float(norm)
     model.train()
     times = []
@@ -199,7 +216,8 @@ CHILD = textwrap.dedent("""
         kernel_ms = (heavy / 1000 + 1000 * native_s[0]) / 3
     print(json.dumps({"host_ms": 1000 * statistics.median(times), "kernel_ms": kernel_ms, "ops": sum(mode.ops.values()),
                       "native": sum(native_step.values()), "native_by": native_step, "views": mode.views,
-                      "allocs": mode.allocs, "syncs": dict(mode.syncs), "python_calls": calls[0], "counted": counted,
+                      "allocs": mode.allocs, "syncs": dict(mode.syncs), "device_reads": dict(mode.device_reads),
+                      "python_calls": calls[0], "counted": counted,
                       "top": mode.ops.most_common(40), "where": mode.where.most_common(12)}))
 """)
 
@@ -254,13 +272,14 @@ def main() -> None:
           f"1 thread; host ms: "
           f"median of {args.rounds} rounds {rounds}")
     print(f"{'setup':14} {'host ms':>8} {'launches':>9} {'(aten':>7} {'native)':>8} {'allocs':>7} {'views':>7} "
-          f"{'reads':>6} {'py calls':>9} {'ms vs peer':>11} {'launches vs peer':>17}")
+          f"{'reads':>6} {'on dev':>7} {'py calls':>9} {'ms vs peer':>11} {'launches vs peer':>17}")
     for name, r in results.items():
         launches = r["ops"] + r["native"]
         ms = f"{r['host_ms'] / base['host_ms']:>10.2f}x" if base else ""
         rel = f"{launches / (base['ops'] + base['native']):>16.2f}x" if base and r["counted"] else ""
         counts = (f"{launches:9d} {r['ops']:7d} {r['native']:8d} {r['allocs']:7d} {r['views']:7d} "
-                  f"{sum(r['syncs'].values()):6d}" if r["counted"] else f"{'(inside compiled graphs)':>49}")
+                  f"{sum(r['syncs'].values()):6d} {sum(r['device_reads'].values()):7d}" if r["counted"]
+                  else f"{'(inside compiled graphs)':>57}")
         print(f"{name:14} {r['host_ms']:8.1f} {counts} {r['python_calls']:9d} {ms} {rel}")
     if args.kernels:
         print(f"\nless the kernels (self time of GEMMs, attention, 4-bit decode and optimizer kernels, profiled over "
@@ -273,7 +292,7 @@ def main() -> None:
     for name, r in results.items():
         if not r["counted"]:
             continue
-        print(f"\n{name}: host reads {r['syncs']}; native {r['native_by']}")
+        print(f"\n{name}: host reads {r['syncs']}, of them on the device {r['device_reads']}; native {r['native_by']}")
         print("  top ops: " + ", ".join(f"{op} {n}" for op, n in r["top"]))
         if r["where"]:
             print("  host reads from: " + ", ".join(f"{w} {n}" for w, n in r["where"]))
