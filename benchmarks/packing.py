@@ -2,6 +2,7 @@
 
     flock /tmp/qlora-bench.lock .venv/bin/python benchmarks/packing.py [--docs 160] [--max-length 512] [--batch 4]
         [--repeat 1] [--dtype bfloat16|float32] [--setups packed,padded,padded-b16,peer-flatten[,padded-ungrouped]]
+        [--device cpu|cuda]
 
 The documents: a synthetic instruction set with Alpaca's length histogram (`alpaca_like`):
 random token ids in the lengths the Alpaca template gives its rows (instruction about 15
@@ -41,7 +42,8 @@ CHILD = textwrap.dedent("""
     import json, sys, time, torch, transformers
     from qlora.train.peak import reset_peak, peak_bytes
     path, setup, docs_file, max_length, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-    dtype = getattr(torch, sys.argv[6])
+    dtype, device = getattr(torch, sys.argv[6]), torch.device(sys.argv[7])
+    cuda = device.type == "cuda"
     transformers.LlamaForCausalLM
     if setup.startswith("peer"):
         import bitsandbytes, peft
@@ -69,21 +71,30 @@ CHILD = textwrap.dedent("""
                            for ids in documents(b) if tuple(ids) in by_ids for d in [by_ids[tuple(ids)]]])
                  for b in micro]
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
-    start = reset_peak()
+    if setup.startswith("peer"):
+        micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
+    else:  # as the trainer hands them over: masks of all ones dropped, the target index made on the host
+        from qlora.train.distributed import Ranks, share
+        micro = [share(b, Ranks(device=device)) for b in micro]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        start = reset_peak()
     if setup.startswith("peer"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                             bnb_4bit_compute_dtype=dtype)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=dtype,
-                                                                  device_map="cpu")
+                                                                  device_map=str(device))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
         opt = bitsandbytes.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
         step_loss = lambda b: model(**b).loss
     else:
-        model = qlora.load_model(path, compute_dtype=dtype, progress=False)
+        model = qlora.load_model(path, compute_dtype=dtype, device=device, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
                                     verbose=False)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
@@ -92,6 +103,8 @@ CHILD = textwrap.dedent("""
     model.train()
     first = None
     for timed in (False, True):
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         for b in micro:
             with autocast:
@@ -100,11 +113,14 @@ CHILD = textwrap.dedent("""
             opt.step()
             opt.zero_grad(set_to_none=True)
             first = float(loss) if first is None else first
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t
     shapes = sorted({tuple(b["input_ids"].shape) for b in micro})
     print(json.dumps({"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "micro": len(micro),
                       "slots": sum(b["input_ids"].numel() for b in micro), "shapes": len(shapes),
-                      "peak_mb": (peak_bytes() - start) / 2**20, "first_loss": first}))
+                      "peak_mb": ((torch.cuda.max_memory_allocated() if cuda else peak_bytes()) - start) / 2**20,
+                      "first_loss": first}))
 """)
 
 LABELS = {"packed": "qlora packed (default)", "padded": "qlora padded (--no-packing)",
@@ -137,6 +153,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--setups", default="packed,padded,padded-b16,peer-flatten")
     ap.add_argument("--workdir", default="/tmp/qlora-train-bench")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (peak: torch's allocated bytes there)")
     args = ap.parse_args()
     from transformers import LlamaConfig
 
@@ -158,13 +175,14 @@ def main() -> None:
         for setup in args.setups.split(","):
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(docs_file), str(args.max_length),
-                                  str(args.batch), args.dtype], capture_output=True, text=True, env=env)
+                                  str(args.batch), args.dtype, args.device], capture_output=True, text=True, env=env)
             if out.returncode:
                 print(f"{setup} failed:\n{out.stderr[-3000:]}")
                 continue
             runs.setdefault(setup, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {k: sorted(v, key=lambda r: r["tokens_per_s"])[len(v) // 2] for k, v in runs.items()}
-    print(f"\n--batch {args.batch}, --max-length {args.max_length}, {args.dtype} compute; the second pass timed"
+    print(f"\n--batch {args.batch}, --max-length {args.max_length}, {args.dtype} compute on {args.device}; "
+          "the second pass timed"
           + (f"; median of {args.repeat} interleaved runs" if args.repeat > 1 else ""))
     if args.repeat > 1:
         for setup, rs in runs.items():
