@@ -166,12 +166,18 @@ def _hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return base(**model_inputs(batch, model.config))[0]
 
 
-def target_index(labels: torch.Tensor) -> torch.Tensor:
-    """Flat positions i * t + j of labels [b, t] whose next token is a target (labels[i, j + 1]
-    != -100), int64 in row-major order, on labels' device (made on the host for a CPU batch)."""
-    keep = labels[:, 1:] != IGNORE
+def flat_positions(keep: torch.Tensor) -> torch.Tensor:
+    """Flat positions i * t + j where keep[i, j], for `keep` [b, t - 1] over rows of t tokens (the
+    positions that predict a next token), int64 in row-major order, on keep's device (there a
+    device sync: the count comes back)."""
     rows, cols = keep.nonzero().unbind(1)
-    return rows * labels.shape[1] + cols
+    return rows * (keep.shape[1] + 1) + cols
+
+
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """`flat_positions` of labels [b, t] whose next token is a target (labels[i, j + 1] != -100)
+    (made on the host for a CPU batch)."""
+    return flat_positions(labels[:, 1:] != IGNORE)
 
 
 def _fused_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None) -> torch.Tensor:
@@ -187,11 +193,7 @@ def _fused_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
 def _fused_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None) -> torch.Tensor:
     hidden = _hidden(model, batch)
     index = batch.get("target_index")
-    if index is None:  # picked by a boolean mask (a device sync)
-        keep = batch["keep"].to(hidden.device)
-        targets = batch["input_ids"][:, 1:].to(hidden.device)
-        return head_log_probs(hidden[:, :-1][keep], model.get_output_embeddings(), targets[keep], chunk_tokens)
-    index = index.to(hidden.device)
+    index = flat_positions(batch["keep"].to(hidden.device)) if index is None else index.to(hidden.device)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     targets = batch["input_ids"].to(hidden.device).reshape(-1).index_select(0, index + 1)
     return head_log_probs(rows, model.get_output_embeddings(), targets, chunk_tokens)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.loss import IGNORE, token_log_probs
+from ..model.loss import IGNORE, flat_positions, token_log_probs
 from ..nn.lora import adapters_disabled
 from ..rows import DataError
 from . import data as D
@@ -192,18 +192,19 @@ def sequence_log_probs(model, batch: dict[str, torch.Tensor], keep: torch.Tensor
     """(per-row sum of the completion tokens' log-probs [rows], per-token log-probs at `keep`
     (default: the completion tokens), row-major, and the row of each). The completion tokens
     are picked by the trainer's host-built `target_index` where the batch has one (no device
-    sync); another `keep` by a boolean mask."""
-    completion = batch["labels"][:, 1:] != IGNORE
+    sync); another `keep` by its positions (a device sync)."""
+    labels = batch["labels"]
     index = batch.get("target_index") if keep is None else None
     logps = token_log_probs(model, batch, keep)
-    sums = torch.zeros(completion.shape[0], dtype=torch.float32, device=logps.device)
-    if index is not None:
-        rows = index.to(logps.device) // batch["labels"].shape[1]
+    if index is None:
+        index = flat_positions(labels[:, 1:] != IGNORE if keep is None else keep)
+    index = index.to(logps.device)
+    rows = index // labels.shape[1]
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=logps.device)
+    if keep is None:  # every kept token is a completion token
         return sums.index_add(0, rows, logps), logps, rows
-    keep = completion if keep is None else keep
-    rows = keep.nonzero()[:, 0].to(logps.device)
-    scored = completion[keep].to(logps.device)
-    return sums.index_add(0, rows[scored], logps[scored]), logps, rows
+    scored = labels.to(logps.device).reshape(-1).index_select(0, index + 1) != IGNORE
+    return sums.index_add(0, rows, torch.where(scored, logps, 0.0)), logps, rows
 
 
 @torch.no_grad()
@@ -266,14 +267,11 @@ class Preference:
             terms = {"pairs": losses.sum()}
             rewards = self.beta * ratio.detach()
         else:
-            if self.train_on_prompt:  # the chosen rows' prompts too: picked by boolean masks
-                nll_keep = self._nll_keep(batch)
-                keep = completion | nll_keep
-                sums, token_logps, _ = sequence_log_probs(model, batch, keep)
-                nll = -token_logps[nll_keep[keep].to(token_logps.device)].sum()
-            else:  # the NLL's tokens are the chosen (even) rows' completion tokens
-                sums, token_logps, rows = sequence_log_probs(model, batch)
-                nll = -(token_logps * (rows % 2 == 0)).sum()
+            # the NLL's tokens: every kept token of a chosen (even) row (its completion, and with
+            # train_on_prompt its prompt, which only then is kept: picked by its positions)
+            keep = completion | self._nll_keep(batch) if self.train_on_prompt else None
+            sums, token_logps, rows = sequence_log_probs(model, batch, keep)
+            nll = -(token_logps * (rows % 2 == 0)).sum()
             average = sums / lengths.clamp(min=1)
             a_c, a_r = average[0::2], average[1::2]
             log_odds = (a_c - a_r) - (log1mexp(a_c) - log1mexp(a_r))
