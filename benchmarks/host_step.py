@@ -39,7 +39,15 @@ carries their noise; bitsandbytes' ops count whole, their Python included, which
 peer's host time).
 Not measured: a fake-tensor trace of the CUDA path (here both stacks run their CPU kernels:
 qlora decodes with its C kernel, bitsandbytes with its own CPU code), so launch counts are
-the CPU dispatch counts, a proxy for the CUDA ones.
+the CPU dispatch counts, a proxy for the CUDA ones. Such a trace cannot run on this machine's
+CPU-only torch (2.13.0+cpu): fake CUDA tensors can be made and moved, but autograd aborts the
+process (C++ terminate) as soon as it records a fake CUDA tensor that requires grad (its
+InputMetadata asks for the CUDA stream: getDeviceGuardImpl, "not linked with support for cuda
+devices"), already at `mm(x, p)` with `p` a fake CUDA parameter; tensor indexing and
+`.to("cuda")` of a host tensor stop at the same guard in their Python bindings. With a no-op
+CUDA device guard registered from a small C++ extension (c10::impl::NoOpDeviceGuardImpl), the
+forward, indexing and copies run, and backward stops in autograd's engine: "Cannot access
+accelerator device when none is available".
 """
 from __future__ import annotations
 
