@@ -26,7 +26,8 @@ Tested by `pytest tests/optim` (torch.optim.AdamW is the oracle for 32-bit state
 - All state is flat 1-D per parameter; big parameters are updated in chunks (multiples
   of 256 elements, so 8-bit blocks never straddle a chunk) to bound temporaries and
   page sizes; float32 parameters with resident state go whole (the fused kernel makes no
-  temporaries). Elementwise math makes chunked and whole updates identical.
+  temporaries), with m and v viewed in the parameter's shape (views kept across steps, so a
+  step makes no view op per parameter). Elementwise math makes chunked and whole updates identical.
 - Sharded parameters (FSDP2's DTensors) are updated through their local shard: the state
   covers this rank's elements only (so state_dict() is this rank's shard), while the
   8-bit-or-not choice follows the whole parameter's size, the same on every rank.
@@ -275,8 +276,9 @@ class AdamW(torch.optim.Optimizer):
 
     def _step_device(self, device: torch.device, items: list[tuple[torch.Tensor, dict]]) -> None:
         pager = self._pager(device) if self.paged else None
+        views = self.__dict__.setdefault("_views", {})
         if pager is not None:
-            pager.place(*self._held(device))
+            pager.place(*self._held(device), before_moving=views.clear)  # kept views would pin moved state
         jobs: list[Job] = []
         batches: dict[tuple[int, int, bool], _Batch] = {}  # resident 32-bit state, by (group, step, whole)
 
@@ -294,10 +296,17 @@ class AdamW(torch.optim.Optimizer):
             eight_bit = self.is_8bit(p, group)
             paged = pager is not None and not pager.is_resident(p)
             lp = local(p)
+            whole = not (paged or eight_bit) and lp.dtype == torch.float32
+            if whole and lp.is_contiguous():
+                # whole, not in chunks: for float32 parameters the fused kernel makes no temporaries;
+                # p and its gradient as they are, m and v viewed in their shape once (no view op a step)
+                g = local(p.grad)
+                batch_for(group, step, True, 0).add(lp, g if g.is_contiguous() else g.contiguous(),
+                                                    *_shaped(views, p, state, lp.shape))
+                continue
             flat_g = local(p.grad).reshape(-1)
             flat_p, writeback = _flat(lp)
-            if not (paged or eight_bit) and lp.dtype == torch.float32:
-                # whole, not in chunks: for float32 parameters the fused kernel makes no temporaries
+            if whole:
                 batch_for(group, step, True, 0).add(flat_p, flat_g, state["exp_avg"], state["exp_avg_sq"])
                 if writeback is not None:  # after the batch's job, which is earlier in the list
                     jobs.append(Job([], writeback, False))
@@ -382,6 +391,7 @@ class AdamW(torch.optim.Optimizer):
         self.synchronize()
         for pager in self.pagers.values():
             pager.forget()
+        self.__dict__.pop("_views", None)  # views of the old state
         self.state = defaultdict(dict)
         for i, saved in state_dict["state"].items():
             i = int(i)
@@ -432,6 +442,16 @@ def _check_state_shape(i: int, p: torch.Tensor, key: str, t: torch.Tensor) -> No
             f"load_state_dict: parameter {i} (shape {tuple(p.shape)}) state {key!r} is {t.dtype} with "
             f"{t.numel()} elements, expected {want_dtype} with {want_n}"
         )
+
+
+def _shaped(views: dict, p: torch.Tensor, state: dict, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """p's flat float32 m and v viewed in `shape`, kept in `views` (the optimizer's, outside the
+    state dict) and made again when m or v is another tensor."""
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    kept = views.get(p)  # (m, v, m viewed, v viewed)
+    if kept is None or kept[0] is not m or kept[1] is not v or kept[2].shape != shape:
+        kept = views[p] = (m, v, m.view(shape), v.view(shape))
+    return kept[2], kept[3]
 
 
 def _flat(p: torch.Tensor):

@@ -170,17 +170,21 @@ class Pager:
             torch.cuda.synchronize(self.device)
 
     # ---- placement --------------------------------------------------------------------
-    def place(self, states: dict[torch.Tensor, State], largest_job: int) -> None:
+    def place(self, states: dict[torch.Tensor, State], largest_job: int,
+              before_moving: Callable[[], None] | None = None) -> None:
         """Evict or restore whole states so that resident + pages fit `limit()`.
 
         `states` maps each parameter (in update order) to its state dict; tensors are
         replaced in those dicts when they move. `largest_job` is the page bytes the
-        largest chunk the owner will stream needs (it sizes the pages).
+        largest chunk the owner will stream needs (it sizes the pages). `before_moving` is
+        called first where anything may move (the owner drops what it holds of the states).
         """
         limit = self.limit()
         if (self.pages is None and len(self.resident) == len(states) and self.device_bytes <= limit
                 and all(p in self.resident for p in states)):
             return  # all resident, no pages, and it fits: nothing moves (the common step)
+        if before_moving is not None:
+            before_moving()
         for p in [p for p in self.resident if p not in states]:  # params that left
             del self.resident[p]
         sizes = {p: nbytes(s) for p, s in states.items()}
