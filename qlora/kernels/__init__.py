@@ -100,17 +100,22 @@ _triton_error: str | None = None
 _triton_warned = False
 
 
+_triton_decode = _triton_dropout = None  # the modules, once imported
+
+
 def triton_module():
     """The triton_decode module, or None where triton does not import (or QLORA_KERNELS=reference)."""
-    global _triton_error
+    global _triton_error, _triton_decode
     if _mode() == "reference" or _triton_error is not None:
         return None
-    try:
-        from . import triton_decode as module
-    except ImportError as e:
-        _triton_error = f"{type(e).__name__}: {e}"
-        return None
-    return module
+    if _triton_decode is None:
+        try:
+            from . import triton_decode
+        except ImportError as e:
+            _triton_error = f"{type(e).__name__}: {e}"
+            return None
+        _triton_decode = triton_decode
+    return _triton_decode
 
 
 def _triton_for(t: torch.Tensor):
@@ -187,9 +192,11 @@ def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: fl
         raise ValueError(f"a dropout seed tensor must be one int64 on {x.device}, got {seed.dtype} "
                          f"{tuple(seed.shape)} on {seed.device}")
     if _triton_for(x):
-        from . import triton_dropout
-
-        triton_dropout.seeded_dropout(x, out, threshold, scale, seed, x2, out2, scale2)
+        global _triton_dropout
+        if _triton_dropout is None:
+            from . import triton_dropout
+            _triton_dropout = triton_dropout
+        _triton_dropout.seeded_dropout(x, out, threshold, scale, seed, x2, out2, scale2)
         return True
     lib = _native()
     pair = () if x2 is None else (x2, out2)

@@ -183,7 +183,21 @@ def decode_4bit(qt: "Packed4bit", out: torch.Tensor, *, bytes_per_program: int =
     """Decode `qt` into the contiguous float tensor `out` (same device, qt.numel() elements).
 
     `bytes_per_program` (a power of two >= 64) and `num_warps` only change the launch
-    (benchmarks/gpu.py sweeps them), never the result."""
+    (benchmarks/gpu.py sweeps them), never the result. The checks and the launch's arguments
+    are worked out once per (qt, out, launch) and kept on qt while out, qt's tensors and its
+    code book are the same (a layer decodes into the same workspace every call)."""
+    key = (out.data_ptr(), out.dtype, out.numel(), out.device, qt.data.data_ptr(), qt.absmax.data_ptr(),
+           qt.code.data_ptr(), qt.code._version, qt.nested_offset, bytes_per_program, num_warps)
+    launch = qt.__dict__.get("_triton_launch")  # (key, grid, arguments before out, after out, options)
+    if launch is None or launch[0] != key or not out.is_contiguous():
+        launch = qt.__dict__["_triton_launch"] = (key, *_decode_launch(qt, out, bytes_per_program, num_warps))
+    _, grid, head, tail, options = launch
+    with on_device(out):
+        _decode_kernel[grid](*head, out, *tail, **options)
+
+
+def _decode_launch(qt: "Packed4bit", out: torch.Tensor, bytes_per_program: int, num_warps: int) -> tuple:
+    """decode_4bit's checks, then its launch: (grid, arguments before out, after out, options)."""
     check(qt, "triton decode_4bit")
     if out.dtype not in OUT_DTYPES or not out.is_contiguous() or out.device != qt.data.device:
         raise ValueError(f"triton decode_4bit: out must be a contiguous float32/float16/bfloat16 tensor on "
@@ -195,13 +209,11 @@ def decode_4bit(qt: "Packed4bit", out: torch.Tensor, *, bytes_per_program: int =
     nested, nested_code, offset = _nested_args(qt)
     if bytes_per_program < 64 or bytes_per_program & (bytes_per_program - 1):
         raise ValueError(f"triton decode_4bit: bytes_per_program must be a power of two >= 64, got {bytes_per_program}")
-    with on_device(out):
-        _decode_kernel[(triton.cdiv(nbytes, bytes_per_program),)](
-            qt.data, qt.absmax, nested, nested_code, offset, code_pairs(qt.code), out, n, nbytes,
-            HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=bytes_per_program,
-            COLS=min(qt.blocksize // 2, bytes_per_program), MANUAL_BF16=INTERPRET,
-            EVEN=nbytes % bytes_per_program == 0 and n % 2 == 0, num_warps=num_warps, **LAUNCH,
-        )
+    options = dict(HALF_BLOCK=qt.blocksize // 2, DQ=qt.double_quant, BYTES=bytes_per_program,
+                   COLS=min(qt.blocksize // 2, bytes_per_program), MANUAL_BF16=INTERPRET,
+                   EVEN=nbytes % bytes_per_program == 0 and n % 2 == 0, num_warps=num_warps, **LAUNCH)
+    return ((triton.cdiv(nbytes, bytes_per_program),),
+            (qt.data, qt.absmax, nested, nested_code, offset, code_pairs(qt.code)), (n, nbytes), options)
 
 
 def block_scales(qt: "Packed4bit") -> torch.Tensor:

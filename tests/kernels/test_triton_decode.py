@@ -133,6 +133,33 @@ def test_triton_decode_through_the_dispatch(monkeypatch):
     assert torch.equal(w.view(-1), reference(qt, torch.bfloat16))
 
 
+def test_triton_decode_works_out_its_launch_once_per_weight_and_workspace(monkeypatch):
+    """A layer decodes into the same workspace every call: the checks and the launch's arguments
+    are worked out once and kept on the weight, and again when the workspace, the weight's
+    tensors or its code book change; every call bit for bit the reference."""
+    checks = []
+    real = triton_decode.check
+    monkeypatch.setattr(triton_decode, "check", lambda qt, what: checks.append(what) or real(qt, what))
+    qt = qlora.quantize(torch.randn(3 * 1024 + 64), "nf4", 64, True)
+    out = torch.empty(qt.numel(), dtype=torch.bfloat16)
+
+    def decoded(into):
+        into.fill_(float("nan"))
+        triton_decode.decode_4bit(qt, into)
+        return torch.equal(into, reference(qt, into.dtype))
+
+    assert all(decoded(out) for _ in range(3)) and len(checks) == 1
+    qt.code = qt.code.clone()  # another code book tensor (the same values)
+    assert decoded(out) and len(checks) == 2
+    qt.code[15] = 0.5  # changed in place: new pairs
+    assert decoded(out) and len(checks) == 3
+    assert decoded(torch.empty(qt.numel(), dtype=torch.float32)) and len(checks) == 4  # another workspace
+    assert decoded(out) and len(checks) == 5
+    qt.code = qt.code.double()  # a bad code book set on the same weight still fails its check
+    with pytest.raises(ValueError, match="code must be 16 float32"):
+        triton_decode.decode_4bit(qt, out)
+
+
 def test_triton_decode_errors_name_the_tensor():
     qt = qlora.quantize(torch.randn(64))
     with pytest.raises(ValueError, match="out has 32 elements"):
