@@ -54,10 +54,16 @@ LAUNCH = {"enable_fp_fusion": False}
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Context for a launch on t's tensors: Triton launches on the *current* CUDA device, so
-    without it a model on cuda:1 in a process whose current device is cuda:0 would fault."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    without it a model on cuda:1 in a process whose current device is cuda:0 would fault. None
+    where the process sees one CUDA device (it is the current one): a launch saves two device switches."""
+    if t.device.type != "cuda" or torch.cuda.device_count() < 2:
+        return _NO_CONTEXT
+    return torch.cuda.device(t.device)
 
 
 @triton.jit

@@ -173,14 +173,20 @@ def test_triton_decode_errors_name_the_tensor():
 
 def test_triton_launches_enter_their_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device, not the tensors': every launcher enters its
-    tensors' device first (else a model on cuda:1, current device cuda:0, would fault)."""
+    tensors' device first (else a model on cuda:1, current device cuda:0, would fault), where
+    the process sees more than one device."""
     import contextlib
     import types
 
     from qlora.kernels import triton_dropout, triton_matmul
 
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert isinstance(triton_decode.on_device(on_gpu), contextlib.nullcontext)  # one device: the current one
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     ctx = triton_decode.on_device(types.SimpleNamespace(device=torch.device("cuda", 1)))
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1  # built without touching CUDA
+    monkeypatch.undo()
     entered = []
     real = triton_decode.on_device
 
