@@ -1,7 +1,7 @@
 """Packed vs padded training on instruction data: real tokens/s (padding not counted) and peak.
 
     flock /tmp/qlora-bench.lock .venv/bin/python benchmarks/packing.py [--docs 160] [--max-length 512] [--batch 4]
-        [--repeat 1] [--dtype bfloat16|float32] [--setups packed,padded,padded-b16,peer-flatten[,padded-ungrouped]]
+        [--repeat 1] [--dtype bfloat16|float32] [--setups packed,padded,padded-b16,peer-flatten[,padded-ungrouped,packed-flex]]
         [--device cpu|cuda]
 
 The documents: a synthetic instruction set with Alpaca's length histogram (`alpaca_like`):
@@ -12,6 +12,8 @@ alpha 16 / dropout 0.05 on all linear layers of the 58M Llama of benchmarks/trai
 bf16 weights), NF4 + DQ, gradient checkpointing, an optimizer step per micro-batch:
 - packed       qlora: `qlora train` (default): data.pack into rows of at most --max-length, --batch rows
                a micro-batch, documents kept apart by their position ids (model/packing.py)
+- packed-flex  the same with `--attn-implementation flex_attention` (torch's flex attention, whose block
+               mask skips the blocks between documents; it trains on CUDA only)
 - padded       qlora: `qlora train --no-packing`: --batch documents a micro-batch, grouped by length,
                padded to a multiple of 16
 - padded-b16   the same with 4 x --batch documents a micro-batch (about as many real tokens as packed)
@@ -52,7 +54,7 @@ CHILD = textwrap.dedent("""
     from qlora.train import data as D
     docs = [D.Example(d["input_ids"], d["labels"]) for d in json.loads(open(docs_file).read())]
     packed = D.Batches(D.pack(docs, max_length), batch, seed=0, group_by_length=False, pad=0, multiple=16)
-    if setup == "packed" or setup.startswith("peer"):
+    if setup.startswith(("packed", "peer")):
         micro = [packed.batch(k) for k in range(packed.per_epoch)]
     else:
         padded = D.Batches(docs, batch * (4 if setup == "padded-b16" else 1), seed=0,
@@ -97,6 +99,9 @@ CHILD = textwrap.dedent("""
         model = qlora.load_model(path, compute_dtype=dtype, device=device, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
                                     verbose=False)
+        if setup == "packed-flex":  # --attn-implementation flex_attention: a block-sparse mask (CUDA only)
+            from qlora.model.attention import set_attention
+            set_attention(model, "flex_attention", device)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
         autocast = torch.autocast("cpu", enabled=False)
         step_loss = lambda b: causal_lm_loss(model, b)
@@ -123,7 +128,7 @@ CHILD = textwrap.dedent("""
                       "first_loss": first}))
 """)
 
-LABELS = {"packed": "qlora packed (default)", "padded": "qlora padded (--no-packing)",
+LABELS = {"packed": "qlora packed (default)", "packed-flex": "qlora packed, flex attention", "padded": "qlora padded (--no-packing)",
           "padded-b16": "qlora padded, 4x the rows", "padded-ungrouped": "qlora padded, not grouped by length",
           "peer-flatten": "peft+bnb, DataCollatorWithFlattening"}
 

@@ -21,6 +21,7 @@ from . import explain, optim  # noqa: E402
 from .errors import CheckpointError, QloraError, TrainingError
 from .memory import MemoryPlan, plan_memory
 from .model.adapter import load_adapter, save_adapter
+from .model.attention import set_attention
 from .model.load import load_model
 from .model.prepare import compile_layers, memory_report, prepare_model
 from .model.save import merge_adapter, save_quantized
@@ -40,5 +41,5 @@ __all__ = [
     "QloraError", "QuantizedTensor", "TrainConfig", "TrainingError", "compile_layers", "derive_nf4", "dynamic_map",
     "explain", "finetune",
     "load_adapter", "load_model", "load_sharded", "memory_report", "merge_adapter", "optim", "plan_memory",
-    "prepare_model", "quantize", "save_adapter", "save_quantized",
+    "prepare_model", "quantize", "save_adapter", "save_quantized", "set_attention",
 ]

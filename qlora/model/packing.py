@@ -34,12 +34,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import ATTENTION
+
 PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2")
 """Architectures checked to keep packed documents apart (position ids -> positions and attention)."""
-PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-"""transformers attention implementations that read document boundaries from position ids
-(the tests run sdpa, the default, and eager; flash and flex are transformers' own
-code paths for packed position ids, not run here: no GPU, no flash-attn)."""
+PACKED_ATTENTION = ATTENTION
+"""transformers attention implementations that read document boundaries from position ids:
+all that qlora accepts (the tests run sdpa, the default, and eager; flash and flex are
+transformers' own code paths for packed position ids, not run here: no GPU, no flash-attn)."""
 
 
 def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict:

@@ -89,6 +89,7 @@ class TrainConfig:
     pad_to_multiple: int = 16  # pad each batch's length up to a multiple of N (fewer shapes: less memory, faster)
     checkpoint_every: int = 1  # with checkpointing: recompute every N-th decoder layer only (faster, more memory)
     keep_attention: bool = False  # with checkpointing: keep attention outputs, skip their recompute (faster, more memory)
+    attn_implementation: str = "auto"  # auto (the model's: sdpa), sdpa, eager, flash_attention_2/3 (flash-attn), flex_attention (CUDA); the memory plan models sdpa
     compile: bool = False  # torch.compile each decoder layer (one graph each; the first steps compile)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     # data
@@ -240,6 +241,7 @@ def read_recipe(path: Path) -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Reject impossible settings with a message naming the flag."""
+    from ..model.attention import ATTENTION
     from ..optim.schedule import SCHEDULES
     from ..quant.tensor import BLOCKSIZES
 
@@ -277,6 +279,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device must be auto, cpu, cuda or cuda:N"),
         (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
         (cfg.distributed in ("fsdp", "ddp"), "--distributed must be fsdp or ddp"),
+        (cfg.attn_implementation in ("auto",) + ATTENTION,
+         f"--attn-implementation must be auto or one of {', '.join(ATTENTION)}"),
         (cfg.method in ("sft", "dpo", "orpo"), "--method must be sft, dpo or orpo"),
         (cfg.beta > 0, "--beta must be positive"),
         (cfg.loss_type in ("sigmoid", "ipo"), "--loss-type must be sigmoid or ipo"),

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..errors import TrainingError
 from ..model.checkpoint_files import resolve
+from ..model.attention import set_attention
 from ..model.gguf_model import gguf_source
 from ..model.load import load_model
 from ..memory import load_config
@@ -129,8 +130,11 @@ def _training_model(cfg: TrainConfig, model_path: str, ranks: dist_.Ranks):
     if ranks.mode == "fsdp":
         if cfg.compile:
             raise TrainingError("--compile runs in one process or under --distributed ddp, not fsdp (yet)")
-        return dist_.build_sharded(cfg, ranks, model_path)
+        model = dist_.build_sharded(cfg, ranks, model_path)
+        set_attention(model, cfg.attn_implementation, ranks.device)
+        return model
     model = _build_model(cfg, model_path)
+    set_attention(model, cfg.attn_implementation, ranks.device)
     if cfg.compile:
         compile_layers(model)
     return wrap_ddp(model.to(ranks.device), ranks.device) if ranks.mode == "ddp" else model

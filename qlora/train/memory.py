@@ -245,4 +245,7 @@ def plan_run(cfg, model_path: str, rows: list | None = None, world_size: int = 1
         print(f"memory: no plan for this model ({e}); memory.json will hold only the measured peak")
         return None
     print(plan.table())
+    if getattr(cfg, "attn_implementation", "auto") not in ("auto", "sdpa"):
+        print(f"memory: the plan counts what sdpa attention saves; --attn-implementation {cfg.attn_implementation} "
+              "saves otherwise (eager: the [batch, heads, tokens, tokens] probabilities too)")
     return plan

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qlora import LoraConfig, prepare_model
+from qlora.model.attention import set_attention
 from qlora.model.loss import IGNORE, _as_forward, _fused_loss, causal_lm_loss, fusable
 from qlora.model.packing import PACKED_MODEL_TYPES, model_inputs, packs_exactly
 from qlora.train import data as D
@@ -100,8 +101,8 @@ def test_packed_batch_equals_documents_one_by_one_bf16(arch):
 
 def test_eager_attention_keeps_documents_apart_too():
     model = _model("llama", torch.float32)
-    model.set_attn_implementation("eager")
-    assert packs_exactly(model)
+    set_attention(model, "eager")  # --attn-implementation eager
+    assert model.config._attn_implementation == "eager" and packs_exactly(model)
     docs = _documents(seed=5)
     ref_loss, ref_grads = _one_by_one(model, docs)
     loss, grads = _packed(model, docs)

@@ -70,6 +70,7 @@ def test_every_field_is_a_flag_and_roundtrips_through_yaml(tmp_path):
     (["--checkpoint-every", "0"], "--checkpoint-every"),
     (["--pad-to-multiple", "0"], "--pad-to-multiple"),
     (["--device", "tpu"], "--device"),
+    (["--attn-implementation", "flash"], "--attn-implementation must be auto or one of sdpa"),
 ])
 def test_invalid_values(argv, match):
     with pytest.raises(ValueError, match=match):

@@ -1,5 +1,6 @@
 """The training loop end to end: metrics, checkpoints, exact resume after SIGKILL, bad steps."""
 import json
+import math
 import os
 import random
 import signal
@@ -328,3 +329,15 @@ def test_dora_trains_saves_and_resumes(model_dir, alpaca_file, tmp_path):
     assert len(magnitudes) == 2 * 7  # every adapted layer, and the magnitudes were trained
     start = load_file(str(tmp_path / "checkpoints" / "step-0000002" / "adapter_model.safetensors"))
     assert any(not torch.equal(tensors[k], start[k]) for k in magnitudes)
+
+
+def test_attn_implementation_reaches_the_trained_model(model_dir, alpaca_file, tmp_path):
+    """--attn-implementation eager: the model trains with it, packed (each document kept apart)."""
+    cfg = TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "run"), max_steps=1,
+                      attn_implementation="eager", **FAST)
+    model = loop._training_model(cfg, cfg.model, loop.dist_.Ranks())
+    assert model.config._attn_implementation == "eager"
+    train(cfg)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    assert "attn_implementation: eager" in (tmp_path / "run" / "config.yaml").read_text()  # a resume keeps it

@@ -1,0 +1,45 @@
+"""Which attention transformers runs in a model: `--attn-implementation`.
+
+    set_attention(model, "flex_attention", device)   # before training; "auto" keeps the model's own
+
+ATTENTION are the implementations qlora accepts, all of them transformers' own code paths (no
+kernels from the Hub: they would be remote code):
+- sdpa: torch's scaled_dot_product_attention, transformers' default (qlora prebuilds its masks,
+  model/packing.py; the memory planner models it);
+- eager: the model's own matmul, softmax, matmul (saves the [b, heads, t, t] probabilities);
+- flash_attention_2 / flash_attention_3: the flash-attn package's kernels (CUDA); packed rows
+  run its varlen form, with no work across documents;
+- flex_attention: torch's flex_attention with a block mask that skips the blocks between packed
+  documents (compiled; torch trains it on CUDA only, it has no CPU backward).
+Each keeps packed documents apart (model/packing.py: PACKED_ATTENTION). What a device or an
+install lacks is an error here, naming the flag, not a failure at the first step.
+Tests: tests/model/test_attention.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def set_attention(model: nn.Module, name: str, device: torch.device | str = "cpu") -> None:
+    """Switch `model` (a transformers model) to attention `name` for training on `device`;
+    "auto" keeps what the model was loaded with."""
+    if name == "auto":
+        return
+    if name not in ATTENTION:
+        raise InputError(f"--attn-implementation {name}: expected auto or one of {', '.join(ATTENTION)}")
+    if name == "flex_attention" and torch.device(device).type != "cuda":
+        raise InputError("--attn-implementation flex_attention: torch trains flex attention on CUDA only (no CPU "
+                          "backward); use sdpa (the default) here")
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as e:
+        raise InputError(f"--attn-implementation {name}: transformers cannot run it here ({str(e)[:300]}); "
+                          "install what it names, or use sdpa (the default)") from None
+    if getattr(model.config, "_attn_implementation", None) != name:
+        raise InputError(f"--attn-implementation {name}: {type(model).__name__} cannot switch its attention; "
+                          "leave the flag at auto")

@@ -1,0 +1,36 @@
+"""--attn-implementation: set_attention switches transformers' attention, or says clearly why not."""
+import pytest
+import torch
+
+from qlora.errors import InputError
+from qlora.model.attention import ATTENTION, set_attention
+from qlora.model.packing import PACKED_ATTENTION
+
+from tiny_models import tiny_model
+
+
+def test_auto_keeps_the_models_attention_and_a_name_switches_it():
+    model = tiny_model("llama", torch.float32)
+    set_attention(model, "auto")
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sdpa = model(input_ids=ids).logits
+        set_attention(model, "eager")
+        assert model.config._attn_implementation == "eager"
+        eager = model(input_ids=ids).logits
+    torch.testing.assert_close(eager, sdpa, rtol=1e-4, atol=1e-5)
+    assert set(ATTENTION) == set(PACKED_ATTENTION)  # every one qlora accepts keeps packed documents apart
+
+
+@pytest.mark.parametrize("name, message", [
+    ("flash", "expected auto or one of sdpa, eager"),
+    ("kernels-community/flash-attn", "expected auto or one of"),  # Hub kernels are remote code: never fetched
+    ("flex_attention", "torch trains flex attention on CUDA only"),  # torch has no CPU backward for it
+    ("flash_attention_2", "transformers cannot run it here .*FlashAttention2"),  # flash-attn is not installed
+])
+def test_what_cannot_run_is_an_error_naming_the_flag(name, message):
+    model = tiny_model("llama", torch.float32)
+    with pytest.raises(InputError, match=f"--attn-implementation {name}: {message}"):
+        set_attention(model, name, "cpu")
+    assert model.config._attn_implementation == "sdpa"  # unchanged
