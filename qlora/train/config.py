@@ -281,6 +281,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.distributed in ("fsdp", "ddp"), "--distributed must be fsdp or ddp"),
         (cfg.attn_implementation in ("auto",) + ATTENTION,
          f"--attn-implementation must be auto or one of {', '.join(ATTENTION)}"),
+        (not cfg.keep_attention or cfg.attn_implementation in ("auto", "sdpa"), "--keep-attention keeps what SDPA's "
+         "kernels return: it needs --attn-implementation sdpa (or auto)"),
         (cfg.method in ("sft", "dpo", "orpo"), "--method must be sft, dpo or orpo"),
         (cfg.beta > 0, "--beta must be positive"),
         (cfg.loss_type in ("sigmoid", "ipo"), "--loss-type must be sigmoid or ipo"),

@@ -71,6 +71,7 @@ def test_every_field_is_a_flag_and_roundtrips_through_yaml(tmp_path):
     (["--pad-to-multiple", "0"], "--pad-to-multiple"),
     (["--device", "tpu"], "--device"),
     (["--attn-implementation", "flash"], "--attn-implementation must be auto or one of sdpa"),
+    (["--attn-implementation", "eager", "--keep-attention"], "--keep-attention keeps what SDPA's kernels return"),
 ])
 def test_invalid_values(argv, match):
     with pytest.raises(ValueError, match=match):
