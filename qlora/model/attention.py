@@ -1,6 +1,7 @@
 """Which attention transformers runs in a model: `--attn-implementation`.
 
-    set_attention(model, "flex_attention", device)   # before training; "auto" keeps the model's own
+    check_attention("flex_attention", device)        # before loading: raises where it cannot train
+    set_attention(model, "flex_attention", device)   # after loading; "auto" keeps the model's own
 
 ATTENTION are the implementations qlora accepts, all of them transformers' own code paths (no
 kernels from the Hub: they would be remote code):
@@ -25,21 +26,34 @@ from ..errors import InputError
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-def set_attention(model: nn.Module, name: str, device: torch.device | str = "cpu") -> None:
-    """Switch `model` (a transformers model) to attention `name` for training on `device`;
-    "auto" keeps what the model was loaded with."""
+def check_attention(name: str, device: torch.device | str = "cpu") -> None:
+    """Raise, naming the flag, if attention `name` cannot train on `device` here (before any loading)."""
     if name == "auto":
         return
     if name not in ATTENTION:
         raise InputError(f"--attn-implementation {name}: expected auto or one of {', '.join(ATTENTION)}")
     if name == "flex_attention" and torch.device(device).type != "cuda":
         raise InputError("--attn-implementation flex_attention: torch trains flex attention on CUDA only (no CPU "
-                          "backward); use sdpa (the default) here")
+                         "backward); use sdpa (the default) here")
+    if name.startswith("flash_attention"):
+        from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+        if not (is_flash_attn_2_available() if name == "flash_attention_2" else is_flash_attn_3_available()):
+            raise InputError(f"--attn-implementation {name}: the flash-attn package for it is not installed (or "
+                             "this is no CUDA machine); install it, or use sdpa (the default)")
+
+
+def set_attention(model: nn.Module, name: str, device: torch.device | str = "cpu") -> None:
+    """Switch `model` (a transformers model) to attention `name` for training on `device`;
+    "auto" keeps what the model was loaded with."""
+    check_attention(name, device)
+    if name == "auto":
+        return
     try:
         model.set_attn_implementation(name)
     except (ImportError, ValueError) as e:
         raise InputError(f"--attn-implementation {name}: transformers cannot run it here ({str(e)[:300]}); "
-                          "install what it names, or use sdpa (the default)") from None
+                         "install what it names, or use sdpa (the default)") from None
     if getattr(model.config, "_attn_implementation", None) != name:
         raise InputError(f"--attn-implementation {name}: {type(model).__name__} cannot switch its attention; "
-                          "leave the flag at auto")
+                         "leave the flag at auto")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..errors import TrainingError
 from ..model.checkpoint_files import resolve
-from ..model.attention import set_attention
+from ..model.attention import check_attention, set_attention
 from ..model.gguf_model import gguf_source
 from ..model.load import load_model
 from ..memory import load_config
@@ -225,6 +225,7 @@ def train(cfg: TrainConfig) -> dict:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     ranks = dist_.setup(cfg)  # one process: Ranks(world_size=1) on --device, the collectives do nothing
+    check_attention(cfg.attn_implementation, ranks.device)  # before anything loads
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model_path, data_path = _default_paths(cfg)

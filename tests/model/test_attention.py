@@ -27,10 +27,20 @@ def test_auto_keeps_the_models_attention_and_a_name_switches_it():
     ("flash", "expected auto or one of sdpa, eager"),
     ("kernels-community/flash-attn", "expected auto or one of"),  # Hub kernels are remote code: never fetched
     ("flex_attention", "torch trains flex attention on CUDA only"),  # torch has no CPU backward for it
-    ("flash_attention_2", "transformers cannot run it here .*FlashAttention2"),  # flash-attn is not installed
+    ("flash_attention_2", "the flash-attn package for it is not installed"),
 ])
 def test_what_cannot_run_is_an_error_naming_the_flag(name, message):
     model = tiny_model("llama", torch.float32)
     with pytest.raises(InputError, match=f"--attn-implementation {name}: {message}"):
         set_attention(model, name, "cpu")
     assert model.config._attn_implementation == "sdpa"  # unchanged
+
+
+def test_transformers_own_refusal_is_named_too(monkeypatch):
+    """Past qlora's checks, what transformers refuses still comes back naming the flag."""
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    model = tiny_model("llama", torch.float32)
+    with pytest.raises(InputError, match="--attn-implementation flash_attention_2: transformers cannot run it here"):
+        set_attention(model, "flash_attention_2", "cpu")
