@@ -119,7 +119,7 @@ def _memory(args: argparse.Namespace) -> None:
                        double_quant=args.double_quant, blocksize=args.blocksize, compute_dtype=args.compute_dtype,
                        method=method, world_size=args.world_size, device_memory=args.device_memory,
                        device=args.device, lora_dropout=args.lora_dropout, objective=objective,
-                       use_dora=args.use_dora,
+                       use_dora=args.use_dora, attention=args.attn_implementation,
                        keep_16bit=tuple(k.strip() for k in args.keep_16bit.split(",")) if args.keep_16bit else ())
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
 
@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute activations in backward (default on)")
     p.add_argument("--keep-attention", action="store_true",
                    help="with checkpointing: keep each layer's attention output instead of recomputing it")
+    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                   help="attention the plan models: sdpa (default) or eager (saves the [batch, heads, tokens, "
+                        "tokens] probabilities)")
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4"], help="4-bit code book (default nf4)")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize the block scales too (default on)")

@@ -15,7 +15,8 @@ from .shape import Shape
 
 
 def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: int,
-                 masked: bool, stream_grad: bool, dora: bool = False, device: str = "cuda") -> int:
+                 masked: bool, stream_grad: bool, dora: bool = False, device: str = "cuda",
+                 attention: str = "sdpa") -> int:
     """Bytes autograd saves for one decoder layer, walked op by op as HF runs it.
 
     `lora[suffix]` says which linears carry an adapter; `stream_grad` whether the layer input
@@ -28,6 +29,7 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     operand only when the other one requires grad (frozen norm weights and RoPE tables never do).
     The model's own dropouts (on attention: any family's attention_dropout, GPT-2's attn_pdrop; on
     the residuals: GPT-2's and Phi-3's resid_pdrop) take a form `device` decides: see `dropout_bytes`.
+    `attention`: sdpa (torch's kernels) or eager (transformers' matmul, softmax, matmul).
     """
     n = b * t  # tokens
     saved = 0
@@ -76,10 +78,34 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
         vg = linear("self_attn.v_proj", "n1", h, g)
     attn_grad = qg or kg or vg
     fused = n * (q_dim + 2 * kv_dim) * e  # gpt2, phi3: q, k, v are views of one fused output
-    math_attention = attn_grad and s.attn_dropout > 0 and device == "cpu"
+    eager = attention == "eager"
+    math_attention = attn_grad and s.attn_dropout > 0 and device == "cpu" and not eager
     # o_proj's input: SDPA's own output (flash kernels: [b, t, heads, d] already) or a copy of it
-    attn_out = "attn_out_copy" if math_attention or s.family == "phi3" else "attn_out"
-    if math_attention:
+    attn_out = "attn_out_copy" if math_attention or eager or s.family == "phi3" else "attn_out"
+    if eager and attn_grad:
+        # transformers' eager_attention_forward: q k^T saves q and k (repeated to all heads under
+        # GQA), the softmax (float32; GPT-2's in the compute dtype) its output, the cast to the
+        # compute dtype nothing, dropout its noise, probs v the probabilities (the dropped ones
+        # under dropout) and v, which matmul copies to [b x heads, t, d] when b > 1 (one row: a
+        # view of v_proj's output, phi3: of the fused qkv output); the output is copied to
+        # [b, t, heads, d] for o_proj (saved there). A mask is added, not saved.
+        repeated = s.kv_heads != s.heads
+        kv_saved = q_dim if repeated else kv_dim
+        probs = b * s.heads * t * t
+        if s.family == "gpt2":  # q, k and v: views of c_attn's output, or copies of the same bytes
+            keep("qkv", fused)
+            keep("softmax", probs * e)
+        else:
+            keep("q", n * q_dim * e)  # RoPE makes new q and k tensors
+            keep("k", n * kv_saved * e)
+            keep("v", n * kv_saved * e if repeated or b > 1 else fused if s.family == "phi3" else n * kv_dim * e)
+            keep("softmax", probs * 4)
+            if e < 4 and not s.attn_dropout:
+                keep("probs", probs * e)
+        if s.attn_dropout:
+            keep("attn_noise", dropout_bytes(probs, e, device))
+            keep("attn_dropped", probs * e)
+    elif math_attention:
         # SDPA's CPU kernels take no dropout: its math path runs, in float32 (16-bit inputs upcast),
         # with k and v repeated to all heads under GQA. It saves q and k scaled, v, and three
         # [b, heads, t, t]: the softmax, dropout's noise and the dropped probabilities; the mask is
@@ -170,13 +196,13 @@ def _backward_transient(s: Shape, b: int, t: int, e: int) -> int:
 def activation_bytes(s: Shape, *, seq_len: int, batch_size: int, rank: int, lora: dict[str, bool], e: int,
                      checkpointing: bool, masked: bool, targets: int | None = None,
                      keep_attention: bool = False, packed: bool = False, dora: bool = False,
-                     device: str = "cuda") -> dict[str, int]:
+                     device: str = "cuda", attention: str = "sdpa") -> dict[str, int]:
     """The activation memory at the peak of backward, and its pieces (bytes). `packed`: rows of
     packed documents, with position ids of their own (RoPE tables per row) and a mask. `dora`:
     DoRA adapters (their extra saves per adapted layer). `device` (cpu, cuda): the form of the
     model's own dropouts and of attention under dropout."""
     n = batch_size * seq_len
-    kw = dict(e=e, r=rank, masked=masked, dora=dora, device=device)
+    kw = dict(e=e, r=rank, masked=masked, dora=dora, device=device, attention=attention)
     full = _layer_saves(s, batch_size, seq_len, lora, stream_grad=True, **kw)
     first = full if checkpointing else _layer_saves(s, batch_size, seq_len, lora, stream_grad=False, **kw)
     # saved once for all layers: RoPE's cos and sin (per row when each row has position ids of its

@@ -119,7 +119,7 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                 device_memory: int | str | None = None, device: str = "cuda", lora_dropout: float = 0.05,
                 padded: bool | None = None, target_tokens: int | None = None, packed: bool = False,
                 keep_16bit: tuple[str, ...] = (), objective: str = "sft", use_dora: bool = False,
-                _suggest: bool = True) -> MemoryPlan:
+                attention: str = "sdpa", _suggest: bool = True) -> MemoryPlan:
     """Predict the peak memory of fine-tuning `model` (a config; see the module docstring).
 
     Extra keywords beyond the shared contract: `device` ("cuda": the question "does it fit my
@@ -133,7 +133,9 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     micro-batch of `batch_size` pairs is 2 x batch_size rows of `seq_len`; DPO's reference pass
     runs without gradients before the policy's forward, its activations freed before the peak
     of backward, so it adds nothing at the peak), `use_dora` (DoRA layers: a magnitude [out] per
-    adapted linear, trained; each saves its output for the magnitude's gradient).
+    adapted linear, trained; each saves its output for the magnitude's gradient), `attention`
+    (sdpa, or eager: transformers' matmul-softmax-matmul, which saves the [b, heads, t, t]
+    probabilities).
     """
     settings = dict(model=str(model) if not isinstance(model, dict) else model.get("_name_or_path", "config"),
                     seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=target_modules, optim=optim,
@@ -141,7 +143,8 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
                     quant_type=quant_type, double_quant=double_quant,
                     blocksize=blocksize, compute_dtype=compute_dtype, method=method, world_size=world_size,
                     device=device, lora_dropout=lora_dropout, padded=padded, target_tokens=target_tokens,
-                    keep_16bit=list(keep_16bit), packed=packed, objective=objective, use_dora=use_dora)
+                    keep_16bit=list(keep_16bit), packed=packed, objective=objective, use_dora=use_dora,
+                    attention=attention)
     _check(settings)
     rows = batch_size * (2 if objective in ("dpo", "orpo") else 1)  # pairs: chosen and rejected rows
     if hasattr(model, "to_dict") and not isinstance(model, dict):
@@ -222,7 +225,8 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     lora = {k: True for k in lora_on} if method != "full16" else {x[0]: True for x in shape.linears()}
     # full16: a dense Linear saves its input for the weight gradient, like a LoRA's A (rank 0: no xa)
     kw = dict(seq_len=seq_len, batch_size=rows, rank=rank if method != "full16" else 0, lora=lora, e=e,
-              masked=masked, targets=target_tokens, packed=packed, dora=use_dora and method != "full16", device=device)
+              masked=masked, targets=target_tokens, packed=packed, dora=use_dora and method != "full16", device=device,
+              attention=attention)
     act = activation_bytes(shape, checkpointing=gradient_checkpointing, keep_attention=keep_attention, **kw)
     other = activation_bytes(shape, checkpointing=not gradient_checkpointing, **kw)
     parts["activations"] = act["peak"]
@@ -286,6 +290,7 @@ def _check(st: dict) -> None:
         (st["seq_len"] >= 1 and st["batch_size"] >= 1 and st["rank"] >= 1, "seq_len, batch_size and rank must be >= 1"),
         (st["world_size"] >= 1, "world_size must be >= 1"),
         (st["blocksize"] >= 16, "blocksize must be >= 16"),
+        (st["attention"] in ("sdpa", "eager"), "attention must be sdpa or eager"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -321,8 +326,10 @@ def _suggestions(model: Any, st: dict, limit: int) -> list[str]:
     base = {k: st[k] for k in ("seq_len", "batch_size", "rank", "target_modules", "optim", "gradient_checkpointing",
                                "keep_attention", "quant_type", "double_quant", "blocksize", "compute_dtype", "method",
                                "world_size", "device", "lora_dropout", "padded", "target_tokens",
-                               "packed", "keep_16bit", "objective", "use_dora")}
+                               "packed", "keep_16bit", "objective", "use_dora", "attention")}
     changes: list[tuple[str, dict]] = []
+    if st["attention"] == "eager":
+        changes.append(("--attn-implementation sdpa", {"attention": "sdpa"}))
     if not st["gradient_checkpointing"]:
         changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
     elif st["keep_attention"]:

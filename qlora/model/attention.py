@@ -7,7 +7,8 @@ ATTENTION are the implementations qlora accepts, all of them transformers' own c
 kernels from the Hub: they would be remote code):
 - sdpa: torch's scaled_dot_product_attention, transformers' default (qlora prebuilds its masks,
   model/packing.py; the memory planner models it);
-- eager: the model's own matmul, softmax, matmul (saves the [b, heads, t, t] probabilities);
+- eager: the model's own matmul, softmax, matmul (saves the [b, heads, t, t] probabilities;
+  the memory planner models it too);
 - flash_attention_2 / flash_attention_3: the flash-attn package's kernels (CUDA); packed rows
   run its varlen form, with no work across documents;
 - flex_attention: torch's flex_attention with a block mask that skips the blocks between packed

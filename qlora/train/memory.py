@@ -49,7 +49,8 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
                        blocksize=cfg.blocksize, compute_dtype=str(compute_dtype).replace("torch.", ""), method=method,
                        device=device, lora_dropout=cfg.lora_dropout,
                        padded=not cfg.packing and cfg.batch_size // world_size * (1 + (objective != "sft")) > 1,
-                       packed=cfg.packing, target_tokens=target_tokens, keep_16bit=kept_names(cfg))
+                       packed=cfg.packing, target_tokens=target_tokens, keep_16bit=kept_names(cfg),
+                       attention="eager" if getattr(cfg, "attn_implementation", "auto") == "eager" else "sdpa")
 
 
 def kept_names(cfg) -> tuple[str, ...]:
@@ -245,7 +246,7 @@ def plan_run(cfg, model_path: str, rows: list | None = None, world_size: int = 1
         print(f"memory: no plan for this model ({e}); memory.json will hold only the measured peak")
         return None
     print(plan.table())
-    if getattr(cfg, "attn_implementation", "auto") not in ("auto", "sdpa"):
+    if getattr(cfg, "attn_implementation", "auto") not in ("auto", "sdpa", "eager"):
         print(f"memory: the plan counts what sdpa attention saves; --attn-implementation {cfg.attn_implementation} "
-              "saves otherwise (eager: the [batch, heads, tokens, tokens] probabilities too)")
+              "is not modelled (its kernels save about as much as SDPA's, without the mask)")
     return plan

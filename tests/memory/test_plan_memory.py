@@ -121,11 +121,13 @@ def test_the_models_own_dropouts_equal_what_autograd_saves(arch, overrides, padd
     assert planned == saved
 
 
-def _saved_and_planned(arch: str, dtype: str, dropout: float, padded: bool, **overrides) -> tuple[int, int]:
+def _saved_and_planned(arch: str, dtype: str, dropout: float, padded: bool, attention: str = "sdpa",
+                       **overrides) -> tuple[int, int]:
     """What autograd saves for one training forward of the tiny `arch` model (40 tokens; two rows,
     one padded, when `padded`) and what plan_memory says it saves."""
     torch.manual_seed(0)
     model = _prepared(arch, getattr(torch, dtype), dropout=dropout, **overrides).train()
+    model.set_attn_implementation(attention)
     b, s = (2, 40) if padded else (1, 40)
     ids = torch.randint(3, 250, (b, s))
     mask = torch.ones_like(ids)
@@ -133,8 +135,23 @@ def _saved_and_planned(arch: str, dtype: str, dropout: float, padded: bool, **ov
         mask[0, -7:] = 0  # a padded row: HF passes SDPA a mask
     saved = _saved_bytes(model, dict(input_ids=ids, attention_mask=mask, labels=ids))
     plan = plan_memory(tiny_config(arch, **overrides), rank=8, seq_len=s, batch_size=b, compute_dtype=dtype,
-                       device="cpu", gradient_checkpointing=False, lora_dropout=dropout, padded=padded)
+                       device="cpu", gradient_checkpointing=False, lora_dropout=dropout, padded=padded,
+                       attention=attention)
     return saved, plan.details["activations_saved"]
+
+
+@pytest.mark.parametrize("arch,dtype,padded,overrides", [
+    ("llama", "float32", True, {}), ("llama", "bfloat16", False, {}), ("qwen2", "bfloat16", True, {}),
+    ("gemma", "float32", False, {}), ("mistral", "bfloat16", True, {}), ("phi3", "bfloat16", True, {}),
+    ("phi3", "bfloat16", False, {}),  # one row: v a view of the fused qkv output
+    ("phi3", "float32", False, dict(num_key_value_heads=2)),  # GQA: k and v repeated to all heads
+    ("gpt2", "float32", True, {}), ("gpt2", "bfloat16", False, dict(attn_pdrop=0.0)),
+    ("llama", "bfloat16", True, dict(attention_dropout=0.1)), ("llama", "float32", False, dict(attention_dropout=0.1))])
+def test_eager_attention_activations_equal_what_autograd_saves(arch, dtype, padded, overrides):
+    """--attn-implementation eager: q, k (repeated under GQA), the float32 softmax, the probabilities
+    in the compute dtype, dropout's noise, v, and the output's copy for o_proj."""
+    saved, planned = _saved_and_planned(arch, dtype, 0.05, padded, attention="eager", **overrides)
+    assert planned == saved
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3", "gpt2"])
