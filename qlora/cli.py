@@ -108,6 +108,7 @@ def _memory(args: argparse.Namespace) -> None:
     import json
 
     from .memory import plan_memory
+    from .model.attention import plan_note, planned_attention
 
     # dpo, orpo: QLoRA trained on preference pairs (qlora train --method dpo|orpo)
     method, objective = ("qlora", args.method) if args.method in ("dpo", "orpo") else (args.method, "sft")
@@ -119,9 +120,11 @@ def _memory(args: argparse.Namespace) -> None:
                        double_quant=args.double_quant, blocksize=args.blocksize, compute_dtype=args.compute_dtype,
                        method=method, world_size=args.world_size, device_memory=args.device_memory,
                        device=args.device, lora_dropout=args.lora_dropout, objective=objective,
-                       use_dora=args.use_dora, attention=args.attn_implementation,
+                       use_dora=args.use_dora, attention=planned_attention(args.attn_implementation),
                        keep_16bit=tuple(k.strip() for k in args.keep_16bit.split(",")) if args.keep_16bit else ())
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    if not args.json and (note := plan_note(args.attn_implementation)):
+        print(note)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -132,6 +135,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model.attention import ATTENTION
+
     parser = argparse.ArgumentParser(prog="qlora", description="QLoRA: 4-bit base weights, LoRA adapters.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also QLORA_DEBUG=1)")
     debug = argparse.ArgumentParser(add_help=False)  # --debug after COMMAND too; SUPPRESS keeps the global value
@@ -235,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute activations in backward (default on)")
     p.add_argument("--keep-attention", action="store_true",
                    help="with checkpointing: keep each layer's attention output instead of recomputing it")
-    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
-                   help="attention the plan models: sdpa (default) or eager (saves the [batch, heads, tokens, "
-                        "tokens] probabilities)")
+    p.add_argument("--attn-implementation", default="auto", choices=["auto", *ATTENTION],
+                   help="as for qlora train; the plan models sdpa (auto) and eager (which saves the [batch, heads, "
+                        "tokens, tokens] probabilities)")
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4"], help="4-bit code book (default nf4)")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize the block scales too (default on)")

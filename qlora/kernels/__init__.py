@@ -28,6 +28,8 @@ import torch
 from ..errors import InputError
 from . import cpu
 
+from .packed import held, launch_key
+
 if TYPE_CHECKING:
     from .packed import Packed4bit
 
@@ -138,7 +140,7 @@ def decode_4bit(qt: "Packed4bit", out: torch.Tensor) -> bool:
     if out.dtype in _DTYPE_CODES and (module := _triton_for(out)):
         module.decode_4bit(qt, out)
         return True
-    key = (out.data_ptr(), out.dtype, out.numel(), qt.data.data_ptr(), qt.nested_offset, torch.get_num_threads(), _MODE)
+    key = (out.data_ptr(), out.dtype, out.numel(), *launch_key(qt), torch.get_num_threads(), _MODE)
     call = qt.__dict__.get("_native_call")  # the arguments of this (qt, out)'s last call: the checks passed then
     if call is not None and call[0] == key and out.is_contiguous():
         cpu.load().qlora_decode_4bit(*call[1])
@@ -157,7 +159,7 @@ def decode_4bit(qt: "Packed4bit", out: torch.Tensor) -> bool:
     args = (qt.data.data_ptr(), scale, qscale, nested, nested_code, offset, qt.code.data_ptr(), out.data_ptr(),
             qt.numel(), qt.blocksize, _DTYPE_CODES[out.dtype], torch.get_num_threads(), int(has_simd()), int(stream))
     lib.qlora_decode_4bit(*args)
-    qt.__dict__["_native_call"] = (key, args)  # plain numbers: a deep copy or pickle of qt carries no pointer type
+    qt.__dict__["_native_call"] = (key, args, held(qt))  # numbers (no pointer type) and the tensors they point into
     return True
 
 

@@ -31,3 +31,17 @@ class Packed4bit(Protocol):
     def double_quant(self) -> bool: ...
 
     def numel(self) -> int: ...
+
+
+def launch_key(qt: Packed4bit) -> tuple:
+    """What a kept launch of `qt` (its checked arguments, raw pointers included) depends on: the
+    addresses of the tensors the kernel reads, the code book's version and the layout. A cache
+    keyed by it also holds `held(qt)`, so no address in the key can be freed and reused."""
+    nested = (qt.nested_absmax.data_ptr(), qt.nested_code.data_ptr()) if qt.double_quant else ()
+    return (qt.data.data_ptr(), qt.absmax.data_ptr(), qt.code.data_ptr(), qt.code._version, *nested,
+            qt.nested_offset, qt.blocksize, qt.numel())
+
+
+def held(qt: Packed4bit) -> tuple[torch.Tensor, ...]:
+    """The tensors a kept launch of `qt` reads (see launch_key)."""
+    return (qt.data, qt.absmax, qt.code) + ((qt.nested_absmax, qt.nested_code) if qt.double_quant else ())

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .packed import held, launch_key
+
 if TYPE_CHECKING:
     from .packed import Packed4bit
 
@@ -59,8 +61,8 @@ _NO_CONTEXT = contextlib.nullcontext()
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Context for a launch on t's tensors: Triton launches on the *current* CUDA device, so
-    without it a model on cuda:1 in a process whose current device is cuda:0 would fault. None
-    where the process sees one CUDA device (it is the current one): a launch saves two device switches."""
+    without it a model on cuda:1 in a process whose current device is cuda:0 would fault. A
+    no-op where the process sees one CUDA device (it is the current one): two device switches less a launch."""
     if t.device.type != "cuda" or torch.cuda.device_count() < 2:
         return _NO_CONTEXT
     return torch.cuda.device(t.device)
@@ -190,14 +192,14 @@ def decode_4bit(qt: "Packed4bit", out: torch.Tensor, *, bytes_per_program: int =
 
     `bytes_per_program` (a power of two >= 64) and `num_warps` only change the launch
     (benchmarks/gpu.py sweeps them), never the result. The checks and the launch's arguments
-    are worked out once per (qt, out, launch) and kept on qt while out, qt's tensors and its
-    code book are the same (a layer decodes into the same workspace every call)."""
-    key = (out.data_ptr(), out.dtype, out.numel(), out.device, qt.data.data_ptr(), qt.absmax.data_ptr(),
-           qt.code.data_ptr(), qt.code._version, qt.nested_offset, bytes_per_program, num_warps)
-    launch = qt.__dict__.get("_triton_launch")  # (key, grid, arguments before out, after out, options)
+    are worked out once per (qt, out, launch) and kept on qt while out, qt's tensors, its code
+    book and its layout are the same (packed.launch_key; a layer decodes into the same
+    workspace every call)."""
+    key = (out.data_ptr(), out.dtype, out.numel(), out.device, *launch_key(qt), bytes_per_program, num_warps)
+    launch = qt.__dict__.get("_triton_launch")  # (key, qt's tensors, grid, arguments before out, after out, options)
     if launch is None or launch[0] != key or not out.is_contiguous():
-        launch = qt.__dict__["_triton_launch"] = (key, *_decode_launch(qt, out, bytes_per_program, num_warps))
-    _, grid, head, tail, options = launch
+        launch = qt.__dict__["_triton_launch"] = (key, held(qt), *_decode_launch(qt, out, bytes_per_program, num_warps))
+    _, _, grid, head, tail, options = launch
     with on_device(out):
         _decode_kernel[grid](*head, out, *tail, **options)
 

@@ -291,6 +291,8 @@ def _check(st: dict) -> None:
         (st["world_size"] >= 1, "world_size must be >= 1"),
         (st["blocksize"] >= 16, "blocksize must be >= 16"),
         (st["attention"] in ("sdpa", "eager"), "attention must be sdpa or eager"),
+        (not (st["keep_attention"] and st["attention"] == "eager"),
+         "keep_attention keeps what SDPA's kernels return: it needs attention sdpa, not eager"),
     ]
     for ok, msg in checks:
         if not ok:

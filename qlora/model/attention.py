@@ -58,3 +58,16 @@ def set_attention(model: nn.Module, name: str, device: torch.device | str = "cpu
     if getattr(model.config, "_attn_implementation", None) != name:
         raise InputError(f"--attn-implementation {name}: {type(model).__name__} cannot switch its attention; "
                          "leave the flag at auto")
+
+
+def planned_attention(name: str) -> str:
+    """The attention the memory planner counts for `name`: eager as itself, every other as sdpa."""
+    return "eager" if name == "eager" else "sdpa"
+
+
+def plan_note(name: str) -> str | None:
+    """What a memory plan for attention `name` leaves out, or None."""
+    if name in ("flash_attention_2", "flash_attention_3", "flex_attention"):
+        return (f"memory: the plan counts what sdpa attention saves; --attn-implementation {name} is not modelled "
+                "(its kernels save about as much as SDPA's, without the mask)")
+    return None

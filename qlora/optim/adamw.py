@@ -277,6 +277,8 @@ class AdamW(torch.optim.Optimizer):
     def _step_device(self, device: torch.device, items: list[tuple[torch.Tensor, dict]]) -> None:
         pager = self._pager(device) if self.paged else None
         views = self.__dict__.setdefault("_views", {})
+        if len(views) > len(self.state):  # parameters whose state is gone: let their old m and v go
+            views.clear()
         if pager is not None:
             pager.place(*self._held(device), before_moving=views.clear)  # kept views would pin moved state
         jobs: list[Job] = []

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..memory import LABELS, MemoryPlan, MemoryPlanError, plan_memory
+from ..model.attention import plan_note, planned_attention
 from ..model.loss import IGNORE
 from .config import compute_dtype as resolve_compute_dtype
 from .config import device as resolve_device
@@ -50,7 +51,7 @@ def plan_for_run(cfg, model_path: str, compute_dtype, seq_len: int | None = None
                        device=device, lora_dropout=cfg.lora_dropout,
                        padded=not cfg.packing and cfg.batch_size // world_size * (1 + (objective != "sft")) > 1,
                        packed=cfg.packing, target_tokens=target_tokens, keep_16bit=kept_names(cfg),
-                       attention="eager" if getattr(cfg, "attn_implementation", "auto") == "eager" else "sdpa")
+                       attention=planned_attention(getattr(cfg, "attn_implementation", "auto")))
 
 
 def kept_names(cfg) -> tuple[str, ...]:
@@ -246,7 +247,6 @@ def plan_run(cfg, model_path: str, rows: list | None = None, world_size: int = 1
         print(f"memory: no plan for this model ({e}); memory.json will hold only the measured peak")
         return None
     print(plan.table())
-    if getattr(cfg, "attn_implementation", "auto") not in ("auto", "sdpa", "eager"):
-        print(f"memory: the plan counts what sdpa attention saves; --attn-implementation {cfg.attn_implementation} "
-              "is not modelled (its kernels save about as much as SDPA's, without the mask)")
+    if note := plan_note(getattr(cfg, "attn_implementation", "auto")):
+        print(note)
     return plan

@@ -86,6 +86,35 @@ def test_streaming_stores_path_is_exact(monkeypatch):
     assert torch.equal(qt.dequantize(torch.bfloat16).view(-1), expected)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_kept_decode_follows_every_tensor_of_the_weight(double_quant):
+    """The C decode keeps its checked arguments (raw pointers) on the weight: replacing any tensor
+    the kernel reads, or changing the code book in place, decodes the new values, never freed ones."""
+    qt = qlora.quantize(torch.randn(300 * 64 + 10), "nf4", 64, double_quant)
+    out = torch.empty(qt.numel(), dtype=torch.bfloat16)
+
+    def decoded() -> bool:
+        out.fill_(float("nan"))
+        assert kernels.decode_4bit(qt, out)
+        return torch.equal(out, blockwise.dequantize_4bit_ref(qt.data, qt.scales(), qt.code, 64, qt.numel(),
+                                                              torch.bfloat16))
+
+    assert decoded() and decoded()
+    qt.code = qt.code * 2  # the old code book is freed unless something keeps it
+    assert decoded()
+    qt.code[3] = 0.25  # in place
+    assert decoded()
+    if double_quant:
+        qt.nested_absmax = qt.nested_absmax * 2
+        assert decoded()
+        qt.nested_code = qt.nested_code.flip(0).contiguous()
+    else:
+        qt.absmax = qt.absmax * 2
+    assert decoded()
+    qt.data = qt.data.flip(0).contiguous()
+    assert decoded()
+
+
 def test_denormal_and_extreme_scales_are_exact():
     x = torch.tensor([1e-40, -3e-39, 2e-39, 0.0] * 16 + [3e38, -1e38] * 32)
     qt = qlora.quantize(x, double_quant=False)

@@ -135,8 +135,8 @@ def test_triton_decode_through_the_dispatch(monkeypatch):
 
 def test_triton_decode_works_out_its_launch_once_per_weight_and_workspace(monkeypatch):
     """A layer decodes into the same workspace every call: the checks and the launch's arguments
-    are worked out once and kept on the weight, and again when the workspace, the weight's
-    tensors or its code book change; every call bit for bit the reference."""
+    are worked out once and kept on the weight, and again when the workspace, any of the
+    weight's tensors or its code book change; every call bit for bit the reference."""
     checks = []
     real = triton_decode.check
     monkeypatch.setattr(triton_decode, "check", lambda qt, what: checks.append(what) or real(qt, what))
@@ -155,6 +155,10 @@ def test_triton_decode_works_out_its_launch_once_per_weight_and_workspace(monkey
     assert decoded(out) and len(checks) == 3
     assert decoded(torch.empty(qt.numel(), dtype=torch.float32)) and len(checks) == 4  # another workspace
     assert decoded(out) and len(checks) == 5
+    qt.nested_absmax = qt.nested_absmax * 2  # any other tensor the kernel reads
+    assert decoded(out) and len(checks) == 6
+    qt.absmax = qt.absmax.flip(0).contiguous()
+    assert decoded(out) and len(checks) == 7
     qt.code = qt.code.double()  # a bad code book set on the same weight still fails its check
     with pytest.raises(ValueError, match="code must be 16 float32"):
         triton_decode.decode_4bit(qt, out)

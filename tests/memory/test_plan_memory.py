@@ -154,14 +154,16 @@ def test_eager_attention_activations_equal_what_autograd_saves(arch, dtype, padd
     assert planned == saved
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3", "gpt2"])
-def test_packed_activations_equal_what_autograd_saves(arch):
-    """A packed batch (documents kept apart by their position ids): SDPA gets the block mask,
-    RoPE a table per row, and the head a labelled subset."""
+@pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("qwen2", "sdpa"), ("gemma", "sdpa"), ("phi3", "sdpa"),
+                                            ("gpt2", "sdpa"), ("llama", "eager"), ("phi3", "eager")])
+def test_packed_activations_equal_what_autograd_saves(arch, attention):
+    """A packed batch (documents kept apart by their position ids): SDPA gets the block mask (eager
+    an additive one, not saved), RoPE a table per row, and the head a labelled subset."""
     from qlora.train import data as D
 
     torch.manual_seed(0)
     model = _prepared(arch, torch.float32).train()
+    model.set_attn_implementation(attention)
     docs = [ids.tolist() for ids in torch.randint(3, 250, (60,)).split([7, 13, 20, 9, 11])]
     batch = D.collate(D.pack([D.Example(d, d) for d in docs], 32), pad=0)
     b, s = batch["input_ids"].shape
@@ -169,7 +171,7 @@ def test_packed_activations_equal_what_autograd_saves(arch):
     saved = _saved_bytes(model, batch)
     targets = int((batch["labels"][:, 1:] != -100).sum())
     plan = plan_memory(tiny_config(arch), rank=8, seq_len=s, batch_size=b, compute_dtype="float32", device="cpu",
-                       gradient_checkpointing=False, packed=True, target_tokens=targets)
+                       gradient_checkpointing=False, packed=True, target_tokens=targets, attention=attention)
     assert plan.details["activations_saved"] == saved
 
 

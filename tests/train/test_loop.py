@@ -331,13 +331,15 @@ def test_dora_trains_saves_and_resumes(model_dir, alpaca_file, tmp_path):
     assert any(not torch.equal(tensors[k], start[k]) for k in magnitudes)
 
 
-def test_attn_implementation_reaches_the_trained_model(model_dir, alpaca_file, tmp_path):
-    """--attn-implementation eager: the model trains with it, packed (each document kept apart)."""
+def test_attn_implementation_reaches_the_trained_model(model_dir, alpaca_file, tmp_path, monkeypatch):
+    """--attn-implementation eager: the model train() steps runs it, packed (packs_exactly allows it)."""
+    trained = []
+    build = loop._training_model
+    monkeypatch.setattr(loop, "_training_model", lambda *a: trained.append(build(*a)) or trained[-1])
     cfg = TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "run"), max_steps=1,
                       attn_implementation="eager", **FAST)
-    model = loop._training_model(cfg, cfg.model, loop.dist_.Ranks())
-    assert model.config._attn_implementation == "eager"
     train(cfg)
+    assert cfg.packing and [m.config._attn_implementation for m in trained] == ["eager"]
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 1 and math.isfinite(losses[0])
     assert "attn_implementation: eager" in (tmp_path / "run" / "config.yaml").read_text()  # a resume keeps it
