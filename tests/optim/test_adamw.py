@@ -147,3 +147,22 @@ def test_errors_name_the_problem():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match=r"sparse gradient for parameter of shape \(10, 3\)"):
         AdamW(emb.parameters()).step()
+
+
+def test_state_that_is_gone_is_not_kept_alive():
+    """The step's kept views of m and v let go of a parameter's state once the optimizer drops it."""
+    import gc
+    import weakref
+
+    ours = _params()[:3]
+    opt = AdamW(ours, paged=False)
+    _set_grads(0, ours)
+    opt.step()
+    gone = ours.pop()
+    group = opt.param_groups[0]["params"]
+    del group[next(i for i, q in enumerate(group) if q is gone)]
+    m = weakref.ref(opt.state.pop(gone)["exp_avg"])
+    _set_grads(1, ours)
+    opt.step()
+    gc.collect()
+    assert m() is None
