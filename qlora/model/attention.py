@@ -13,7 +13,7 @@ kernels from the Hub: they would be remote code):
   run its varlen form, with no work across documents;
 - flex_attention: torch's flex_attention with a block mask that skips the blocks between packed
   documents (compiled; torch trains it on CUDA only, it has no CPU backward).
-Each keeps packed documents apart (model/packing.py: PACKED_ATTENTION). What a device or an
+Each reads packed documents' boundaries from position ids and keeps them apart (model/packing.py). What a device or an
 install lacks is an error here, naming the flag, not a failure at the first step.
 Tests: tests/model/test_attention.py.
 """

@@ -38,10 +38,6 @@ from .attention import ATTENTION
 
 PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2")
 """Architectures checked to keep packed documents apart (position ids -> positions and attention)."""
-PACKED_ATTENTION = ATTENTION
-"""transformers attention implementations that read document boundaries from position ids:
-all that qlora accepts (the tests run sdpa, the default, and eager; flash and flex are
-transformers' own code paths for packed position ids, not run here: no GPU, no flash-attn)."""
 
 
 def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict:
@@ -114,4 +110,5 @@ def packs_exactly(model: nn.Module | dict) -> bool:
     config = model if isinstance(model, dict) else getattr(model, "config", None)
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     attention = get("_attn_implementation", None) or "sdpa"  # a config.json names none: sdpa is the default
-    return get("model_type") in PACKED_MODEL_TYPES and attention in PACKED_ATTENTION
+    # every implementation qlora accepts reads the boundaries from position ids (tests: sdpa, eager)
+    return get("model_type") in PACKED_MODEL_TYPES and attention in ATTENTION

@@ -230,6 +230,23 @@ def test_checkpointing_and_fsdp_and_fit():
         parse_bytes("lots")
 
 
+def test_attention_flags_of_qlora_memory(capsys):
+    """eager is planned (and sdpa suggested), flash / flex planned as sdpa with a note saying so,
+    eager with keep_attention refused."""
+    from qlora.cli import main
+
+    assert main(["memory", "--model", "llama-7b", "--seq-len", "2048", "--no-gradient-checkpointing",
+                 "--attn-implementation", "eager", "--device-memory", "24GiB"]) == 0
+    assert "--attn-implementation sdpa:" in capsys.readouterr().out
+    assert main(["memory", "--model", "llama-7b", "--attn-implementation", "flex_attention"]) == 0
+    assert "--attn-implementation flex_attention is not modelled" in capsys.readouterr().out
+    saved = {a: plan_memory("llama-7b", attention=a, gradient_checkpointing=False).details["activations_saved"]
+             for a in ("sdpa", "eager")}
+    assert saved["eager"] > saved["sdpa"]
+    with pytest.raises(MemoryPlanError, match="keep_attention keeps what SDPA's kernels return"):
+        plan_memory("llama-7b", attention="eager", keep_attention=True)
+
+
 def test_cli_table_and_json(tmp_path, capsys, monkeypatch):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "qlora", "memory", "--model", "llama-65b", "--device-memory", "48GB",

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from qlora.errors import InputError
-from qlora.model.attention import ATTENTION, set_attention
-from qlora.model.packing import PACKED_ATTENTION
+from qlora.model.attention import set_attention
 
 from tiny_models import tiny_model
 
@@ -20,7 +19,6 @@ def test_auto_keeps_the_models_attention_and_a_name_switches_it():
         assert model.config._attn_implementation == "eager"
         eager = model(input_ids=ids).logits
     torch.testing.assert_close(eager, sdpa, rtol=1e-4, atol=1e-5)
-    assert set(ATTENTION) == set(PACKED_ATTENTION)  # every one qlora accepts keeps packed documents apart
 
 
 @pytest.mark.parametrize("name, message", [
