@@ -12,8 +12,8 @@ us a call even at these sizes, fp32 ones a third of that; `--dtype float32` runs
 fp32, without autocast, where more of the step is host time.) Per setup, in a fresh subprocess, one
 training step as each trainer runs it:
 - qlora  the body of qlora/train/loop.py's step: forward_backward (the fused head + loss),
-         clip_grad_norm, the finite check, qlora's AdamW (paged), the schedule, zero_grad and
-         the logged float reads;
+         clip_grad_norm, the finite check on the device, the logged read of the step before's
+         loss and norm, qlora's AdamW (paged, skipping on the device), the schedule, zero_grad;
 - qlora-compile  the same with each decoder layer compiled (`--compile`: inductor, which on
          the CPU generates C++; only host ms and Python calls are measured, the kernels inside
          the graphs are not aten dispatches);
@@ -150,17 +150,20 @@ CHILD = textwrap.dedent("""
             ON_DEVICE[0] = True
             return out
         dist_.share = share
+        last = []  # the step before's loss and norm: the loop reads them once this step is queued
         def step(batch):
             loss_sum, _ = forward_backward(model, [batch], ranks)
-            norm = clip_grad_norm(params, 1.0, error_if_nonfinite=False)
+            norm = clip_grad_norm(params, 1.0, error_if_nonfinite=False).to(loss_sum.device, torch.float32)
+            found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(norm))).float()  # the skip, on the device
             ON_DEVICE[0] = False  # the logged read, counted apart
-            loss_v, norm_v = torch.stack([loss_sum.float(), norm.to(loss_sum.device, torch.float32)]).tolist()
-            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-                raise SystemExit("non-finite")
+            if last:
+                loss_v, norm_v = torch.stack(last).tolist()
+                if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+                    raise SystemExit("non-finite")
             ON_DEVICE[0] = True
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            opt.step(found_inf=found_inf); sched.step(); opt.zero_grad(set_to_none=True)
+            last[:] = [loss_sum, norm]
             ON_DEVICE[0] = False
-            return loss_v, norm_v
     else:
         import bitsandbytes, peft, transformers
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

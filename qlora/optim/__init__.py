@@ -10,7 +10,7 @@ schedules, clipping); the 8-bit state's codec is quant/blockwise8.py. Tests: `py
 """
 from qlora.optim.adamw import AdamW
 from qlora.optim.paging import Pager
-from qlora.optim.schedule import SCHEDULES, clip_grad_norm, lr_schedule, scheduler
+from qlora.optim.schedule import SCHEDULES, clip_grad_norm, lr_schedule, scheduler, step_back
 
 __all__ = [
     "AdamW",
@@ -19,4 +19,5 @@ __all__ = [
     "clip_grad_norm",
     "lr_schedule",
     "scheduler",
+    "step_back",
 ]

@@ -10,6 +10,10 @@ Tested by `pytest tests/optim` (torch.optim.AdamW is the oracle for 32-bit state
   default optimizer): p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps). Steps are Python ints; the kernel
   reads the step from a float32 scalar made on the device per step (a fill, no copy).
+- step(found_inf=t), t a float32 0-dim tensor on the device: where t is nonzero the step
+  changes no parameter and no state, decided on the device (torch's fused kernels'
+  `found_inf`; no host read). Its step count is taken all the same: `rewind()` gives it
+  back once the host has read t (train/loop.py reads it a step later).
 - state_bits=32: m and v in float32 (also for bf16 parameters: the math runs in float32
   and the parameter is rounded once).
 - state_bits=8 (formats.md sections 3 and 9): m and v cut into blocks of 256 elements,
@@ -61,39 +65,45 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _adamw_(p: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
-            group: dict, step: int) -> None:
+            group: dict, step: int, found_inf: torch.Tensor | None = None) -> None:
     """torch.optim.AdamW(fused=True)'s update in place on lists of float32 p/g/m/v (pairwise of
-    one shape, on one device), all at step `step`: one kernel launch, plus one to make the step."""
+    one shape, on one device), all at step `step`: one kernel launch, plus one to make the step.
+    Nothing changes where `found_inf` (float32, 0-dim, on the device) is nonzero."""
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     steps = [torch.full((), float(step), dtype=torch.float32, device=p[0].device)] * len(p)
     torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
-                        amsgrad=False, maximize=False)
+                        amsgrad=False, maximize=False, found_inf=found_inf)
 
 
 def _update(p: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
-            group: dict, step: int) -> None:
-    """_adamw_ on parameter and gradient slices of any float dtype: float32 math, p rounded once."""
+            group: dict, step: int, found_inf: torch.Tensor | None = None) -> None:
+    """_adamw_ on parameter and gradient slices of any float dtype: float32 math, p rounded once
+    (rounding back an unchanged float32 copy gives p's own values: a skipped step stays exact)."""
     p32 = [t if t.dtype == torch.float32 else t.float() for t in p]
     g32 = [t if t.dtype == torch.float32 else t.float() for t in g]
-    _adamw_(p32, g32, m, v, group, step)
+    _adamw_(p32, g32, m, v, group, step, found_inf)
     for t, t32 in zip(p, p32):
         if t32 is not t:
             t.copy_(t32)
 
 
-def _update_chunk(
-    p: torch.Tensor, g: torch.Tensor, state: list[torch.Tensor], eight_bit: bool, group: dict, step: int
-) -> None:
+def _update_chunk(p: torch.Tensor, g: torch.Tensor, state: list[torch.Tensor], eight_bit: bool, group: dict,
+                  step: int, found_inf: torch.Tensor | None = None) -> None:
     """Update flat slices `p`, `g` and their state slices (m, v or mq, ma, vq, va) in place."""
     if not eight_bit:
-        _update([p], [g], state[:1], state[1:], group, step)
+        _update([p], [g], state[:1], state[1:], group, step, found_inf)
         return
     mq, ma, vq, va = state
     m = dequantize_8bit(mq, ma, dynamic_map_on(mq.device, True)[0])
     v = dequantize_8bit(vq, va, dynamic_map_on(vq.device, False)[0])
-    _update([p], [g], [m], [v], group, step)
+    _update([p], [g], [m], [v], group, step, found_inf)
+    before = None if found_inf is None else [t.clone() for t in state]  # re-quantizing may move a code
     quantize_8bit_nearest(m, True, mq, ma)
     quantize_8bit_nearest(v, False, vq, va)
+    if before is not None:  # a skipped step keeps the codes and scales it had
+        keep = found_inf != 0
+        for t, old in zip(state, before):
+            torch.where(keep, old, t, out=t)
 
 
 class _Batch:
@@ -101,8 +111,8 @@ class _Batch:
     other dtypes' of at most MATH_CHUNK elements in all), updated by one _update call: one fused
     kernel launch for all of them, not one per parameter or chunk."""
 
-    def __init__(self, group: dict, step: int) -> None:
-        self.group, self.step, self.numel = group, step, 0
+    def __init__(self, group: dict, step: int, found_inf: torch.Tensor | None) -> None:
+        self.group, self.step, self.found_inf, self.numel = group, step, found_inf, 0
         self.p: list[torch.Tensor] = []
         self.g: list[torch.Tensor] = []
         self.m: list[torch.Tensor] = []
@@ -116,7 +126,7 @@ class _Batch:
         self.numel += p.numel()
 
     def run(self, _: list[torch.Tensor]) -> None:
-        _update(self.p, self.g, self.m, self.v, self.group, self.step)
+        _update(self.p, self.g, self.m, self.v, self.group, self.step, self.found_inf)
 
 
 def _state_slices(state: dict[str, torch.Tensor], eight_bit: bool, start: int, end: int) -> list[torch.Tensor]:
@@ -248,8 +258,13 @@ class AdamW(torch.optim.Optimizer):
 
     # ---- the step ---------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW update of every parameter that has a gradient; returns closure's loss."""
+    def step(self, closure=None, *, found_inf: torch.Tensor | None = None):
+        """One AdamW update of every parameter that has a gradient; returns closure's loss.
+        found_inf: a float32 0-dim tensor on the parameters' device; nonzero there, the update
+        changes nothing (decided on the device), though the step is counted: see rewind()."""
+        if found_inf is not None and (found_inf.dtype != torch.float32 or found_inf.dim() != 0):
+            raise ValueError(f"AdamW.step: found_inf must be a 0-dim float32 tensor, got {found_inf.dtype} "
+                             f"{tuple(found_inf.shape)}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -270,11 +285,19 @@ class AdamW(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p] = self._init_state(p, group)
                 work[p.device].append((p, group))
+        self._counted = [self.state[p] for items in work.values() for p, _ in items]
         for device, items in work.items():
-            self._step_device(device, items)
+            self._step_device(device, items, found_inf)
         return loss
 
-    def _step_device(self, device: torch.device, items: list[tuple[torch.Tensor, dict]]) -> None:
+    def rewind(self) -> None:
+        """Take back the last step's count, for a step that `found_inf` made change nothing
+        (the next step then uses the same bias correction the skipped one would have)."""
+        for state in self.__dict__.pop("_counted", []):
+            state["step"] -= 1
+
+    def _step_device(self, device: torch.device, items: list[tuple[torch.Tensor, dict]],
+                     found_inf: torch.Tensor | None) -> None:
         pager = self._pager(device) if self.paged else None
         views = self.__dict__.setdefault("_views", {})
         if len(views) > len(self.state):  # parameters whose state is gone: let their old m and v go
@@ -288,7 +311,7 @@ class AdamW(torch.optim.Optimizer):
             """The open batch of (group, step), or a new one where a chunk would pass MATH_CHUNK."""
             batch = batches.get((id(group), step, whole))
             if batch is None or (not whole and batch.numel + numel > MATH_CHUNK):
-                batch = batches[id(group), step, whole] = _Batch(group, step)
+                batch = batches[id(group), step, whole] = _Batch(group, step, found_inf)
                 jobs.append(Job([], batch.run, False))
             return batch
 
@@ -321,7 +344,7 @@ class AdamW(torch.optim.Optimizer):
             for start, end in chunks(lp.numel(), size):
                 tensors = _state_slices(state, eight_bit, start, end)
                 if paged or eight_bit:
-                    runner = _chunk_runner(flat_p[start:end], flat_g[start:end], eight_bit, group, step)
+                    runner = _chunk_runner(flat_p[start:end], flat_g[start:end], eight_bit, group, step, found_inf)
                     jobs.append(Job(tensors, runner, paged))
                     continue
                 batch_for(group, step, False, end - start).add(flat_p[start:end], flat_g[start:end], *tensors)
@@ -417,6 +440,7 @@ class AdamW(torch.optim.Optimizer):
                     else:
                         state[k] = t.detach().reshape(-1).to(p.device, copy=True)
             self.state[p] = state
+        self.__dict__.pop("_counted", None)  # the loaded counts are not the last step's
 
     def _init_state_keys(self, p: torch.Tensor, group: dict) -> list[str]:
         if self.is_8bit(p, group):
@@ -464,9 +488,10 @@ def _flat(p: torch.Tensor):
     return flat, lambda _: p.detach().copy_(flat.view_as(p))
 
 
-def _chunk_runner(p: torch.Tensor, g: torch.Tensor, eight_bit: bool, group: dict, step: int):
+def _chunk_runner(p: torch.Tensor, g: torch.Tensor, eight_bit: bool, group: dict, step: int,
+                  found_inf: torch.Tensor | None):
     def run(state: list[torch.Tensor]) -> None:
-        _update_chunk(p, g, state, eight_bit, group, step)
+        _update_chunk(p, g, state, eight_bit, group, step, found_inf)
 
     return run
 

@@ -4,6 +4,7 @@
     # or: sched = scheduler(opt, "cosine", warmup_steps=100, total_steps=10_000)
     total_norm = clip_grad_norm(model.parameters(), 0.3)   # the QLoRA recipe's max norm
     opt.step(); sched.step()
+    step_back(sched)   # undo sched.step() after a step the device skipped
 
 Tested by `pytest tests/optim/test_schedule.py` (transformers' schedules are the oracle).
 
@@ -69,6 +70,17 @@ def scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `optimizer` following `lr_schedule(name, warmup_steps, total_steps)`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(name, warmup_steps, total_steps))
+
+
+def step_back(sched: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Undo `sched.step()`: the last step's learning rates again (for a step the optimizer
+    skipped on the device: train/loop.py), bit for bit what LambdaLR set then."""
+    sched.last_epoch -= 1
+    sched._step_count -= 1
+    lrs = [base_lr * lmbda(sched.last_epoch) for lmbda, base_lr in zip(sched.lr_lambdas, sched.base_lrs)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
 
 
 def clip_grad_norm(

@@ -8,7 +8,11 @@ cross-entropy fused, no full logits) averaged over all their target tokens; clip
 schedule. `--method dpo|orpo` trains on preference pairs instead (preference.py: the
 objective, its own denominators, reward margin and accuracy per step). A non-finite loss
 or gradient skips the step (counted) and stops the run after `max_bad_steps` in a row; the
-skipped update never reaches the optimizer state, so no checkpoint can hold it. Checkpoints (adapter in PEFT format,
+skipped update never reaches the optimizer state, so no checkpoint can hold it. The skip is
+decided on the device (AdamW's `found_inf`); the host reads a step's loss and norm (its one
+read) once the next step's forward and backward are queued, then logs the step or takes
+back its count, lr and tokens: the same run as reading at once, without the device waiting
+on the host. Eval, save and the last step read at once. Checkpoints (adapter in PEFT format,
 optimizer, schedule, RNG, step) are written atomically every `save_every` steps, at the
 end and on Ctrl-C; `--resume` continues from the newest one bit for bit (on CPU): the data
 order is a function of (seed, micro-batch index), the index is saved, and so is the RNG.
@@ -39,7 +43,7 @@ from ..model.packing import PACKED_MODEL_TYPES, packs_exactly, unpadded_on_host
 from ..model.prepare import compile_layers, prepare_model
 from ..model.shard import shard_rows, wrap_ddp
 from ..nn.lora import LoraConfig
-from ..optim import AdamW, clip_grad_norm, scheduler
+from ..optim import AdamW, clip_grad_norm, scheduler, step_back
 from . import data as D
 from . import distributed as dist_
 from . import memory as M
@@ -168,9 +172,10 @@ class TokenLoss:
 
 
 def forward_backward(model, micro: list[dict[str, torch.Tensor]], ranks: dist_.Ranks, objective=None
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Backward over this process's share of the micro-batches `micro`; returns the step's loss
-    over all of them (and all ranks) and the objective's stats averaged over the step's pairs.
+    over all of them (and all ranks) and the objective's stats averaged over the step's pairs,
+    as 0-dim tensors where the model is (nothing is read back here).
 
     The objective (default TokenLoss: SFT) gives each share loss sums per denominator (target
     tokens; preference.py: pairs, chosen tokens); each share's loss is the sum of (its sum) /
@@ -199,7 +204,7 @@ def forward_backward(model, micro: list[dict[str, torch.Tensor]], ranks: dist_.R
         return dist_.all_reduce_sum(loss_sum, ranks), {}
     keys = sorted(stat_sums)
     reduced = dist_.all_reduce_sum(torch.stack([loss_sum] + [stat_sums[k] for k in keys]).double(), ranks)
-    return reduced[0].float(), {k: float(v) / step["pairs"] for k, v in zip(keys, reduced[1:])}
+    return reduced[0].float(), {k: v / step["pairs"] for k, v in zip(keys, reduced[1:])}
 
 
 @torch.no_grad()
@@ -294,10 +299,47 @@ def train(cfg: TrainConfig) -> dict:
     start, eval_loss = time.perf_counter() - state["elapsed"], None
     stop = dist_.StopRequest(ranks)  # under torchrun: a signal stops every rank at the same step
     step_start = (state["micro"], rng_state(device))  # where an interrupted step restarts
+    pending: dict | None = None  # the last step taken, its loss and norm not read yet
+
+    def settle() -> None:
+        """Read the pending step's loss and norm (the step's one host read: made once the next
+        step is queued behind it, so the device never waits for the host) and log the step; if
+        either is not finite, the device skipped its update: take back its count, lr and tokens."""
+        nonlocal pending
+        done, pending = pending, None
+        if done is None:
+            return
+        loss_v, norm_v, *stat_v = torch.stack([done["loss"], done["norm"], *done["stats"].values()]).tolist()
+        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            optimizer.rewind()
+            step_back(sched)
+            state.update(step=done["step"] - 1, tokens=state["tokens"] - done["tokens"])
+            state["bad_steps"] += 1
+            state["skipped_steps"] += 1
+            if state["bad_steps"] >= cfg.max_bad_steps:
+                raise TrainingError(
+                    f"step {done['step']}: loss {loss_v:.4g}, gradient norm {norm_v:.4g}: "
+                    f"{state['bad_steps']} non-finite steps in a row. Lower --lr, check the data, or use "
+                    "--compute-dtype float32; the last good checkpoint is untouched"
+                )
+            return  # the step number is retried on the next micro-batches
+        state["bad_steps"] = 0
+        state["elapsed"] = time.perf_counter() - start
+        stats = dict(zip(done["stats"], stat_v))
+        row = {"step": done["step"], "loss": loss_v, "lr": done["lr"], "grad_norm": norm_v,
+               "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
+               "elapsed_s": state["elapsed"], "peak_mem_mb": peak_memory_mb(device), **stats}
+        metrics.write(row)
+        shown = {"acc": f"{stats['reward_accuracy']:.2f}", "margin": f"{stats['reward_margin']:.3f}"} if stats else {}
+        bar.set_postfix(loss=f"{row['loss']:.3f}", **shown, lr=f"{row['lr']:.2e}",
+                        tok_s=f"{row['tokens_per_s']:.0f}", peak=f"{row['peak_mem_mb']:.0f}MB")
+        bar.update(1)
+
     try:
         while state["step"] < total_steps:
             step_start = (state["micro"], rng_state(device))
             if stop.agreed():
+                settle()
                 bar.close()
                 where = save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
                 if ranks.main:
@@ -305,46 +347,36 @@ def train(cfg: TrainConfig) -> dict:
                           "command and --resume")
                 dist_.shutdown(ranks)
                 raise KeyboardInterrupt
-            step = state["step"] + 1
             micro = [batches.batch(state["micro"] + i) for i in range(cfg.grad_accum)]
             baseline.before_step(max(b["input_ids"].numel() for b in micro))
             state["micro"] += cfg.grad_accum  # the data position moves on even if the step is skipped
             step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)  # counted on the host: no device sync
             loss_sum, stats = forward_backward(model, micro, ranks, objective)  # each rank its share of each
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
-                                       error_if_nonfinite=False)
-            # the step's one host read (a device sync on a GPU): loss and norm together
-            loss_v, norm_v = torch.stack([loss_sum.float(), grad_norm.to(loss_sum.device, torch.float32)]).tolist()
-            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-                optimizer.zero_grad(set_to_none=True)
-                state["bad_steps"] += 1
-                state["skipped_steps"] += 1
-                if state["bad_steps"] >= cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"step {step}: loss {loss_v:.4g}, gradient norm {norm_v:.4g}: "
-                        f"{state['bad_steps']} non-finite steps in a row. Lower --lr, check the data, or use "
-                        "--compute-dtype float32; the last good checkpoint is untouched"
-                    )
-                continue  # the step number is retried on the next micro-batches
-            optimizer.step()
+                                       error_if_nonfinite=False).to(loss_sum.device, torch.float32)
+            # a non-finite loss or norm skips the update on the device; the host learns it a step later
+            found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+            settle()  # the step before this one
+            step = state["step"] + 1
+            optimizer.step(found_inf=found_inf)
             sched.step()
             optimizer.zero_grad(set_to_none=True)
-            state.update(step=step, bad_steps=0, tokens=state["tokens"] + step_tokens)
-            step_start = (state["micro"], rng_state(device))  # the step is done: the next one starts here
-            state["elapsed"] = time.perf_counter() - start
-            row = {"step": step, "loss": loss_v, "lr": sched.get_last_lr()[0], "grad_norm": norm_v,
-                   "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
-                   "elapsed_s": state["elapsed"], "peak_mem_mb": peak_memory_mb(device), **stats}
-            metrics.write(row)
-            shown = {"acc": f"{stats['reward_accuracy']:.2f}", "margin": f"{stats['reward_margin']:.3f}"} if stats else {}
-            bar.set_postfix(loss=f"{row['loss']:.3f}", **shown, lr=f"{row['lr']:.2e}",
-                            tok_s=f"{row['tokens_per_s']:.0f}", peak=f"{row['peak_mem_mb']:.0f}MB")
-            bar.update(1)
-            if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            pending = {"step": step, "loss": loss_sum, "norm": grad_norm, "stats": stats, "tokens": step_tokens,
+                       "lr": sched.get_last_lr()[0]}
+            state.update(step=step, tokens=state["tokens"] + step_tokens)
+            step_start = (state["micro"], rng_state(device))  # the step is taken: the next one starts here
+            evaluating = bool(eval_rows) and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps
+            saving = cfg.save_every and step % cfg.save_every == 0 and step < total_steps
+            if evaluating or saving or step == total_steps:
+                settle()  # at once: they need to know whether the step was taken
+            if state["step"] != step:
+                continue
+            if evaluating:
                 eval_loss = _eval(model, eval_rows, cfg, pad, state, metrics, objective)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            if saving:
                 save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     except KeyboardInterrupt:
+        settle()  # the step before the interrupted one was taken or skipped: count it so
         bar.close()
         metrics.close()
         if ranks.active:  # saved above, by every rank at the same step

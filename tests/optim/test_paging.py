@@ -186,3 +186,41 @@ def test_a_step_where_everything_stays_resident_does_no_bookkeeping(monkeypatch)
     free["bytes"] = 0  # a spike: less than the margin free, so the next step evicts
     _run(opt, params, range(5, 6))
     assert sized and pager.evictions > 0 and not all(pager.is_resident(p) for p in params)
+
+
+@pytest.mark.parametrize("bits,paged,dtype", [(32, False, torch.float32), (32, True, torch.float32),
+                                              (8, True, torch.float32), (8, False, torch.bfloat16),
+                                              (32, True, torch.bfloat16)])
+def test_a_step_with_found_inf_changes_nothing_and_rewind_gives_its_count_back(bits, paged, dtype):
+    """The trainer's skip decided on the device: found_inf=1 with non-finite gradients leaves
+    parameters, state and (after rewind) counts as they were, so the run goes on as if the step
+    had not been tried; found_inf=0 is a plain step. Paged under half the state's bytes."""
+    budget = dict(budget=_total_state(bits) // 2, page_size=4096) if paged else {}
+    ref_params, params = _params(dtype), _params(dtype)
+    ref = AdamW(ref_params, lr=1e-2, state_bits=bits, paged=paged, **budget)
+    opt = AdamW(params, lr=1e-2, state_bits=bits, paged=paged, **budget)
+    _run(ref, ref_params, range(3))
+    _run(opt, params, range(3))
+    before = [p.detach().clone() for p in params], {p: {k: torch.as_tensor(t).clone() for k, t in opt.state[p].items()}
+                                                     for p in params}
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step(found_inf=torch.ones((), dtype=torch.float32))
+    for p, was in zip(params, before[0]):
+        assert torch.equal(p, was)
+    for p in params:
+        for key, t in before[1][p].items():
+            got = torch.as_tensor(opt.state[p][key])
+            assert torch.equal(got, t + 1 if key == "step" else t), key  # the count is taken until rewind
+    opt.rewind()
+    for step in range(3, 6):
+        for p, grad in zip(params, _grads(step)):
+            p.grad = grad.to(p.dtype)
+        opt.step(found_inf=torch.zeros((), dtype=torch.float32))
+    _run(ref, ref_params, range(3, 6))
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+        for key, t in ref.state[q].items():
+            assert torch.equal(torch.as_tensor(opt.state[p][key]), torch.as_tensor(t)), key
+    with pytest.raises(ValueError, match="0-dim float32"):
+        opt.step(found_inf=torch.ones(1))

@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from qlora.optim import AdamW, clip_grad_norm, lr_schedule, scheduler
+from qlora.optim import AdamW, clip_grad_norm, lr_schedule, scheduler, step_back
 
 ORACLES = {
     "constant": lambda opt, w, t: transformers.get_constant_schedule(opt),
@@ -94,3 +94,26 @@ def test_clip_refuses_nonfinite():
     with pytest.raises(RuntimeError, match="1 of 2 gradients hold NaN or inf"):
         clip_grad_norm(params, 0.3)
     clip_grad_norm(params, 0.3, error_if_nonfinite=False)  # allowed when asked for
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant_with_warmup"])
+def test_step_back_undoes_a_step(name):
+    """After step_back the schedule is where it was before the step: the same lr, bit for bit,
+    the same state, and the steps after it match a schedule that never took the extra step."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    ours, ref = (scheduler(torch.optim.SGD([p], lr=3e-4), name, 8, 20) for _ in range(2))
+
+    def step(*scheds):
+        for s in scheds:
+            s.optimizer.step()
+            s.step()
+    for _ in range(4):
+        step(ours, ref)
+    step(ours)
+    assert ours.get_last_lr() != ref.get_last_lr()  # still warming up: the lr moves every step
+    step_back(ours)
+    for _ in range(10):
+        assert ours.get_last_lr() == ref.get_last_lr()
+        assert ours.optimizer.param_groups[0]["lr"] == ref.optimizer.param_groups[0]["lr"]
+        assert ours.state_dict() == ref.state_dict()
+        step(ours, ref)

@@ -111,6 +111,58 @@ def test_persistent_nonfinite_stops_and_keeps_the_last_good_checkpoint(model_dir
     assert state_json["step"] == 4 and state_json["bad_steps"] == 0
 
 
+def test_a_skipped_step_leaves_the_run_as_if_its_batches_had_been_passed_over(model_dir, alpaca_file, tmp_path,
+                                                                              monkeypatch):
+    """The skip is decided on the device and read a step later; taking back the step's count,
+    lr and tokens then leaves the run bit for bit a run that never tried those micro-batches
+    (which the oracle passes over by their data position). No dropout: no RNG in the way."""
+    cfg = dict(FAST, max_steps=5, schedule="linear", warmup_ratio=0.4, lora_dropout=0.0)
+    real_clip, calls = loop.clip_grad_norm, {"n": 0}
+
+    def nan_third(params, max_norm, **kw):
+        calls["n"] += 1
+        norm = real_clip(params, max_norm, **kw)
+        return norm * float("nan") if calls["n"] == 3 else norm
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "clip_grad_norm", nan_third)
+        skipped = train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "a"), **cfg))
+    real_batch = loop.D.Batches.batch
+    with monkeypatch.context() as m:  # the third step's micro-batches (4 and 5) passed over
+        m.setattr(loop.D.Batches, "batch", lambda self, k: real_batch(self, k + 2 if k >= 4 else k))
+        passed = train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "b"), **cfg))
+    assert skipped["skipped_steps"] == 1 and passed["skipped_steps"] == 0
+    keys = ("step", "loss", "lr", "grad_norm", "tokens")
+    rows = [[{k: r[k] for k in keys} for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+            for run in ("a", "b")]
+    assert rows[0] == rows[1] and len(rows[0]) == 5
+    from qlora.model.adapter import read_adapter
+    for (_, a), (_, b) in zip(read_adapter(tmp_path / "a" / "adapter")[1].items(),
+                              read_adapter(tmp_path / "b" / "adapter")[1].items()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_steps_loss_is_read_after_the_next_step_is_queued(model_dir, alpaca_file, tmp_path, monkeypatch):
+    """The step's one host read (loss and gradient norm) waits until the next step's forward and
+    backward are queued (on a GPU the device then never idles on it), except where the outcome is
+    needed at once: the last step."""
+    events = []
+    real_fb, real_tolist = loop.forward_backward, torch.Tensor.tolist
+
+    def fb(*a, **k):
+        events.append("backward")
+        return real_fb(*a, **k)
+
+    def tolist(t):
+        events.append("read")
+        return real_tolist(t)
+
+    monkeypatch.setattr(loop, "forward_backward", fb)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path), max_steps=4, **FAST))
+    assert events[:8] == ["backward", "backward", "read", "backward", "read", "backward", "read", "read"]
+
+
 def test_cli_errors_are_clear(model_dir, tmp_path):
     from qlora.cli import main
 
