@@ -15,7 +15,8 @@ Tested by tests/train/test_distributed.py (2 ranks, gloo, CPU).
 - Data: `--batch-size` stays the global micro-batch; rank r takes its contiguous share
   (batch_size / world_size rows) of every micro-batch, so N ranks see exactly the rows one
   process would. The loss of a step is the sum of token losses over all ranks and
-  micro-batches divided by the global count of target tokens (one all-reduce per step);
+  micro-batches divided by the global count of target tokens (counted on the host: every
+  rank builds the same global micro-batches; one all-reduce of the loss per step, on the device);
   each rank scales its loss by world_size because FSDP2 and DDP average gradients. Hence a
   run on N ranks follows the single-process run with the same flags (to float rounding).
 - Checkpoints (checkpoint.py): the LoRA adapter is gathered (full tensors) and written by
@@ -29,7 +30,8 @@ Tested by tests/train/test_distributed.py (2 ranks, gloo, CPU).
   with seed + r so that ranks draw different dropout masks.
 - Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) under torchrun: `StopRequest` turns
   the signal into a flag; at the start of every step the ranks agree on it (one all-reduce
-  of a flag), so all of them stop at the same step and write one checkpoint together, then
+  of a host flag; beside NCCL over a gloo group, so it never waits for the GPU's queue), so
+  all of them stop at the same step and write one checkpoint together, then
   exit; --resume continues from it. torchrun kills its workers 30 s after passing the signal
   on, so a step must finish within that.
 """
@@ -63,6 +65,7 @@ class Ranks:
     mode: str = "none"  # none (one process), fsdp or ddp
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this process trains
     mesh: object = None
+    host_group: object = None  # a gloo group for host tensors beside NCCL (None: the default group)
 
     @property
     def active(self) -> bool:
@@ -99,7 +102,8 @@ def setup(cfg) -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
     mesh = init_device_mesh(device.type, (world,))
-    return Ranks(rank, world, local_rank, cfg.distributed, device, mesh)
+    host_group = dist.new_group(backend="gloo") if backend == "nccl" else None  # flags agreed without the GPU
+    return Ranks(rank, world, local_rank, cfg.distributed, device, mesh, host_group)
 
 
 def peak_over_ranks(measured: dict[str, int], ranks: Ranks) -> dict[str, int]:
@@ -169,14 +173,15 @@ def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tenso
 
 
 def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    """The sum of `t` over the ranks, on the CPU (one process: `t` itself)."""
+    """`t` summed over the ranks in place, where it is (one process: `t` itself): a device
+    tensor on the device (no host read), a host tensor over the host group (the device's
+    queue is not waited for)."""
     if not ranks.active:
         return t
     import torch.distributed as dist
 
-    t = t.to(ranks.device)
-    dist.all_reduce(t)
-    return t.cpu()
+    dist.all_reduce(t, group=ranks.host_group if t.device.type == "cpu" else None)
+    return t
 
 
 def broadcast(value, ranks: Ranks):

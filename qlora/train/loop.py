@@ -182,12 +182,13 @@ def forward_backward(model, micro: list[dict[str, torch.Tensor]], ranks: dist_.R
     (the step's count, over all ranks) x world_size: the gradient average FSDP2 / DDP take then
     equals the single process's gradient."""
     objective = objective or TokenLoss()
-    # counts from the host-side rows: no device sync per micro-batch
-    counts = [objective.counts({k: shard_rows(v, ranks.rank, ranks.world_size) for k, v in b.items()})
-              for b in micro]
+    # counts from the host-side rows of every rank's share (each rank builds the same global
+    # micro-batches): no collective, no device read
+    every = [[objective.counts({k: shard_rows(v, r, ranks.world_size) for k, v in b.items()})
+              for r in range(ranks.world_size)] for b in micro]
+    counts = [shares[ranks.rank] for shares in every]
     names = sorted(counts[0])
-    totals = dist_.all_reduce_sum(torch.tensor([sum(c[k] for c in counts) for k in names], dtype=torch.float64), ranks)
-    step = {k: max(float(t), 1.0) for k, t in zip(names, totals)}
+    step = {k: max(float(sum(c[k] for shares in every for c in shares)), 1.0) for k in names}
     loss_sum = torch.zeros((), dtype=torch.float32, device=ranks.device)  # a CPU sum += a CUDA loss fails
     stat_sums: dict[str, torch.Tensor] = {}
     for i, (b, c) in enumerate(zip(micro, counts)):
