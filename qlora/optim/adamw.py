@@ -10,10 +10,10 @@ Tested by `pytest tests/optim` (torch.optim.AdamW is the oracle for 32-bit state
   default optimizer): p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps). Steps are Python ints; the kernel
   reads the step from a float32 scalar made on the device per step (a fill, no copy).
-- step(found_inf=t), t a float32 0-dim tensor on the device: where t is nonzero the step
-  changes no parameter and no state, decided on the device (torch's fused kernels'
-  `found_inf`; no host read). Its step count is taken all the same: `rewind()` gives it
-  back once the host has read t (train/loop.py reads it a step later).
+- step(found_inf=t), t a float32 0-dim tensor, 1.0 or 0.0: where it is 1.0 the step changes
+  no parameter and no state, decided on the device (torch's fused kernels' `found_inf`; no
+  host read). Its step count is taken all the same: `rewind()` gives it back once the host
+  has read t (train/loop.py reads it a step later).
 - state_bits=32: m and v in float32 (also for bf16 parameters: the math runs in float32
   and the parameter is rounded once).
 - state_bits=8 (formats.md sections 3 and 9): m and v cut into blocks of 256 elements,
@@ -68,7 +68,7 @@ def _adamw_(p: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor],
             group: dict, step: int, found_inf: torch.Tensor | None = None) -> None:
     """torch.optim.AdamW(fused=True)'s update in place on lists of float32 p/g/m/v (pairwise of
     one shape, on one device), all at step `step`: one kernel launch, plus one to make the step.
-    Nothing changes where `found_inf` (float32, 0-dim, on the device) is nonzero."""
+    Nothing changes where `found_inf` (float32, 0-dim, on the device) is 1.0."""
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     steps = [torch.full((), float(step), dtype=torch.float32, device=p[0].device)] * len(p)
     torch._fused_adamw_(p, g, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
@@ -97,13 +97,16 @@ def _update_chunk(p: torch.Tensor, g: torch.Tensor, state: list[torch.Tensor], e
     m = dequantize_8bit(mq, ma, dynamic_map_on(mq.device, True)[0])
     v = dequantize_8bit(vq, va, dynamic_map_on(vq.device, False)[0])
     _update([p], [g], [m], [v], group, step, found_inf)
-    before = None if found_inf is None else [t.clone() for t in state]  # re-quantizing may move a code
-    quantize_8bit_nearest(m, True, mq, ma)
-    quantize_8bit_nearest(v, False, vq, va)
-    if before is not None:  # a skipped step keeps the codes and scales it had
-        keep = found_inf != 0
-        for t, old in zip(state, before):
-            torch.where(keep, old, t, out=t)
+    if found_inf is None:
+        quantize_8bit_nearest(m, True, mq, ma)
+        quantize_8bit_nearest(v, False, vq, va)
+        return
+    new = [torch.empty_like(t) for t in state]  # re-quantizing an unchanged m may still move a code:
+    quantize_8bit_nearest(m, True, new[0], new[1])  # a skipped step keeps the codes and scales it had
+    quantize_8bit_nearest(v, False, new[2], new[3])
+    skipped = found_inf == 1
+    for t, t_new in zip(state, new):
+        torch.where(skipped, t, t_new, out=t)
 
 
 class _Batch:
@@ -260,8 +263,8 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, *, found_inf: torch.Tensor | None = None):
         """One AdamW update of every parameter that has a gradient; returns closure's loss.
-        found_inf: a float32 0-dim tensor on the parameters' device; nonzero there, the update
-        changes nothing (decided on the device), though the step is counted: see rewind()."""
+        found_inf: a float32 0-dim tensor, 1.0 or 0.0; at 1.0 the update changes nothing
+        (decided on the device), though the step is counted: see rewind()."""
         if found_inf is not None and (found_inf.dtype != torch.float32 or found_inf.dim() != 0):
             raise ValueError(f"AdamW.step: found_inf must be a 0-dim float32 tensor, got {found_inf.dtype} "
                              f"{tuple(found_inf.shape)}")
@@ -292,12 +295,16 @@ class AdamW(torch.optim.Optimizer):
 
     def rewind(self) -> None:
         """Take back the last step's count, for a step that `found_inf` made change nothing
-        (the next step then uses the same bias correction the skipped one would have)."""
+        (the next step then uses the bias correction the skipped one had). Call it at most
+        once, before the next step(), and only for a skipped step: after a real update it
+        would repeat that update's bias correction."""
         for state in self.__dict__.pop("_counted", []):
             state["step"] -= 1
 
     def _step_device(self, device: torch.device, items: list[tuple[torch.Tensor, dict]],
                      found_inf: torch.Tensor | None) -> None:
+        if found_inf is not None:
+            found_inf = found_inf.to(device, non_blocking=True)  # the kernels read it where they run
         pager = self._pager(device) if self.paged else None
         views = self.__dict__.setdefault("_views", {})
         if len(views) > len(self.state):  # parameters whose state is gone: let their old m and v go

@@ -4,7 +4,7 @@
     # or: sched = scheduler(opt, "cosine", warmup_steps=100, total_steps=10_000)
     total_norm = clip_grad_norm(model.parameters(), 0.3)   # the QLoRA recipe's max norm
     opt.step(); sched.step()
-    step_back(sched)   # undo sched.step() after a step the device skipped
+    step_back(sched)   # only for a step the optimizer skipped: undoes sched.step()
 
 Tested by `pytest tests/optim/test_schedule.py` (transformers' schedules are the oracle).
 

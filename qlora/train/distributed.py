@@ -30,7 +30,8 @@ Tested by tests/train/test_distributed.py (2 ranks, gloo, CPU).
   with seed + r so that ranks draw different dropout masks.
 - Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) under torchrun: `StopRequest` turns
   the signal into a flag; at the start of every step the ranks agree on it (one all-reduce
-  of a host flag; beside NCCL over a gloo group, so it never waits for the GPU's queue), so
+  of a host flag; beside NCCL over a gloo group, so it never waits for the GPU's queue: gloo
+  needs a TCP interface between the hosts, GLOO_SOCKET_IFNAME where there are several), so
   all of them stop at the same step and write one checkpoint together, then
   exit; --resume continues from it. torchrun kills its workers 30 s after passing the signal
   on, so a step must finish within that.

@@ -26,7 +26,10 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -307,30 +310,35 @@ def train(cfg: TrainConfig) -> dict:
         step is queued behind it, so the device never waits for the host) and log the step; if
         either is not finite, the device skipped its update: take back its count, lr and tokens."""
         nonlocal pending
-        done, pending = pending, None
+        done = pending
         if done is None:
             return
         loss_v, norm_v, *stat_v = torch.stack([done["loss"], done["norm"], *done["stats"].values()]).tolist()
-        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-            optimizer.rewind()
-            step_back(sched)
-            state.update(step=done["step"] - 1, tokens=state["tokens"] - done["tokens"])
-            state["bad_steps"] += 1
-            state["skipped_steps"] += 1
+        taken = math.isfinite(loss_v) and math.isfinite(norm_v)
+        with held_interrupt():  # all of it or none: a Ctrl-C here lands after it
+            pending = None
+            if not taken:
+                optimizer.rewind()
+                step_back(sched)
+                state.update(step=done["step"] - 1, tokens=state["tokens"] - done["tokens"])
+                state["bad_steps"] += 1
+                state["skipped_steps"] += 1
+            else:
+                state["bad_steps"] = 0
+                state["elapsed"] = time.perf_counter() - start
+                stats = dict(zip(done["stats"], stat_v))
+                row = {"step": done["step"], "loss": loss_v, "lr": done["lr"], "grad_norm": norm_v,
+                       "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
+                       "elapsed_s": state["elapsed"], "peak_mem_mb": done["peak_mem_mb"], **stats}
+                metrics.write(row)
+        if not taken:  # the step number is retried on the next micro-batches
             if state["bad_steps"] >= cfg.max_bad_steps:
                 raise TrainingError(
                     f"step {done['step']}: loss {loss_v:.4g}, gradient norm {norm_v:.4g}: "
                     f"{state['bad_steps']} non-finite steps in a row. Lower --lr, check the data, or use "
                     "--compute-dtype float32; the last good checkpoint is untouched"
                 )
-            return  # the step number is retried on the next micro-batches
-        state["bad_steps"] = 0
-        state["elapsed"] = time.perf_counter() - start
-        stats = dict(zip(done["stats"], stat_v))
-        row = {"step": done["step"], "loss": loss_v, "lr": done["lr"], "grad_norm": norm_v,
-               "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
-               "elapsed_s": state["elapsed"], "peak_mem_mb": peak_memory_mb(device), **stats}
-        metrics.write(row)
+            return
         shown = {"acc": f"{stats['reward_accuracy']:.2f}", "margin": f"{stats['reward_margin']:.3f}"} if stats else {}
         bar.set_postfix(loss=f"{row['loss']:.3f}", **shown, lr=f"{row['lr']:.2e}",
                         tok_s=f"{row['tokens_per_s']:.0f}", peak=f"{row['peak_mem_mb']:.0f}MB")
@@ -359,13 +367,14 @@ def train(cfg: TrainConfig) -> dict:
             found_inf = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
             settle()  # the step before this one
             step = state["step"] + 1
-            optimizer.step(found_inf=found_inf)
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            pending = {"step": step, "loss": loss_sum, "norm": grad_norm, "stats": stats, "tokens": step_tokens,
-                       "lr": sched.get_last_lr()[0]}
-            state.update(step=step, tokens=state["tokens"] + step_tokens)
-            step_start = (state["micro"], rng_state(device))  # the step is taken: the next one starts here
+            with held_interrupt():  # the update and its bookkeeping together
+                optimizer.step(found_inf=found_inf)
+                sched.step()
+                optimizer.zero_grad(set_to_none=True)
+                pending = {"step": step, "loss": loss_sum, "norm": grad_norm, "stats": stats, "tokens": step_tokens,
+                           "lr": sched.get_last_lr()[0], "peak_mem_mb": peak_memory_mb(device)}
+                state.update(step=step, tokens=state["tokens"] + step_tokens)
+                step_start = (state["micro"], rng_state(device))  # the step is taken: the next one starts here
             evaluating = bool(eval_rows) and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps
             saving = cfg.save_every and step % cfg.save_every == 0 and step < total_steps
             if evaluating or saving or step == total_steps:
@@ -377,9 +386,11 @@ def train(cfg: TrainConfig) -> dict:
             if saving:
                 save_checkpoint(output, model, optimizer, sched, state, cfg.keep_last, ranks)
     except KeyboardInterrupt:
-        settle()  # the step before the interrupted one was taken or skipped: count it so
-        bar.close()
-        metrics.close()
+        try:
+            settle()  # the last step taken: logged, or taken back if it was skipped, before saving
+        finally:
+            bar.close()
+            metrics.close()
         if ranks.active:  # saved above, by every rank at the same step
             raise
         if state["micro"] != step_start[0]:  # mid-step: save the data position and RNG it started from
@@ -407,6 +418,25 @@ def train(cfg: TrainConfig) -> dict:
         return {"steps": state["step"], "rank": ranks.rank}
     M.write_run_memory(output, plan, measured)
     return write_summary(output, cfg, state, eval_loss, skipped, demo, after, device)
+
+
+@contextlib.contextmanager
+def held_interrupt() -> Iterator[None]:
+    """Ctrl-C held off inside (raised as KeyboardInterrupt on the way out), so that the
+    bookkeeping inside is done whole. Only where SIGINT raises (Python's default handler,
+    in the main thread); other handlers (torchrun's StopRequest sets a flag) are left."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    got: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if got:
+        raise KeyboardInterrupt
 
 
 def _eval(model, eval_rows, cfg: TrainConfig, pad: int, state: dict, metrics, objective=None) -> float:

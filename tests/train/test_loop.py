@@ -111,35 +111,101 @@ def test_persistent_nonfinite_stops_and_keeps_the_last_good_checkpoint(model_dir
     assert state_json["step"] == 4 and state_json["bad_steps"] == 0
 
 
+def _nan_at_clip_call(n: int, calls: dict):
+    real = loop.clip_grad_norm
+
+    def clip(params, max_norm, **kw):
+        calls["clip"] = calls.get("clip", 0) + 1
+        norm = real(params, max_norm, **kw)
+        return norm * float("nan") if calls["clip"] == n else norm
+    return clip
+
+
+def _rows_and_adapter(out):
+    from qlora.model.adapter import read_adapter
+    rows = [{k: r[k] for k in ("step", "loss", "lr", "grad_norm", "tokens")}
+            for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    return rows, read_adapter(out / "adapter")[1]
+
+
+def _same_run(a, b):
+    (rows_a, ad_a), (rows_b, ad_b) = _rows_and_adapter(a), _rows_and_adapter(b)
+    assert rows_a == rows_b
+    assert ad_a.keys() == ad_b.keys()
+    for name in ad_a:
+        assert all(torch.equal(ad_a[name][k], ad_b[name][k]) for k in ad_a[name]), name
+
+
 def test_a_skipped_step_leaves_the_run_as_if_its_batches_had_been_passed_over(model_dir, alpaca_file, tmp_path,
                                                                               monkeypatch):
     """The skip is decided on the device and read a step later; taking back the step's count,
     lr and tokens then leaves the run bit for bit a run that never tried those micro-batches
     (which the oracle passes over by their data position). No dropout: no RNG in the way."""
     cfg = dict(FAST, max_steps=5, schedule="linear", warmup_ratio=0.4, lora_dropout=0.0)
-    real_clip, calls = loop.clip_grad_norm, {"n": 0}
-
-    def nan_third(params, max_norm, **kw):
-        calls["n"] += 1
-        norm = real_clip(params, max_norm, **kw)
-        return norm * float("nan") if calls["n"] == 3 else norm
-
     with monkeypatch.context() as m:
-        m.setattr(loop, "clip_grad_norm", nan_third)
+        m.setattr(loop, "clip_grad_norm", _nan_at_clip_call(3, {}))
         skipped = train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "a"), **cfg))
     real_batch = loop.D.Batches.batch
     with monkeypatch.context() as m:  # the third step's micro-batches (4 and 5) passed over
         m.setattr(loop.D.Batches, "batch", lambda self, k: real_batch(self, k + 2 if k >= 4 else k))
         passed = train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "b"), **cfg))
     assert skipped["skipped_steps"] == 1 and passed["skipped_steps"] == 0
-    keys = ("step", "loss", "lr", "grad_norm", "tokens")
-    rows = [[{k: r[k] for k in keys} for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
-            for run in ("a", "b")]
-    assert rows[0] == rows[1] and len(rows[0]) == 5
-    from qlora.model.adapter import read_adapter
-    for (_, a), (_, b) in zip(read_adapter(tmp_path / "a" / "adapter")[1].items(),
-                              read_adapter(tmp_path / "b" / "adapter")[1].items()):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _same_run(tmp_path / "a", tmp_path / "b")
+    assert len(_rows_and_adapter(tmp_path / "a")[0]) == 5
+
+
+def test_reading_a_step_late_is_the_run_that_reads_at_once(model_dir, alpaca_file, tmp_path, monkeypatch):
+    """With a checkpoint every step the loop reads each step at once (the order before the read
+    moved); without, a step late. With dropout and a NaN step in the run both give the same
+    losses, lrs, norms, tokens and adapter, bit for bit."""
+    cfg = dict(FAST, max_steps=6, schedule="cosine", warmup_ratio=0.3, lora_dropout=0.1)
+    for name, save_every in (("late", 0), ("at-once", 1)):
+        with monkeypatch.context() as m:
+            m.setattr(loop, "clip_grad_norm", _nan_at_clip_call(3, {}))
+            summary = train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / name),
+                                        save_every=save_every, **cfg))
+        assert summary["skipped_steps"] == 1
+    _same_run(tmp_path / "late", tmp_path / "at-once")
+
+
+def test_ctrl_c_right_after_reading_a_skipped_step_resumes_exactly(model_dir, alpaca_file, tmp_path, monkeypatch):
+    """Ctrl-C landing just after the read that finds step 3 skipped (on a GPU the host waits in
+    that read, so that is where a Ctrl-C lands): the step is still taken back before the
+    checkpoint, and --resume gives the uninterrupted run."""
+    cfg = dict(FAST, max_steps=6, schedule="linear", warmup_ratio=0.3, lora_dropout=0.1)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "clip_grad_norm", _nan_at_clip_call(3, {}))
+        train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(tmp_path / "full"), **cfg))
+    calls: dict = {}
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(t):
+        values = real_tolist(t)
+        calls["read"] = calls.get("read", 0) + 1
+        if calls["read"] == 3 and not math.isfinite(values[1]):  # the read of step 3
+            raise KeyboardInterrupt
+        return values
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(loop, "clip_grad_norm", _nan_at_clip_call(3, calls))
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", tolist)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(out), **cfg))
+    state = json.loads((out / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
+    assert (state["step"], state["skipped_steps"], state["bad_steps"]) == (2, 1, 1)
+    train(TrainConfig(model=str(model_dir), data=str(alpaca_file), output=str(out), resume=True, **cfg))
+    _same_run(out, tmp_path / "full")
+
+
+def test_held_interrupt_raises_ctrl_c_on_its_way_out():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with loop.held_interrupt():
+            signal.raise_signal(signal.SIGINT)
+            done.append("the rest of the block")
+    assert done == ["the rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_steps_loss_is_read_after_the_next_step_is_queued(model_dir, alpaca_file, tmp_path, monkeypatch):
