@@ -1,7 +1,7 @@
 """Packed vs padded training on instruction data: real tokens/s (padding not counted) and peak.
 
     flock /tmp/qlora-bench.lock .venv/bin/python benchmarks/packing.py [--docs 160] [--max-length 512] [--batch 4]
-        [--repeat 1] [--dtype bfloat16|float32] [--setups packed,padded,padded-b16,peer-flatten[,padded-ungrouped,packed-flex]]
+        [--repeat 1] [--dtype bfloat16|float32] [--setups packed,padded,padded-b16,peer-flatten[,padded-ungrouped,packed-flex,packed-varlen]]
         [--device cpu|cuda]
 
 The documents: a synthetic instruction set with Alpaca's length histogram (`alpaca_like`):
@@ -14,6 +14,8 @@ bf16 weights), NF4 + DQ, gradient checkpointing, an optimizer step per micro-bat
                a micro-batch, documents kept apart by their position ids (model/packing.py)
 - packed-flex  the same with `--attn-implementation flex_attention` (torch's flex attention, whose block
                mask skips the blocks between documents; it trains on CUDA only)
+- packed-varlen  the same with `--attn-implementation varlen` (torch's varlen flash kernels over the
+               documents' boundaries: no mask, no work across documents; CUDA only)
 - padded       qlora: `qlora train --no-packing`: --batch documents a micro-batch, grouped by length,
                padded to a multiple of 16
 - padded-b16   the same with 4 x --batch documents a micro-batch (about as many real tokens as packed)
@@ -99,9 +101,9 @@ CHILD = textwrap.dedent("""
         model = qlora.load_model(path, compute_dtype=dtype, device=device, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
                                     verbose=False)
-        if setup == "packed-flex":  # --attn-implementation flex_attention: a block-sparse mask (CUDA only)
+        if setup in ("packed-flex", "packed-varlen"):  # --attn-implementation flex_attention / varlen (CUDA only)
             from qlora.model.attention import set_attention
-            set_attention(model, "flex_attention", device)
+            set_attention(model, "flex_attention" if setup == "packed-flex" else "varlen", device)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
         autocast = torch.autocast("cpu", enabled=False)
         step_loss = lambda b: causal_lm_loss(model, b)
@@ -128,7 +130,8 @@ CHILD = textwrap.dedent("""
                       "first_loss": first}))
 """)
 
-LABELS = {"packed": "qlora packed (default)", "packed-flex": "qlora packed, flex attention", "padded": "qlora padded (--no-packing)",
+LABELS = {"packed": "qlora packed (default)", "packed-flex": "qlora packed, flex attention",
+          "packed-varlen": "qlora packed, varlen attention", "padded": "qlora padded (--no-packing)",
           "padded-b16": "qlora padded, 4x the rows", "padded-ungrouped": "qlora padded, not grouped by length",
           "peer-flatten": "peft+bnb, DataCollatorWithFlattening"}
 

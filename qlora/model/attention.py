@@ -12,9 +12,12 @@ kernels from the Hub: they would be remote code):
 - flash_attention_2 / flash_attention_3: the flash-attn package's kernels (CUDA); packed rows
   run its varlen form, with no work across documents;
 - flex_attention: torch's flex_attention with a block mask that skips the blocks between packed
-  documents (compiled; torch trains it on CUDA only, it has no CPU backward).
-Each reads packed documents' boundaries from position ids and keeps them apart (model/packing.py). What a device or an
-install lacks is an error here, naming the flag, not a failure at the first step.
+  documents (compiled; torch trains it on CUDA only, it has no CPU backward);
+- varlen: torch's own varlen flash kernels (torch.nn.attention.varlen, CUDA, no flash-attn
+  package), registered with transformers by qlora (model/varlen.py): packed documents with
+  no mask and no work across them, the boundaries handed over from the host.
+Each keeps packed documents apart (model/packing.py). What a device or an install lacks is an
+error here, naming the flag, not a failure at the first step.
 Tests: tests/model/test_attention.py.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 
 from ..errors import InputError
 
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
 
 
 def check_attention(name: str, device: torch.device | str = "cpu") -> None:
@@ -36,6 +39,15 @@ def check_attention(name: str, device: torch.device | str = "cpu") -> None:
     if name == "flex_attention" and torch.device(device).type != "cuda":
         raise InputError("--attn-implementation flex_attention: torch trains flex attention on CUDA only (no CPU "
                          "backward); use sdpa (the default) here")
+    if name == "varlen":
+        if torch.device(device).type != "cuda":
+            raise InputError("--attn-implementation varlen: torch's varlen attention runs on CUDA only; use sdpa "
+                             "(the default) here")
+        try:
+            from torch.nn.attention import varlen  # noqa: F401
+        except ImportError:
+            raise InputError(f"--attn-implementation varlen: this torch ({torch.__version__}) has no "
+                             "torch.nn.attention.varlen; upgrade torch, or use sdpa (the default)") from None
     if name.startswith("flash_attention"):
         from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
@@ -50,6 +62,10 @@ def set_attention(model: nn.Module, name: str, device: torch.device | str = "cpu
     check_attention(name, device)
     if name == "auto":
         return
+    if name == "varlen":
+        from .varlen import register
+
+        register()
     try:
         model.set_attn_implementation(name)
     except (ImportError, ValueError) as e:
@@ -67,7 +83,7 @@ def planned_attention(name: str) -> str:
 
 def plan_note(name: str) -> str | None:
     """What a memory plan for attention `name` leaves out, or None."""
-    if name in ("flash_attention_2", "flash_attention_3", "flex_attention"):
+    if name in ("flash_attention_2", "flash_attention_3", "flex_attention", "varlen"):
         return (f"memory: the plan counts what sdpa attention saves; --attn-implementation {name} is not modelled "
                 "(its kernels save about as much as SDPA's, without the mask)")
     return None

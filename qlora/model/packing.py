@@ -11,7 +11,9 @@ form its attention implementation takes:
 - sdpa (the default, and what runs on a CPU): a block-diagonal causal boolean mask
   [batch, 1, seq, seq], built once per forward (exact);
 - flash_attention_2 / 3: the varlen kernels with cu_seqlens (no mask, no work across documents);
-- flex_attention: a BlockMask that skips the blocks between documents; eager: the same mask, additive.
+- flex_attention: a BlockMask that skips the blocks between documents; eager: the same mask, additive;
+- varlen (qlora's, model/varlen.py): torch's varlen kernels over `cu_seq_lens` made on the host
+  (train/distributed.py: share), passed here with a placeholder mask: no mask, nothing read back.
 Positions follow the position ids: RoPE (Llama, Qwen2, Mistral, Gemma, Phi-3) and GPT-2's
 learned table alike restart at each document. So a packed document gets the logits, loss and
 gradients it gets alone (tests/model/test_packing.py, on every architecture of PACKED_MODEL_TYPES).
@@ -35,6 +37,8 @@ import torch
 from torch import nn
 
 from .attention import ATTENTION
+from .varlen import NAME as VARLEN
+from .varlen import PLACEHOLDER_MASK_SHAPE
 
 PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2")
 """Architectures checked to keep packed documents apart (position ids -> positions and attention)."""
@@ -45,9 +49,17 @@ def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict:
     position ids and no 2-D attention mask (which would hide the documents' boundaries), an
     unpacked one its attention mask (none for a host-side mask of all ones); never a cache (a
     cache hides the boundaries too). With the model's `config`, where `builds_mask(config)`,
-    the mask is passed prebuilt ([b, 1, t, t], `block_causal_mask`): nothing read back."""
+    the mask is passed prebuilt ([b, 1, t, t], `block_causal_mask`): nothing read back; with
+    varlen attention and the batch's host-made `cu_seq_lens`, those instead (model/varlen.py)."""
     ids, pos, mask = batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask")
     inputs = {"input_ids": ids, "use_cache": False}
+    if "cu_seq_lens" in batch and getattr(config, "_attn_implementation", None) == VARLEN:
+        cu, longest = batch["cu_seq_lens"], batch["max_length"]
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
+                      attention_mask=torch.empty(PLACEHOLDER_MASK_SHAPE, dtype=torch.bool, device=ids.device))
+        if pos is not None:
+            inputs["position_ids"] = pos
+        return inputs
     if pos is not None:
         inputs["position_ids"] = pos
         mask = None

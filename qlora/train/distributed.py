@@ -47,6 +47,7 @@ from torch import nn
 
 from ..model.loss import target_index
 from ..model.packing import unpadded_on_host
+from ..model.varlen import cu_seq_lens
 from ..model.shard import load_sharded, shard_rows
 from ..nn.lora import LoraConfig
 from .config import ConfigError
@@ -151,12 +152,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tensor]:
+def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tensor | int]:
     """This rank's contiguous rows of a global micro-batch, on its device (one process: all of them).
     To CUDA through pinned memory, without blocking the host (the copy is queued before the
     step's kernels on the same stream). With labels on the host, also `target_index` (the loss's
-    target positions, model/loss.py), so the loss picks them without a device sync; an attention
-    mask of all ones is left out (model/packing.py: model_inputs)."""
+    target positions, model/loss.py), so the loss picks them without a device sync; with rows on
+    the host, packed or right-padded, also `cu_seq_lens` and `max_length` (an int) for varlen
+    attention (model/varlen.py); an attention mask of all ones is left out (model/packing.py:
+    model_inputs)."""
     cuda = torch.device(ranks.device).type == "cuda"
 
     def move(t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +173,16 @@ def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tenso
     out = {k: move(v) for k, v in rows.items()}
     if "labels" in rows and rows["labels"].device.type == "cpu":
         out["target_index"] = move(target_index(rows["labels"]))
+    mask, pos = rows.get("attention_mask"), rows.get("position_ids")
+    if rows["input_ids"].device.type == "cpu" and (pos is not None or mask is None or right_padded(mask)):
+        cu, longest = cu_seq_lens(pos, tuple(rows["input_ids"].shape))
+        out["cu_seq_lens"], out["max_length"] = move(cu), longest  # an int: read by nothing
     return out
+
+
+def right_padded(mask: torch.Tensor) -> bool:
+    """True when every row of the host-side 2-D `mask` is its tokens, then its padding."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""Packed rows through torch's varlen attention: `--attn-implementation varlen`.
+
+    register()                                   # once: transformers learns the name "varlen"
+    model.set_attn_implementation("varlen")      # what set_attention (attention.py) does
+    cu, longest = cu_seq_lens(position_ids)      # on the host (train/distributed.py: share)
+
+torch's `varlen_attn` (torch.nn.attention.varlen, CUDA, flash kernels, no flash-attn package)
+takes the batch as one run of tokens [tokens, heads, dim] with the documents' boundaries in
+`cu_seq_lens` (int32 [documents + 1]): no mask, and no work across documents. Where SDPA
+with the block-diagonal mask (the default, model/packing.py) computes every query-key pair
+of a row and masks most of them out, this computes the pairs inside documents only.
+
+The batch's boundaries come from the host (`cu_seq_lens`: packed rows split at each document,
+padded or full rows one sequence each; right padding, so a row's tokens never see its pad),
+and `model_inputs` passes them to the model with a placeholder 4-D mask, which tells
+transformers the mask is made: nothing read back from the device, no mask built. A call
+without them (generation with a cache, a batch from elsewhere) runs transformers' SDPA with
+the mask transformers builds for it (the name is registered with its SDPA mask), so the
+model stays right for every caller.
+
+On a CPU there is no varlen kernel: `varlen_reference` (SDPA once per document) stands in,
+the oracle the tests hold the whole path to (tests/model/test_varlen.py); the trainer
+refuses the flag there (attention.py), where the masked SDPA is faster.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NAME = "varlen"
+PLACEHOLDER_MASK_SHAPE = (1, 1, 1, 1)
+"""The 4-D mask model_inputs passes with cu_seq_lens: transformers takes a 4-D mask as made."""
+
+
+def cu_seq_lens(position_ids: torch.Tensor | None, shape: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, int]:
+    """(int32 [sequences + 1] cumulative boundaries, the longest sequence) of a [b, t] batch on
+    the host: packed rows (`position_ids`) split where a position does not follow the one
+    before; without position ids (`shape` = (b, t)) every row is one sequence."""
+    if position_ids is None:
+        b, t = shape
+        return torch.arange(0, b * t + 1, t, dtype=torch.int32), t
+    flat = position_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1
+    starts[::position_ids.shape[-1]] = True  # every row starts a sequence
+    bounds = torch.cat([starts.nonzero().reshape(-1), torch.tensor([flat.numel()])])
+    return bounds.to(torch.int32), int(bounds.diff().max())
+
+
+def varlen_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                     cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, scale: float | None = None,
+                     window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False) -> torch.Tensor:
+    """torch's varlen_attn in plain SDPA, one call per sequence (query [tokens, heads, dim]);
+    window_size (left, right) as there: (-1, 0) is causal, (W, 0) causal within W back."""
+    bounds = cu_seq_q.tolist()
+    if cu_seq_k.tolist() != bounds:
+        raise ValueError("varlen_reference: only cu_seq_k == cu_seq_q (self-attention)")
+    left, right = window_size
+    out = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        i = torch.arange(e - s, device=query.device)
+        back = i[:, None] - i[None, :]
+        keep = torch.ones_like(back, dtype=torch.bool)
+        if left >= 0:
+            keep &= back <= left
+        if right >= 0:
+            keep &= -back <= right
+        q, k, v = (t[s:e].transpose(0, 1) for t in (query, key, value))
+        out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale,
+                                                  enable_gqa=enable_gqa).transpose(0, 1))
+    return torch.cat(out)
+
+
+def _kernel(query: torch.Tensor):
+    """torch's varlen_attn for CUDA tensors, the reference elsewhere."""
+    if query.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn
+    return varlen_reference
+
+
+def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface (query [b, heads, t, dim], key and value [b, kv heads,
+    t, dim]; returns [b, t, heads, dim]): varlen over `cu_seq_lens_q` where the call carries
+    it, else transformers' SDPA with the mask it was given."""
+    cu = kwargs.pop("cu_seq_lens_q", None)
+    longest = kwargs.pop("max_length_q", None)
+    for k in ("cu_seq_lens_k", "max_length_k"):
+        kwargs.pop(k, None)
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
+    if dropout:
+        raise ValueError(f"--attn-implementation varlen: torch's varlen attention has no dropout, and this "
+                         f"model's attention dropout is {dropout}; set it to 0 in its config, or use sdpa")
+    if query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"--attn-implementation varlen runs flash kernels, in bf16 or fp16 only (this model "
+                         f"computes in {query.dtype}); use --compute-dtype bfloat16, or sdpa")
+    b, heads, t, dim = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], dim) for x in (query, key, value))
+    window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    out = _kernel(q)(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window,
+                     enable_gqa=key.shape[1] != heads)
+    return out.view(b, t, heads, dim), None
+
+
+def register() -> None:
+    """Teach transformers the attention name "varlen" (and its SDPA mask, for calls without
+    boundaries); idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -1,0 +1,117 @@
+"""--attn-implementation varlen (model/varlen.py): packed rows through torch's varlen attention.
+On the CPU the reference (SDPA once per document) stands in for the CUDA kernel; every other
+part of the path (boundaries made on the host, handed over by share and model_inputs, the
+layout in and out, the fallback for calls without boundaries) is the one a GPU runs."""
+import pytest
+import torch
+
+from qlora.model.loss import causal_lm_loss
+from qlora.model.packing import block_causal_mask, model_inputs
+from qlora.model import varlen
+from qlora.model.varlen import NAME, cu_seq_lens, register, varlen_reference
+from qlora.train import data as D
+from qlora.train.distributed import Ranks, share
+
+from test_packing import _documents, _grads, _model, _one_by_one
+
+
+def _varlen(model):
+    register()
+    model.set_attn_implementation(NAME)
+    assert model.config._attn_implementation == NAME
+    return model
+
+
+def test_boundaries_made_on_the_host():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1]])
+    cu, longest = cu_seq_lens(pos)
+    assert cu.tolist() == [0, 3, 5, 8, 14, 16] and cu.dtype == torch.int32 and longest == 6
+    cu, longest = cu_seq_lens(None, (3, 4))  # rows without documents: one sequence each
+    assert cu.tolist() == [0, 4, 8, 12] and longest == 4
+    cu, _ = cu_seq_lens(torch.tensor([[0, 1, 2], [3, 4, 5]]))  # a row that goes on counting still starts anew
+    assert cu.tolist() == [0, 3, 6]
+
+
+@pytest.mark.parametrize("window, gqa", [((-1, 0), False), ((-1, 0), True), ((3, 0), True)])
+def test_the_reference_is_sdpa_with_the_block_mask(window, gqa):
+    g = torch.Generator().manual_seed(0)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]])
+    b, t, heads, kv = 2, 10, 4, 2 if gqa else 4
+    q, k, v = (torch.randn(b, n, t, 8, generator=g) for n in (heads, kv, kv))
+    mask = block_causal_mask(t, pos, window=None if window[0] < 0 else window[0] + 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    cu, longest = cu_seq_lens(pos)
+    flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], 8) for x in (q, k, v)]
+    got = varlen_reference(*flat, cu, cu, longest, longest, window_size=window, enable_gqa=gqa)
+    torch.testing.assert_close(got.view(b, t, heads, 8), want.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("qwen2", {}), ("gpt2", {}),
+                                             ("mistral", {"sliding_window": 6})])
+def test_a_packed_batch_through_varlen_equals_documents_one_by_one(arch, overrides, host_reads, monkeypatch):
+    """As the trainer runs it (share, then the loss): the loss and LoRA gradients of the
+    documents run alone, and nothing read back from the device inside the step."""
+    model = _varlen(_model(arch, torch.float32, **overrides))
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_reference", lambda *a, **k: calls.append(1) or varlen_reference(*a, **k))
+    docs = _documents(seed=7)
+    ref_loss, ref_grads = _one_by_one(model, docs)  # no boundaries handed over: transformers' SDPA
+    batch = share(D.collate(D.pack(docs, 40), pad=0, multiple=16), Ranks())
+    assert "cu_seq_lens" in batch and "attention_mask" in model_inputs(batch, model.config)
+    with host_reads() as reads:
+        loss = causal_lm_loss(model, batch)
+        grads = _grads(model, loss)
+    assert reads.seen == [], reads.seen
+    assert len(calls) >= 2 * model.config.num_hidden_layers  # forward and its recompute, every layer
+    torch.testing.assert_close(loss.detach().float(), ref_loss, rtol=1e-5, atol=1e-6)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_padded_rows_and_calls_without_boundaries_stay_right():
+    """Right-padded rows are one sequence each (a token never sees its row's padding); a call
+    without boundaries (a left-padded batch, generation) runs SDPA with transformers' mask."""
+    model = _model("llama", torch.float32)
+    docs = _documents(seed=8)
+    padded = D.collate(docs, pad=0)
+    sdpa_loss = causal_lm_loss(model, share(padded, Ranks())).detach()
+    left = {k: v.flip(-1) for k, v in padded.items()}  # left padding: no boundaries from share
+    with torch.no_grad():
+        sdpa_left = model(input_ids=left["input_ids"], attention_mask=left["attention_mask"]).logits
+        prompt = torch.tensor([[5, 6, 7, 8]])
+        sdpa_text = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    _varlen(model)
+    shared = share(padded, Ranks())
+    assert shared["cu_seq_lens"].tolist() == [padded["input_ids"].shape[1] * i for i in range(len(docs) + 1)]
+    torch.testing.assert_close(causal_lm_loss(model, shared).detach(), sdpa_loss, rtol=1e-5, atol=1e-6)
+    assert "cu_seq_lens" not in share(left, Ranks())
+    with torch.no_grad():
+        got = model(input_ids=left["input_ids"], attention_mask=left["attention_mask"]).logits
+        real = left["attention_mask"].bool()
+        torch.testing.assert_close(got[real], sdpa_left[real], rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), sdpa_text)
+
+
+def test_attention_dropout_is_refused_clearly():
+    model = _varlen(_model("gpt2", torch.float32))
+    for module in model.modules():
+        if hasattr(module, "attn_dropout"):
+            module.attn_dropout.p = 0.1
+    batch = share(D.collate(D.pack(_documents(), 40), pad=0), Ranks())
+    with pytest.raises(ValueError, match="varlen attention has no dropout"):
+        causal_lm_loss(model, batch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen kernels)")
+def test_torchs_kernel_matches_the_reference():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1] * 8])
+    cu, longest = cu_seq_lens(pos)
+    q, k, v = (torch.randn(80, n, 64, generator=g).cuda().bfloat16().requires_grad_() for n in (8, 2, 2))
+    from torch.nn.attention.varlen import varlen_attn
+    got = varlen_attn(q, k, v, cu.cuda(), cu.cuda(), longest, longest, window_size=(-1, 0), enable_gqa=True)
+    want = varlen_reference(q, k, v, cu.cuda(), cu.cuda(), longest, longest, window_size=(-1, 0), enable_gqa=True)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    dq, = torch.autograd.grad(got.float().square().sum(), q)
+    dq_ref, = torch.autograd.grad(want.float().square().sum(), q)
+    torch.testing.assert_close(dq.float(), dq_ref.float(), rtol=5e-2, atol=5e-2)
