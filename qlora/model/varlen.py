@@ -24,6 +24,9 @@ refuses the flag there (attention.py), where the masked SDPA is faster.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,13 +76,41 @@ def varlen_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.cat(out)
 
 
+@functools.lru_cache(maxsize=4)
+def _parameters(function) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
+
+
+def torch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                 cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, scale: float | None = None,
+                 window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False) -> torch.Tensor:
+    """torch's varlen_attn with the arguments of torch 2.13's, on the torch there is: older ones
+    (2.10) take `is_causal` for the window (-1, 0) and may lack `scale` or `enable_gqa`."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    takes = _parameters(varlen_attn)
+    kwargs: dict = {}
+    if "window_size" in takes:
+        kwargs["window_size"] = window_size
+    elif window_size == (-1, 0):
+        kwargs["is_causal"] = True
+    else:
+        raise ValueError(f"--attn-implementation varlen: this torch ({torch.__version__}) has no sliding-window "
+                         "varlen attention; use sdpa")
+    if enable_gqa and "enable_gqa" not in takes:  # the kv heads repeated, as SDPA's enable_gqa reads them
+        key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
+    elif enable_gqa:
+        kwargs["enable_gqa"] = True
+    if "scale" in takes:
+        kwargs["scale"] = scale
+    elif scale is not None:
+        query = query * (scale * query.shape[-1] ** 0.5)
+    return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs)
+
+
 def _kernel(query: torch.Tensor):
     """torch's varlen_attn for CUDA tensors, the reference elsewhere."""
-    if query.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn
-    return varlen_reference
+    return torch_varlen if query.is_cuda else varlen_reference
 
 
 def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -8,7 +8,7 @@ import torch
 from qlora.model.loss import causal_lm_loss
 from qlora.model.packing import block_causal_mask, model_inputs
 from qlora.model import varlen
-from qlora.model.varlen import NAME, cu_seq_lens, register, varlen_reference
+from qlora.model.varlen import NAME, cu_seq_lens, register, torch_varlen, varlen_reference
 from qlora.train import data as D
 from qlora.train.distributed import Ranks, share
 
@@ -102,14 +102,42 @@ def test_attention_dropout_is_refused_clearly():
         causal_lm_loss(model, batch)
 
 
+@pytest.mark.parametrize("torch_version", ["2.13", "2.10"])
+def test_torchs_varlen_is_called_as_the_installed_torch_takes_it(torch_version, monkeypatch):
+    """torch 2.13's varlen_attn takes a window, a scale and GQA; 2.10's only is_causal: the
+    call adapts (causal flag, kv heads repeated, the scale folded into the queries). The
+    kernel itself is faked by the reference here (CUDA only)."""
+    import torch.nn.attention.varlen as torch_module
+
+    def new(query, key, value, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+            enable_gqa=False):
+        return varlen_reference(query, key, value, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                                enable_gqa=enable_gqa)
+
+    def old(query, key, value, cu_q, cu_k, max_q, max_k, *, is_causal=False, return_aux=None):
+        assert query.shape[1] == key.shape[1]  # no GQA there
+        return varlen_reference(query, key, value, cu_q, cu_k, max_q, max_k,
+                                window_size=(-1, 0) if is_causal else (-1, -1))
+
+    monkeypatch.setattr(torch_module, "varlen_attn", new if torch_version == "2.13" else old)
+    g = torch.Generator().manual_seed(0)
+    cu, longest = cu_seq_lens(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]]))
+    q, k, v = (torch.randn(12, n, 8, generator=g) for n in (4, 2, 2))
+    want = varlen_reference(q, k, v, cu, cu, longest, longest, scale=0.3, window_size=(-1, 0), enable_gqa=True)
+    got = torch_varlen(q, k, v, cu, cu, longest, longest, scale=0.3, window_size=(-1, 0), enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if torch_version == "2.10":
+        with pytest.raises(ValueError, match="no sliding-window varlen attention"):
+            torch_varlen(q, k, v, cu, cu, longest, longest, window_size=(5, 0), enable_gqa=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen kernels)")
 def test_torchs_kernel_matches_the_reference():
     g = torch.Generator().manual_seed(0)
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1] * 8])
     cu, longest = cu_seq_lens(pos)
     q, k, v = (torch.randn(80, n, 64, generator=g).cuda().bfloat16().requires_grad_() for n in (8, 2, 2))
-    from torch.nn.attention.varlen import varlen_attn
-    got = varlen_attn(q, k, v, cu.cuda(), cu.cuda(), longest, longest, window_size=(-1, 0), enable_gqa=True)
+    got = torch_varlen(q, k, v, cu.cuda(), cu.cuda(), longest, longest, window_size=(-1, 0), enable_gqa=True)
     want = varlen_reference(q, k, v, cu.cuda(), cu.cuda(), longest, longest, window_size=(-1, 0), enable_gqa=True)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     dq, = torch.autograd.grad(got.float().square().sum(), q)
