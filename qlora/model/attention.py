@@ -63,8 +63,16 @@ def set_attention(model: nn.Module, name: str, device: torch.device | str = "cpu
     if name == "auto":
         return
     if name == "varlen":
+        from .packing import PACKED_MODEL_TYPES
         from .varlen import register
 
+        config = model.config
+        if config.model_type not in PACKED_MODEL_TYPES:
+            raise InputError(f"--attn-implementation varlen: checked for {', '.join(PACKED_MODEL_TYPES)} only, not "
+                             f"{config.model_type!r}; use sdpa (the default)")
+        if dropout := getattr(config, "attention_dropout", 0.0) or getattr(config, "attn_pdrop", 0.0):
+            raise InputError(f"--attn-implementation varlen: torch's varlen attention has no dropout, and this "
+                             f"model's attention dropout is {dropout}; set it to 0 in config.json, or use sdpa")
         register()
     try:
         model.set_attn_implementation(name)

@@ -256,7 +256,7 @@ def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], keep: torc
         return picked.gather(1, batch["input_ids"][:, 1:].to(logits.device)[keep][:, None]).squeeze(1)
     compute = lambda m, b: _fused_log_probs(m, b, chunk_tokens)  # noqa: E731
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "keep": keep,
-              "target_index": index}
+              "target_index": index, **{k: batch[k] for k in ("position_ids", "cu_seq_lens", "max_length") if k in batch}}
     if not _wrapped(model):
         return compute(model, inputs)
     with _as_forward(inner, compute):

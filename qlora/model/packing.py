@@ -38,7 +38,7 @@ from torch import nn
 
 from .attention import ATTENTION
 from .varlen import NAME as VARLEN
-from .varlen import PLACEHOLDER_MASK_SHAPE
+from .varlen import placeholder_mask
 
 PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2")
 """Architectures checked to keep packed documents apart (position ids -> positions and attention)."""
@@ -56,7 +56,7 @@ def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict:
     if "cu_seq_lens" in batch and getattr(config, "_attn_implementation", None) == VARLEN:
         cu, longest = batch["cu_seq_lens"], batch["max_length"]
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
-                      attention_mask=torch.empty(PLACEHOLDER_MASK_SHAPE, dtype=torch.bool, device=ids.device))
+                      attention_mask=placeholder_mask(ids.device))
         if pos is not None:
             inputs["position_ids"] = pos
         return inputs
@@ -79,10 +79,11 @@ def unpadded_on_host(mask: torch.Tensor) -> bool:
 
 
 def builds_mask(config) -> bool:
-    """True when `model_inputs` may pass the mask prebuilt: sdpa on an architecture of
-    PACKED_MODEL_TYPES, causal, every layer with the same window (or none)."""
+    """True when `model_inputs` may pass the mask prebuilt: sdpa (or varlen, whose calls
+    without boundaries run SDPA) on an architecture of PACKED_MODEL_TYPES, causal, every
+    layer with the same window (or none)."""
     get = lambda k, d=None: getattr(config, k, d)  # noqa: E731
-    if (get("_attn_implementation") or "sdpa") != "sdpa" or get("model_type") not in PACKED_MODEL_TYPES:
+    if (get("_attn_implementation") or "sdpa") not in ("sdpa", VARLEN) or get("model_type") not in PACKED_MODEL_TYPES:
         return False
     return get("is_causal", True) and len(set(get("layer_types") or ())) <= 1
 

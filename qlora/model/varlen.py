@@ -14,9 +14,11 @@ The batch's boundaries come from the host (`cu_seq_lens`: packed rows split at e
 padded or full rows one sequence each; right padding, so a row's tokens never see its pad),
 and `model_inputs` passes them to the model with a placeholder 4-D mask, which tells
 transformers the mask is made: nothing read back from the device, no mask built. A call
-without them (generation with a cache, a batch from elsewhere) runs transformers' SDPA with
-the mask transformers builds for it (the name is registered with its SDPA mask), so the
-model stays right for every caller.
+without them (eval batches, generation with a cache, a left-padded batch) runs SDPA with the
+mask qlora prebuilds or transformers builds (the name is registered with its SDPA mask), so
+the model stays right for every caller. Only the causal architectures of PACKED_MODEL_TYPES
+take the flag (attention.py), and arguments the kernel has no form for (softcap, sinks,
+attention dropout) are refused, never dropped.
 
 On a CPU there is no varlen kernel: `varlen_reference` (SDPA once per document) stands in,
 the oracle the tests hold the whole path to (tests/model/test_varlen.py); the trainer
@@ -24,7 +26,6 @@ refuses the flag there (attention.py), where the masked SDPA is faster.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -32,8 +33,20 @@ import torch.nn.functional as F
 from torch import nn
 
 NAME = "varlen"
-PLACEHOLDER_MASK_SHAPE = (1, 1, 1, 1)
-"""The 4-D mask model_inputs passes with cu_seq_lens: transformers takes a 4-D mask as made."""
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def placeholder_mask(device: torch.device) -> torch.Tensor:
+    """The 4-D mask model_inputs passes with cu_seq_lens (transformers takes a 4-D mask as made,
+    and builds none): one per device, never read; the fallback refuses it."""
+    device = torch.device(device)
+    if device not in _PLACEHOLDERS:
+        _PLACEHOLDERS[device] = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=device)
+    return _PLACEHOLDERS[device]
+
+
+UNSUPPORTED = ("softcap", "s_aux", "position_bias", "head_mask")
+"""Attention arguments some architectures pass that the varlen kernel has no form for."""
 
 
 def cu_seq_lens(position_ids: torch.Tensor | None, shape: tuple[int, int] | None = None
@@ -76,9 +89,14 @@ def varlen_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.cat(out)
 
 
-@functools.lru_cache(maxsize=4)
-def _parameters(function) -> frozenset[str]:
-    return frozenset(inspect.signature(function).parameters)
+_TAKES: dict = {}
+"""varlen_attn -> the argument names it takes: read once, before any torch.compile trace (register)."""
+
+
+def _takes(function) -> frozenset[str]:
+    if function not in _TAKES:
+        _TAKES[function] = frozenset(inspect.signature(function).parameters)
+    return _TAKES[function]
 
 
 def torch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
@@ -88,7 +106,7 @@ def torch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
     (2.10) take `is_causal` for the window (-1, 0) and may lack `scale` or `enable_gqa`."""
     from torch.nn.attention.varlen import varlen_attn
 
-    takes = _parameters(varlen_attn)
+    takes = _takes(varlen_attn)
     kwargs: dict = {}
     if "window_size" in takes:
         kwargs["window_size"] = window_size
@@ -124,22 +142,30 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     for k in ("cu_seq_lens_k", "max_length_k"):
         kwargs.pop(k, None)
     if cu is None:
+        if attention_mask is not None and attention_mask is _PLACEHOLDERS.get(attention_mask.device):
+            raise RuntimeError(f"varlen attention: {type(module).__name__} got the placeholder mask without the "
+                               "batch's boundaries (its model does not pass the attention kwargs on); use sdpa")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
+    if unsupported := [k for k in UNSUPPORTED if kwargs.get(k) is not None]:
+        raise ValueError(f"--attn-implementation varlen: {type(module).__name__} passes {', '.join(unsupported)}, "
+                         "which torch's varlen attention has no form for; use sdpa")
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        raise ValueError(f"--attn-implementation varlen: {type(module).__name__} is not causal; use sdpa")
     if dropout:
         raise ValueError(f"--attn-implementation varlen: torch's varlen attention has no dropout, and this "
                          f"model's attention dropout is {dropout}; set it to 0 in its config, or use sdpa")
     if query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"--attn-implementation varlen runs flash kernels, in bf16 or fp16 only (this model "
                          f"computes in {query.dtype}); use --compute-dtype bfloat16, or sdpa")
-    b, heads, t, dim = query.shape
-    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], dim) for x in (query, key, value))
+    b, heads, t, _ = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[-1]) for x in (query, key, value))
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
     out = _kernel(q)(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window,
                      enable_gqa=key.shape[1] != heads)
-    return out.view(b, t, heads, dim), None
+    return out.view(b, t, heads, out.shape[-1]), None
 
 
 def register() -> None:
@@ -150,3 +176,8 @@ def register() -> None:
 
     AttentionInterface.register(NAME, varlen_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return
+    _takes(varlen_attn)

@@ -5,19 +5,22 @@ layout in and out, the fallback for calls without boundaries) is the one a GPU r
 import pytest
 import torch
 
+from qlora.errors import InputError
+from qlora.model.attention import set_attention
 from qlora.model.loss import causal_lm_loss
 from qlora.model.packing import block_causal_mask, model_inputs
 from qlora.model import varlen
-from qlora.model.varlen import NAME, cu_seq_lens, register, torch_varlen, varlen_reference
+from qlora.model.varlen import (NAME, cu_seq_lens, placeholder_mask, torch_varlen, varlen_attention_forward,
+                                 varlen_reference)
 from qlora.train import data as D
 from qlora.train.distributed import Ranks, share
 
 from test_packing import _documents, _grads, _model, _one_by_one
+from tiny_models import tiny_model
 
 
 def _varlen(model):
-    register()
-    model.set_attn_implementation(NAME)
+    set_attention(model, NAME, "cuda")  # the device check wants CUDA; on this CPU the reference runs
     assert model.config._attn_implementation == NAME
     return model
 
@@ -46,7 +49,7 @@ def test_the_reference_is_sdpa_with_the_block_mask(window, gqa):
     torch.testing.assert_close(got.view(b, t, heads, 8), want.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("qwen2", {}), ("gpt2", {}),
+@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("qwen2", {}), ("gpt2", {}), ("gemma", {}), ("phi3", {}),
                                              ("mistral", {"sliding_window": 6})])
 def test_a_packed_batch_through_varlen_equals_documents_one_by_one(arch, overrides, host_reads, monkeypatch):
     """As the trainer runs it (share, then the loss): the loss and LoRA gradients of the
@@ -68,9 +71,11 @@ def test_a_packed_batch_through_varlen_equals_documents_one_by_one(arch, overrid
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_padded_rows_and_calls_without_boundaries_stay_right():
+def test_padded_rows_and_calls_without_boundaries_stay_right(monkeypatch):
     """Right-padded rows are one sequence each (a token never sees its row's padding); a call
     without boundaries (a left-padded batch, generation) runs SDPA with transformers' mask."""
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_reference", lambda *a, **k: calls.append(1) or varlen_reference(*a, **k))
     model = _model("llama", torch.float32)
     docs = _documents(seed=8)
     padded = D.collate(docs, pad=0)
@@ -84,15 +89,27 @@ def test_padded_rows_and_calls_without_boundaries_stay_right():
     shared = share(padded, Ranks())
     assert shared["cu_seq_lens"].tolist() == [padded["input_ids"].shape[1] * i for i in range(len(docs) + 1)]
     torch.testing.assert_close(causal_lm_loss(model, shared).detach(), sdpa_loss, rtol=1e-5, atol=1e-6)
+    assert calls  # through varlen
+    calls.clear()
     assert "cu_seq_lens" not in share(left, Ranks())
     with torch.no_grad():
         got = model(input_ids=left["input_ids"], attention_mask=left["attention_mask"]).logits
         real = left["attention_mask"].bool()
         torch.testing.assert_close(got[real], sdpa_left[real], rtol=1e-5, atol=1e-5)
         assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), sdpa_text)
+    assert not calls  # those through SDPA
 
 
-def test_attention_dropout_is_refused_clearly():
+def test_what_varlen_has_no_form_for_is_refused_not_dropped():
+    """Attention dropout (in the config: at the flag; set later: at the call), architectures not
+    checked, arguments the kernel lacks (Gemma-2's softcap, sinks), a module that is not
+    causal, and the placeholder mask reaching a layer without the boundaries."""
+    with pytest.raises(InputError, match="varlen attention has no dropout"):
+        set_attention(tiny_model("gpt2", torch.float32, attn_pdrop=0.1), NAME, "cuda")
+    model = _model("llama", torch.float32)
+    model.config.model_type = "gemma2"
+    with pytest.raises(InputError, match="checked for llama, .* not 'gemma2'"):
+        set_attention(model, NAME, "cuda")
     model = _varlen(_model("gpt2", torch.float32))
     for module in model.modules():
         if hasattr(module, "attn_dropout"):
@@ -100,6 +117,16 @@ def test_attention_dropout_is_refused_clearly():
     batch = share(D.collate(D.pack(_documents(), 40), pad=0), Ranks())
     with pytest.raises(ValueError, match="varlen attention has no dropout"):
         causal_lm_loss(model, batch)
+    layer = torch.nn.Module()
+    q = torch.randn(1, 2, 4, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="passes softcap"):
+        varlen_attention_forward(layer, q, q, q, None, cu_seq_lens_q=cu, max_length_q=4, softcap=50.0)
+    layer.is_causal = False
+    with pytest.raises(ValueError, match="is not causal"):
+        varlen_attention_forward(layer, q, q, q, None, cu_seq_lens_q=cu, max_length_q=4)
+    with pytest.raises(RuntimeError, match="placeholder mask without the batch's boundaries"):
+        varlen_attention_forward(layer, q, q, q, placeholder_mask(q.device))
 
 
 @pytest.mark.parametrize("torch_version", ["2.13", "2.10"])
@@ -137,8 +164,12 @@ def test_torchs_kernel_matches_the_reference():
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1] * 8])
     cu, longest = cu_seq_lens(pos)
     q, k, v = (torch.randn(80, n, 64, generator=g).cuda().bfloat16().requires_grad_() for n in (8, 2, 2))
-    got = torch_varlen(q, k, v, cu.cuda(), cu.cuda(), longest, longest, window_size=(-1, 0), enable_gqa=True)
-    want = varlen_reference(q, k, v, cu.cuda(), cu.cuda(), longest, longest, window_size=(-1, 0), enable_gqa=True)
+    for window, scale in (((-1, 0), None), ((3, 0), 0.3)):
+        got = torch_varlen(q, k, v, cu.cuda(), cu.cuda(), longest, longest, scale=scale, window_size=window,
+                           enable_gqa=True)
+        want = varlen_reference(q, k, v, cu.cuda(), cu.cuda(), longest, longest, scale=scale, window_size=window,
+                                enable_gqa=True)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     dq, = torch.autograd.grad(got.float().square().sum(), q)
     dq_ref, = torch.autograd.grad(want.float().square().sum(), q)

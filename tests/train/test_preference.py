@@ -181,15 +181,19 @@ def test_orpo_nll_without_prompt_is_the_sft_loss_of_the_chosen_rows(model_dir):
     torch.testing.assert_close(terms["nll_tokens"] / objective.counts(batch)["nll_tokens"], sft, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("method,train_on_prompt", [("dpo", False), ("orpo", False), ("orpo", True)])
+@pytest.mark.parametrize("method,train_on_prompt,attention", [("dpo", False, "sdpa"), ("orpo", False, "sdpa"),
+                                                                ("orpo", True, "sdpa"), ("dpo", False, "varlen")])
 def test_the_trainers_batch_gives_the_same_loss_and_reads_nothing_back(model_dir, host_reads, method,
-                                                                         train_on_prompt):
+                                                                         train_on_prompt, attention, monkeypatch):
     """As the trainer hands a micro-batch over (share: the completion tokens' index built on the
     host), the DPO / ORPO step reads no value back (a device sync each on a GPU) and gives the
-    loss, stats and gradients of the boolean-mask path; ORPO training on prompts still reads."""
+    loss, stats and gradients of the boolean-mask path; ORPO training on prompts still reads.
+    With varlen attention (its CPU reference here) the shared batch runs it, the other SDPA."""
+    from qlora.model.attention import set_attention
     from qlora.train.distributed import Ranks, share
 
     model = _qlora_model(model_dir)
+    set_attention(model, attention, "cuda")  # varlen's device check wants CUDA; the CPU reference runs
     objective = P.Preference(method, train_on_prompt=train_on_prompt)
     batch = P.collate_pairs(_pairs(model_dir), _tokenizer(model_dir).pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -201,15 +205,20 @@ def test_the_trainers_batch_gives_the_same_loss_and_reads_nothing_back(model_dir
 
     ref_terms, ref_stats, ref_grads = run(batch)
     shared = share(batch, Ranks())  # reads the host's labels for the index: no device there
+    from qlora.model import varlen
+    calls, reference = [], varlen.varlen_reference
+    monkeypatch.setattr(varlen, "varlen_reference", lambda *a, **k: calls.append(1) or reference(*a, **k))
     with host_reads() as reads:
         terms, stats, grads = run(shared)
+    assert bool(calls) == (attention == "varlen")
     assert bool(reads.seen) == train_on_prompt, reads.seen
+    loose = 1 if attention == "sdpa" else 100  # varlen: attention summed per document, fp32 rounding apart
     for k in ref_terms:
-        torch.testing.assert_close(terms[k], ref_terms[k], rtol=1e-6, atol=0)
+        torch.testing.assert_close(terms[k], ref_terms[k], rtol=1e-6 * loose, atol=0)
     for k in ref_stats:
-        torch.testing.assert_close(stats[k], ref_stats[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(stats[k], ref_stats[k], rtol=1e-6 * loose, atol=1e-7 * loose)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(g, r, rtol=1e-5 * loose, atol=1e-8 * loose)
 
 
 def test_dpo_starts_at_log_2_and_the_reference_ignores_the_adapters(model_dir):
