@@ -28,6 +28,9 @@ from torch import nn
 from ..errors import InputError
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
+PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2")
+"""Architectures checked to keep packed documents apart (position ids -> positions and attention;
+model/packing.py): packing is on for them, and varlen takes only them."""
 
 
 def check_attention(name: str, device: torch.device | str = "cpu") -> None:
@@ -63,7 +66,6 @@ def set_attention(model: nn.Module, name: str, device: torch.device | str = "cpu
     if name == "auto":
         return
     if name == "varlen":
-        from .packing import PACKED_MODEL_TYPES
         from .varlen import register
 
         config = model.config

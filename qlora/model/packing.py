@@ -36,12 +36,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import ATTENTION
+from .attention import ATTENTION, PACKED_MODEL_TYPES
 from .varlen import NAME as VARLEN
 from .varlen import placeholder_mask
 
-PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2")
-"""Architectures checked to keep packed documents apart (position ids -> positions and attention)."""
 
 
 def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict:
