@@ -29,8 +29,13 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     operand only when the other one requires grad (frozen norm weights and RoPE tables never do).
     The model's own dropouts (on attention: any family's attention_dropout, GPT-2's attn_pdrop; on
     the residuals: GPT-2's and Phi-3's resid_pdrop) take a form `device` decides: see `dropout_bytes`.
-    `attention`: sdpa (torch's kernels) or eager (transformers' matmul, softmax, matmul).
+    `attention`: sdpa (torch's kernels), eager (transformers' matmul, softmax, matmul) or varlen
+    (model/varlen.py: torch's varlen op saves q, k, v, out, the logsumexp and a 2-element RNG
+    state, never a mask or repeated k/v, padded or packed; the batch's boundaries it saves are an
+    input of a few hundred bytes, not counted).
     """
+    varlen = attention == "varlen"
+    masked = masked and not varlen
     n = b * t  # tokens
     saved = 0
     seen: set[str] = set()  # tensors saved by several ops count once
@@ -81,7 +86,8 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
     eager = attention == "eager"
     math_attention = attn_grad and s.attn_dropout > 0 and device == "cpu" and not eager
     # o_proj's input: SDPA's own output (flash kernels: [b, t, heads, d] already) or a copy of it
-    attn_out = "attn_out_copy" if math_attention or eager or s.family == "phi3" else "attn_out"
+    # (varlen's output is [b, t, heads, d] whatever q's layout: o_proj's input is that output)
+    attn_out = "attn_out_copy" if (math_attention or eager or s.family == "phi3") and not varlen else "attn_out"
     if eager and attn_grad:
         # transformers' eager_attention_forward: q k^T saves q and k (repeated to all heads under
         # GQA), the softmax (float32; GPT-2's in the compute dtype) its output, the cast to the
@@ -135,6 +141,8 @@ def _layer_saves(s: Shape, b: int, t: int, lora: dict[str, bool], *, e: int, r: 
             keep("v", fused if s.family == "phi3" and not repeated else n * kv_saved * e)
         keep("attn_out", n * q_dim * e)  # also o_proj's input: the kernel's output is [b, t, heads, d]
         keep("lse", n * s.heads * 4)
+        if varlen:
+            keep("rng_state", 16)
         if masked:
             keep("mask", b * t * t * e)
     o_suffix = "attn.c_proj" if s.family == "gpt2" else "self_attn.o_proj"

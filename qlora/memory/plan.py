@@ -134,8 +134,8 @@ def plan_memory(model: Any, *, seq_len: int = 512, batch_size: int = 1, rank: in
     runs without gradients before the policy's forward, its activations freed before the peak
     of backward, so it adds nothing at the peak), `use_dora` (DoRA layers: a magnitude [out] per
     adapted linear, trained; each saves its output for the magnitude's gradient), `attention`
-    (sdpa, or eager: transformers' matmul-softmax-matmul, which saves the [b, heads, t, t]
-    probabilities).
+    (sdpa; eager: transformers' matmul-softmax-matmul, which saves the [b, heads, t, t]
+    probabilities; varlen: torch's varlen kernels, no mask and no repeated k/v saved).
     """
     settings = dict(model=str(model) if not isinstance(model, dict) else model.get("_name_or_path", "config"),
                     seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=target_modules, optim=optim,
@@ -290,7 +290,7 @@ def _check(st: dict) -> None:
         (st["seq_len"] >= 1 and st["batch_size"] >= 1 and st["rank"] >= 1, "seq_len, batch_size and rank must be >= 1"),
         (st["world_size"] >= 1, "world_size must be >= 1"),
         (st["blocksize"] >= 16, "blocksize must be >= 16"),
-        (st["attention"] in ("sdpa", "eager"), "attention must be sdpa or eager"),
+        (st["attention"] in ("sdpa", "eager", "varlen"), "attention must be sdpa, eager or varlen"),
         (not (st["keep_attention"] and st["attention"] == "eager"),
          "keep_attention keeps what SDPA's kernels return: it needs attention sdpa, not eager"),
     ]

@@ -87,13 +87,14 @@ def set_attention(model: nn.Module, name: str, device: torch.device | str = "cpu
 
 
 def planned_attention(name: str) -> str:
-    """The attention the memory planner counts for `name`: eager as itself, every other as sdpa."""
-    return "eager" if name == "eager" else "sdpa"
+    """The attention the memory planner counts for `name`: eager and varlen as themselves, every
+    other as sdpa."""
+    return name if name in ("eager", "varlen") else "sdpa"
 
 
 def plan_note(name: str) -> str | None:
     """What a memory plan for attention `name` leaves out, or None."""
-    if name in ("flash_attention_2", "flash_attention_3", "flex_attention", "varlen"):
+    if name in ("flash_attention_2", "flash_attention_3", "flex_attention"):
         return (f"memory: the plan counts what sdpa attention saves; --attn-implementation {name} is not modelled "
                 "(its kernels save about as much as SDPA's, without the mask)")
     return None

@@ -81,9 +81,10 @@ def test_optimizer_state_equals_allocated(optim):
     assert paged.parts["optimizer_state"] + paged.paged_bytes == allocated
 
 
-def _saved_bytes(model, batch) -> int:
+def _saved_bytes(model, batch, inputs=()) -> int:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    params |= {t.untyped_storage().data_ptr() for t in inputs}  # batch inputs autograd keeps: not activations
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -172,6 +173,41 @@ def test_packed_activations_equal_what_autograd_saves(arch, attention):
     targets = int((batch["labels"][:, 1:] != -100).sum())
     plan = plan_memory(tiny_config(arch), rank=8, seq_len=s, batch_size=b, compute_dtype="float32", device="cpu",
                        gradient_checkpointing=False, packed=True, target_tokens=targets, attention=attention)
+    assert plan.details["activations_saved"] == saved
+
+
+@pytest.mark.parametrize("arch,dtype,packed", [("llama", "float32", True), ("qwen2", "bfloat16", True),
+                                               ("gpt2", "float32", True), ("phi3", "bfloat16", True),
+                                               ("llama", "bfloat16", False), ("mistral", "float32", False)])
+def test_varlen_activations_equal_what_autograd_saves(arch, dtype, packed, monkeypatch):
+    """--attn-implementation varlen, packed or padded, through torch's own varlen op (its CPU
+    kernels from tests/model/varlen_cpu.py): q, k and v unrepeated, the output, the logsumexp and
+    the op's RNG state; no mask. (The batch's boundaries, an input of a few bytes, not counted.)"""
+    import sys
+    from pathlib import Path
+
+    from qlora.model import varlen
+    from qlora.model.attention import set_attention
+    from qlora.train import data as D
+    from qlora.train.distributed import Ranks, share
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
+    import varlen_cpu
+
+    varlen_cpu.install()
+    monkeypatch.setattr(varlen, "_kernel", lambda query: varlen.torch_varlen)
+    torch.manual_seed(0)
+    model = _prepared(arch, getattr(torch, dtype), **({"attn_pdrop": 0.0} if arch == "gpt2" else {})).train()
+    set_attention(model, "varlen", "cuda")  # the device check wants CUDA; the CPU kernels run here
+    docs = [ids.tolist() for ids in torch.randint(3, 250, (60,)).split([7, 13, 20, 9, 11])]
+    rows = D.pack([D.Example(d, d) for d in docs], 32) if packed else [D.Example(d, d) for d in docs[:2]]
+    batch = share(D.collate(rows, pad=0), Ranks())
+    b, s = batch["input_ids"].shape
+    saved = _saved_bytes(model, batch, inputs=[batch["cu_seq_lens"]])
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    plan = plan_memory(tiny_config(arch, **({"attn_pdrop": 0.0} if arch == "gpt2" else {})), rank=8, seq_len=s,
+                       batch_size=b, compute_dtype=dtype, device="cpu", gradient_checkpointing=False, packed=packed,
+                       padded=not packed, target_tokens=targets, attention="varlen")
     assert plan.details["activations_saved"] == saved
 
 

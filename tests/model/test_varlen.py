@@ -16,6 +16,7 @@ from qlora.train import data as D
 from qlora.train.distributed import Ranks, share
 
 from test_packing import _documents, _grads, _model, _one_by_one
+import varlen_cpu
 from tiny_models import tiny_model
 
 
@@ -66,6 +67,22 @@ def test_a_packed_batch_through_varlen_equals_documents_one_by_one(arch, overrid
         grads = _grads(model, loss)
     assert reads.seen == [], reads.seen
     assert len(calls) >= 2 * model.config.num_hidden_layers  # forward and its recompute, every layer
+    torch.testing.assert_close(loss.detach().float(), ref_loss, rtol=1e-5, atol=1e-6)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("gpt2", {}), ("mistral", {"sliding_window": 6})])
+def test_through_torchs_own_varlen_op(arch, overrides, monkeypatch):
+    """The same, through torch's varlen_attn itself (its custom op, autograd and arguments; the
+    CPU kernels of tests/model/varlen_cpu.py under it, as torch has CUDA ones only)."""
+    varlen_cpu.install()
+    monkeypatch.setattr(varlen, "_kernel", lambda query: varlen.torch_varlen)
+    model = _varlen(_model(arch, torch.float32, **overrides))
+    docs = _documents(seed=9)
+    ref_loss, ref_grads = _one_by_one(model, docs)
+    loss = causal_lm_loss(model, share(D.collate(D.pack(docs, 40), pad=0, multiple=16), Ranks()))
+    grads = _grads(model, loss)
     torch.testing.assert_close(loss.detach().float(), ref_loss, rtol=1e-5, atol=1e-6)
     for k in grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
