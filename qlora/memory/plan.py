@@ -291,8 +291,8 @@ def _check(st: dict) -> None:
         (st["world_size"] >= 1, "world_size must be >= 1"),
         (st["blocksize"] >= 16, "blocksize must be >= 16"),
         (st["attention"] in ("sdpa", "eager", "varlen"), "attention must be sdpa, eager or varlen"),
-        (not (st["keep_attention"] and st["attention"] == "eager"),
-         "keep_attention keeps what SDPA's kernels return: it needs attention sdpa, not eager"),
+        (not (st["keep_attention"] and st["attention"] != "sdpa"),
+         f"keep_attention keeps what SDPA's kernels return: it needs attention sdpa, not {st['attention']}"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -279,8 +279,9 @@ def test_attention_flags_of_qlora_memory(capsys):
     saved = {a: plan_memory("llama-7b", attention=a, gradient_checkpointing=False).details["activations_saved"]
              for a in ("sdpa", "eager")}
     assert saved["eager"] > saved["sdpa"]
-    with pytest.raises(MemoryPlanError, match="keep_attention keeps what SDPA's kernels return"):
-        plan_memory("llama-7b", attention="eager", keep_attention=True)
+    for attention in ("eager", "varlen"):
+        with pytest.raises(MemoryPlanError, match=f"keep_attention keeps what SDPA's .* not {attention}"):
+            plan_memory("llama-7b", attention=attention, keep_attention=True)
 
 
 def test_cli_table_and_json(tmp_path, capsys, monkeypatch):
