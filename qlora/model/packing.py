@@ -41,7 +41,6 @@ from .varlen import NAME as VARLEN
 from .varlen import placeholder_mask
 
 
-
 def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict:
     """The model's keyword arguments for `batch` (labels left out): a packed batch passes its
     position ids and no 2-D attention mask (which would hide the documents' boundaries), an

@@ -47,8 +47,8 @@ from torch import nn
 
 from ..model.loss import target_index
 from ..model.packing import unpadded_on_host
-from ..model.varlen import cu_seq_lens
 from ..model.shard import load_sharded, shard_rows
+from ..model.varlen import cu_seq_lens
 from ..nn.lora import LoraConfig
 from .config import ConfigError
 from .config import compute_dtype as resolve_compute_dtype
@@ -176,7 +176,7 @@ def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tenso
     mask, pos = rows.get("attention_mask"), rows.get("position_ids")
     if rows["input_ids"].device.type == "cpu" and (pos is not None or mask is None or right_padded(mask)):
         cu, longest = cu_seq_lens(pos, tuple(rows["input_ids"].shape))
-        out["cu_seq_lens"], out["max_length"] = move(cu), longest  # an int: read by nothing
+        out["cu_seq_lens"], out["max_length"] = move(cu), longest  # an int: nothing to read back
     return out
 
 
