@@ -56,6 +56,31 @@ def test_a_decoder_layer_is_one_graph():
     assert any("Lora4bitLinear" in n or "autograd_function_apply" in n for n in names), names  # the one-Function path
 
 
+def test_a_decoder_layer_with_varlen_attention_is_one_graph(monkeypatch):
+    """--attn-implementation varlen through torch's own varlen op (its fake implementation
+    traces; tests/model/varlen_cpu.py runs it on the CPU): still one graph, no break."""
+    import varlen_cpu
+
+    from qlora.model import varlen
+    from qlora.model.attention import set_attention
+
+    varlen_cpu.install()
+    monkeypatch.setattr(varlen, "_kernel", lambda query: varlen.torch_varlen)
+    model = _prepared(checkpointing=False)
+    set_attention(model, "varlen", "cuda")  # the device check wants CUDA; the CPU kernels run here
+    layer = model.model.layers[0]
+    x = torch.randn(2, 16, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5]] * 2)
+    cu, longest = varlen.cu_seq_lens(pos)
+    explained = torch._dynamo.explain(layer)(
+        x, position_embeddings=model.model.rotary_emb(x, pos), attention_mask=varlen.placeholder_mask(x.device),
+        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    names = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("varlen" in n for n in names), names
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_compiled_training_step_equals_eager(arch):
     """Bit for bit, LoRA dropout on. GPT-2's own dropout layers (torch's, in the model) are
