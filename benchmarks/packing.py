@@ -79,7 +79,7 @@ CHILD = textwrap.dedent("""
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
     else:  # as the trainer hands them over: masks of all ones dropped, the target index made on the host
         from qlora.train.distributed import Ranks, share
-        micro = [share(b, Ranks(device=device)) for b in micro]
+        micro = [share(b, Ranks(device=device), boundaries=setup == "packed-varlen") for b in micro]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()

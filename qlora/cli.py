@@ -241,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-attention", action="store_true",
                    help="with checkpointing: keep each layer's attention output instead of recomputing it")
     p.add_argument("--attn-implementation", default="auto", choices=["auto", *ATTENTION],
-                   help="as for qlora train; the plan models sdpa (auto) and eager (which saves the [batch, heads, "
-                        "tokens, tokens] probabilities)")
+                   help="as for qlora train; the plan models sdpa (auto), eager (which saves the [batch, heads, "
+                        "tokens, tokens] probabilities) and varlen")
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4"], help="4-bit code book (default nf4)")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize the block scales too (default on)")

@@ -168,6 +168,13 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     return out.view(b, t, heads, out.shape[-1]), None
 
 
+def uses_varlen(model: nn.Module) -> bool:
+    """True when `model` (or the model a DDP wrapper holds) runs varlen attention: its batches
+    then need their boundaries (train/distributed.py: share)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None) == NAME
+
+
 def register() -> None:
     """Teach transformers the attention name "varlen" (and its SDPA mask, for calls without
     boundaries); idempotent."""

@@ -152,14 +152,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tensor | int]:
+def share(batch: dict[str, torch.Tensor], ranks: Ranks, boundaries: bool = False) -> dict[str, torch.Tensor | int]:
     """This rank's contiguous rows of a global micro-batch, on its device (one process: all of them).
     To CUDA through pinned memory, without blocking the host (the copy is queued before the
     step's kernels on the same stream). With labels on the host, also `target_index` (the loss's
-    target positions, model/loss.py), so the loss picks them without a device sync; with rows on
-    the host, packed or right-padded, also `cu_seq_lens` and `max_length` (an int) for varlen
-    attention (model/varlen.py); an attention mask of all ones is left out (model/packing.py:
-    model_inputs)."""
+    target positions, model/loss.py), so the loss picks them without a device sync; with
+    `boundaries` (a varlen model: model/varlen.py: uses_varlen) and rows on the host, packed or
+    right-padded, also `cu_seq_lens` and `max_length` (an int); an attention mask of all ones is
+    left out (model/packing.py: model_inputs)."""
     cuda = torch.device(ranks.device).type == "cuda"
 
     def move(t: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,8 @@ def share(batch: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tenso
     if "labels" in rows and rows["labels"].device.type == "cpu":
         out["target_index"] = move(target_index(rows["labels"]))
     mask, pos = rows.get("attention_mask"), rows.get("position_ids")
-    if rows["input_ids"].device.type == "cpu" and (pos is not None or mask is None or right_padded(mask)):
+    if boundaries and rows["input_ids"].device.type == "cpu" and (pos is not None or mask is None
+                                                                   or right_padded(mask)):
         cu, longest = cu_seq_lens(pos, tuple(rows["input_ids"].shape))
         out["cu_seq_lens"], out["max_length"] = move(cu), longest  # an int: nothing to read back
     return out

@@ -44,6 +44,7 @@ from ..memory import load_config
 from ..model.loss import IGNORE, causal_lm_loss
 from ..model.packing import PACKED_MODEL_TYPES, packs_exactly, unpadded_on_host
 from ..model.prepare import compile_layers, prepare_model
+from ..model.varlen import uses_varlen
 from ..model.shard import shard_rows, wrap_ddp
 from ..nn.lora import LoraConfig
 from ..optim import AdamW, clip_grad_norm, scheduler, step_back
@@ -185,6 +186,7 @@ def forward_backward(model, micro: list[dict[str, torch.Tensor]], ranks: dist_.R
     (the step's count, over all ranks) x world_size: the gradient average FSDP2 / DDP take then
     equals the single process's gradient."""
     objective = objective or TokenLoss()
+    boundaries = uses_varlen(model)  # varlen attention: each share carries its documents' boundaries
     # counts from the host-side rows of every rank's share (each rank builds the same global
     # micro-batches): no collective, no device read
     every = [[objective.counts({k: shard_rows(v, r, ranks.world_size) for k, v in b.items()})
@@ -198,7 +200,7 @@ def forward_backward(model, micro: list[dict[str, torch.Tensor]], ranks: dist_.R
         last = i == len(micro) - 1
         with model.no_sync() if ranks.mode == "ddp" and not last else contextlib.nullcontext():
             # a share without target tokens still runs backward (collectives), with a zero loss
-            terms, stats = objective.sums(model, dist_.share(b, ranks), c)
+            terms, stats = objective.sums(model, dist_.share(b, ranks, boundaries), c)
             loss = sum(terms[k].float() / step[k] for k in names)
             (loss * ranks.world_size).backward()
         loss_sum += loss.detach()

@@ -201,7 +201,7 @@ def test_varlen_activations_equal_what_autograd_saves(arch, dtype, packed, monke
     set_attention(model, "varlen", "cuda")  # the device check wants CUDA; the CPU kernels run here
     docs = [ids.tolist() for ids in torch.randint(3, 250, (60,)).split([7, 13, 20, 9, 11])]
     rows = D.pack([D.Example(d, d) for d in docs], 32) if packed else [D.Example(d, d) for d in docs[:2]]
-    batch = share(D.collate(rows, pad=0), Ranks())
+    batch = share(D.collate(rows, pad=0), Ranks(), boundaries=True)
     b, s = batch["input_ids"].shape
     saved = _saved_bytes(model, batch, inputs=[batch["cu_seq_lens"]])
     targets = int((batch["labels"][:, 1:] != -100).sum())

@@ -60,7 +60,7 @@ def test_a_packed_batch_through_varlen_equals_documents_one_by_one(arch, overrid
     monkeypatch.setattr(varlen, "varlen_reference", lambda *a, **k: calls.append(1) or varlen_reference(*a, **k))
     docs = _documents(seed=7)
     ref_loss, ref_grads = _one_by_one(model, docs)  # no boundaries handed over: transformers' SDPA
-    batch = share(D.collate(D.pack(docs, 40), pad=0, multiple=16), Ranks())
+    batch = share(D.collate(D.pack(docs, 40), pad=0, multiple=16), Ranks(), boundaries=True)
     assert "cu_seq_lens" in batch and "attention_mask" in model_inputs(batch, model.config)
     with host_reads() as reads:
         loss = causal_lm_loss(model, batch)
@@ -81,11 +81,27 @@ def test_through_torchs_own_varlen_op(arch, overrides, monkeypatch):
     model = _varlen(_model(arch, torch.float32, **overrides))
     docs = _documents(seed=9)
     ref_loss, ref_grads = _one_by_one(model, docs)
-    loss = causal_lm_loss(model, share(D.collate(D.pack(docs, 40), pad=0, multiple=16), Ranks()))
+    loss = causal_lm_loss(model, share(D.collate(D.pack(docs, 40), pad=0, multiple=16), Ranks(), boundaries=True))
     grads = _grads(model, loss)
     torch.testing.assert_close(loss.detach().float(), ref_loss, rtol=1e-5, atol=1e-6)
     for k in grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_the_trainer_hands_boundaries_only_to_a_varlen_model(monkeypatch):
+    """forward_backward asks share for the boundaries where the model runs varlen: an sdpa
+    model's batches carry none (no host work, no copy for them), a varlen model's do."""
+    from qlora.train import loop
+
+    handed = []
+    real_share = loop.dist_.share
+    monkeypatch.setattr(loop.dist_, "share", lambda *a, **k: handed.append(real_share(*a, **k)) or handed[-1])
+    model = _model("llama", torch.float32)
+    batch = D.collate(D.pack(_documents(seed=10), 40), pad=0)
+    loop.forward_backward(model, [batch], Ranks())
+    _varlen(model)
+    loop.forward_backward(model, [batch], Ranks())
+    assert ["cu_seq_lens" in b for b in handed] == [False, True]
 
 
 def test_padded_rows_and_calls_without_boundaries_stay_right(monkeypatch):
@@ -103,12 +119,12 @@ def test_padded_rows_and_calls_without_boundaries_stay_right(monkeypatch):
         prompt = torch.tensor([[5, 6, 7, 8]])
         sdpa_text = model.generate(prompt, max_new_tokens=6, do_sample=False)
     _varlen(model)
-    shared = share(padded, Ranks())
+    shared = share(padded, Ranks(), boundaries=True)
     assert shared["cu_seq_lens"].tolist() == [padded["input_ids"].shape[1] * i for i in range(len(docs) + 1)]
     torch.testing.assert_close(causal_lm_loss(model, shared).detach(), sdpa_loss, rtol=1e-5, atol=1e-6)
     assert calls  # through varlen
     calls.clear()
-    assert "cu_seq_lens" not in share(left, Ranks())
+    assert "cu_seq_lens" not in share(left, Ranks(), boundaries=True)
     with torch.no_grad():
         got = model(input_ids=left["input_ids"], attention_mask=left["attention_mask"]).logits
         real = left["attention_mask"].bool()
@@ -131,7 +147,7 @@ def test_what_varlen_has_no_form_for_is_refused_not_dropped():
     for module in model.modules():
         if hasattr(module, "attn_dropout"):
             module.attn_dropout.p = 0.1
-    batch = share(D.collate(D.pack(_documents(), 40), pad=0), Ranks())
+    batch = share(D.collate(D.pack(_documents(), 40), pad=0), Ranks(), boundaries=True)
     with pytest.raises(ValueError, match="varlen attention has no dropout"):
         causal_lm_loss(model, batch)
     layer = torch.nn.Module()
