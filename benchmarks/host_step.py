@@ -122,13 +122,13 @@ CHILD = textwrap.dedent("""
         from qlora.train.loop import forward_backward
         from qlora.train import distributed as dist_
         from qlora.optim import clip_grad_norm, scheduler
-        for fn in ("decode_4bit", "seeded_dropout"):
+        for fn in ("decode_4bit", "seeded_dropout", "rotary"):
             def counted(*a, _f=getattr(K, fn), _n=fn, **k):
                 native[_n] += 1
                 return _f(*a, **k)
             setattr(K, fn, counted)
         lib = K.cpu.load()
-        for fn in ("qlora_decode_4bit", "qlora_dropout2"):  # the C kernels' own time: device work on a GPU
+        for fn in ("qlora_decode_4bit", "qlora_dropout2", "qlora_rotary"):  # the C kernels' own time: device work on a GPU
             def timed(*a, _f=getattr(lib, fn)):
                 t = time.perf_counter()
                 _f(*a)
@@ -145,8 +145,8 @@ CHILD = textwrap.dedent("""
         sched = scheduler(opt, "cosine", 0, 1000)
         ranks = dist_.Ranks()
         host_share = dist_.share
-        def share(batch, ranks):  # the trainer's copy to the device: what follows works on the device
-            out = host_share(batch, ranks)
+        def share(batch, ranks, boundaries=False):  # the trainer's copy to the device: what follows works on the device
+            out = host_share(batch, ranks, boundaries)
             ON_DEVICE[0] = True
             return out
         dist_.share = share

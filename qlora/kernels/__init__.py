@@ -5,14 +5,15 @@ and the fused 4-bit + LoRA GEMMs, and the dispatch that picks one (or none) per 
     kernels.quantize_4bit(x, order, thresholds, bs)           -> (packed, absmax, finite) or None
     kernels.seeded_dropout(x, out, threshold, scale, seed)    -> True if a kernel wrote `out`
         (x2=, out2=, scale2=: a second tensor dropped with the same mask, in the same pass)
+    kernels.rotary(q, k, cos, sin, q_out, k_out, backward)   -> True if a kernel wrote q_out, k_out
 
 Files: cpu.py + qlora_cpu.c (the C kernels, built on first use), triton_decode.py,
-triton_dropout.py, triton_matmul.py (Triton, imported only where triton imports), packed.py
+triton_dropout.py, triton_rotary.py, triton_matmul.py (Triton, imported only where triton imports), packed.py
 (Packed4bit: the fields of a 4-bit weight the kernels read; QuantizedTensor has them).
 CPU tensors use the C kernels (AVX2 decode where the CPU has AVX2 and F16C, a portable scalar
 path elsewhere). Tensors on TRITON_DEVICE_TYPES (CUDA) use Triton when triton imports.
 When no kernel runs, these functions say so and the caller runs its pure-PyTorch reference
-(quant/blockwise.py, nn/dropout.py), after a one-time warning here: this floor imports
+(quant/blockwise.py, nn/dropout.py, nn/rotary.py), after a one-time warning here: this floor imports
 nothing of qlora's. QLORA_KERNELS selects the path: "native" (default), "scalar" (native, no
 SIMD) or "reference" (pure PyTorch), read at the first kernel call (`reread_mode()` after
 changing it in-process); tests compare all three (tests/kernels).
@@ -102,7 +103,7 @@ _triton_error: str | None = None
 _triton_warned = False
 
 
-_triton_decode = _triton_dropout = None  # the modules, once imported
+_triton_decode = _triton_dropout = _triton_rotary = None  # the modules, once imported
 
 
 def triton_module():
@@ -210,3 +211,45 @@ def seeded_dropout(x: torch.Tensor, out: torch.Tensor, threshold: int, scale: fl
     lib.qlora_dropout2(x.data_ptr(), out.data_ptr(), *second, x.numel(), _DTYPE_CODES[x.dtype], pointer, threshold,
                        scale, scale2, torch.get_num_threads(), int(has_simd()))
     return True
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_out: torch.Tensor,
+           k_out: torch.Tensor, backward: bool = False) -> bool:
+    """Rotary embedding (nn/rotary.py) of q and k [batch, heads, tokens, dim] into q_out and
+    k_out (each with its input's strides) with cos and sin [batch or 1, tokens, dim], in one
+    launch: Triton (CUDA) or the C kernel (CPU). `backward`: q and k are the outputs' gradients,
+    and the inputs' gradients are written. False when the reference must do it (see rotary_takes)."""
+    if not rotary_takes(q, k, cos, sin) or q_out.shape != q.shape or k_out.shape != k.shape \
+            or q_out.stride() != q.stride() or k_out.stride() != k.stride():
+        return False
+    cb = 0 if cos.shape[0] == 1 else cos.stride(0)
+    if q.device.type in TRITON_DEVICE_TYPES:
+        global _triton_rotary
+        if _triton_rotary is None:
+            from . import triton_rotary
+            _triton_rotary = triton_rotary
+        _triton_rotary.rotary(q, k, cos, sin, q_out, k_out, backward, cb)
+        return True
+    batch, hq, tokens, dim = q.shape
+    cpu.load().qlora_rotary(q.data_ptr(), q_out.data_ptr(), hq, *q.stride()[:3], k.data_ptr(), k_out.data_ptr(),
+                            k.shape[1], *k.stride()[:3], cos.data_ptr(), sin.data_ptr(), cb, cos.stride(1), batch,
+                            tokens, dim, _DTYPE_CODES[q.dtype], int(backward), torch.get_num_threads())
+    return True
+
+
+def rotary_takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """True when `rotary` runs a kernel on these: one there for the device (and QLORA_KERNELS
+    not reference), one float dtype, q and k [batch, heads, tokens, dim] with dim even, cos and sin
+    [batch or 1, tokens, dim] alike, every last dim contiguous."""
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or q.dtype not in _DTYPE_CODES:
+        return False
+    batch, _, tokens, dim = q.shape
+    if dim % 2 or k.shape[0] != batch or k.shape[2:] != q.shape[2:] or cos.shape != sin.shape:
+        return False
+    if cos.shape[1:] != (tokens, dim) or cos.shape[0] not in (1, batch) or cos.stride() != sin.stride():
+        return False
+    if any(t.dtype != q.dtype or t.device != q.device or t.stride(-1) != 1 for t in (k, cos, sin)) or q.stride(-1) != 1:
+        return False
+    if q.device.type in TRITON_DEVICE_TYPES:
+        return _triton_for(q) is not None
+    return q.device.type == "cpu" and _native() is not None

@@ -452,3 +452,76 @@ void qlora_dropout2(const void* x, void* out, const void* x2, void* out2, int64_
     }
     run_threads(dropout_range, args, sizeof(dropout_args), threads);
 }
+
+// ------------------------------------------------------------------------------------
+// rotary position embedding of q and k together (qlora/nn/rotary.py holds the reference: the
+// formula of transformers' apply_rotary_pos_emb). With x = (x1, x2) and cos = (c1, c2),
+// sin = (s1, s2) split at half the head dim:
+//   forward   y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2
+//   backward  dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1   (g: the output's gradient, in x)
+// Each product and the sum rounded to the dtype, as torch's mul and add (and the exact neg and
+// cat) round them: the same values as the formula op by op. x and out are [batch, heads,
+// tokens, dim] with the strides given (the last dim contiguous), cos and sin [batch, tokens, dim].
+typedef struct {
+    const void *q, *k, *cos, *sin;
+    void *qo, *ko;
+    int64_t hq, qsb, qsh, qst, hk, ksb, ksh, kst, csb, cst, tokens, dim, r0, r1;
+    int dtype, backward;
+} rotary_args;
+
+static inline float round_to(float v, int dtype) {
+    if (dtype == OUT_BF16) return bf16_to_f32(f32_to_bf16(v));
+    if (dtype == OUT_F16) return f16_to_f32(f32_to_f16(v));
+    return v;
+}
+
+static void rotary_heads(const rotary_args* a, const void* x, void* out, int64_t heads, int64_t sb, int64_t sh,
+                         int64_t st, int64_t b, int64_t t, int64_t c0) {
+    const int64_t half = a->dim / 2;
+    const int d = a->dtype;
+    for (int64_t h = 0; h < heads; h++) {
+        int64_t x0 = b * sb + h * sh + t * st;
+        for (int64_t i = 0; i < half; i++) {
+            float x1 = load1(x, x0 + i, d), x2 = load1(x, x0 + half + i, d);
+            float c1 = load1(a->cos, c0 + i, d), c2 = load1(a->cos, c0 + half + i, d);
+            float s1 = load1(a->sin, c0 + i, d), s2 = load1(a->sin, c0 + half + i, d);
+            float y1, y2;
+            if (a->backward) {
+                y1 = round_to(x1 * c1, d) + round_to(x2 * s2, d);
+                y2 = round_to(x2 * c2, d) - round_to(x1 * s1, d);
+            } else {
+                y1 = round_to(x1 * c1, d) - round_to(x2 * s1, d);
+                y2 = round_to(x2 * c2, d) + round_to(x1 * s2, d);
+            }
+            store1(out, x0 + i, y1, d);
+            store1(out, x0 + half + i, y2, d);
+        }
+    }
+}
+
+static void* rotary_range(void* arg) {
+    const rotary_args* a = (const rotary_args*)arg;
+    for (int64_t r = a->r0; r < a->r1; r++) {  // one (batch, token) row: all heads of q and k
+        int64_t b = r / a->tokens, t = r % a->tokens, c0 = b * a->csb + t * a->cst;
+        rotary_heads(a, a->q, a->qo, a->hq, a->qsb, a->qsh, a->qst, b, t, c0);
+        rotary_heads(a, a->k, a->ko, a->hk, a->ksb, a->ksh, a->kst, b, t, c0);
+    }
+    return NULL;
+}
+
+// q [batch, hq, tokens, dim] into qo and k [batch, hk, tokens, dim] into ko (outputs with their
+// inputs' strides, in elements), cos and sin [batch, tokens, dim] (strides csb, cst; 0 where
+// broadcast), all of one dtype, dim even.
+void qlora_rotary(const void* q, void* qo, int64_t hq, int64_t qsb, int64_t qsh, int64_t qst, const void* k, void* ko,
+                  int64_t hk, int64_t ksb, int64_t ksh, int64_t kst, const void* cos, const void* sin, int64_t csb,
+                  int64_t cst, int64_t batch, int64_t tokens, int64_t dim, int dtype, int backward, int threads) {
+    int64_t rows = batch * tokens;
+    threads = clamp_threads(threads, rows * (hq + hk) * dim / 65536);
+    rotary_args args[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        rotary_args a = {q, k, cos, sin, qo, ko, hq, qsb, qsh, qst, hk, ksb, ksh, kst, csb, cst, tokens, dim,
+                         rows * t / threads, rows * (t + 1) / threads, dtype, backward};
+        args[t] = a;
+    }
+    run_threads(rotary_range, args, sizeof(rotary_args), threads);
+}

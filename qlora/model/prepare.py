@@ -14,7 +14,8 @@ What it does, in order (formats.md section 7, the QLoRA recipe):
    return their input's dtype, so the residual stream stays in the model's dtype and the
    model runs with or without autocast (Llama-style RMSNorms as qlora's RMSNorm, one fused
    kernel, nn/rms_norm.py). Embeddings and lm_head stay as they are (frozen,
-   not upcast: PEFT's fp32 copies cost memory for nothing);
+   not upcast: PEFT's fp32 copies cost memory for nothing). Attention modules whose rotary
+   embedding is Llama's run it as one kernel a direction (nn/rotary.py: the same values);
 4. wraps each layer selected by `lora.target_modules` in a LoraLinear, or a DoraLinear with
    `lora.use_dora` (the only trainable parameters); each decoder layer's adapters draw
    their dropout seeds together (`share_seeds`);
@@ -42,6 +43,7 @@ from ..nn.dora import DoraLinear
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraConfig, LoraLinear, share_seeds
 from ..nn.rms_norm import RMSNorm, is_llama_style
+from ..nn.rotary import use_fused_rotary
 from .targets import is_linear, is_norm, matches, output_head
 
 DEFAULT_LORA = LoraConfig(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
@@ -152,6 +154,7 @@ def prepare_model(
                 model.set_submodule(name, Linear4bit.from_linear(layer, quant_type, blocksize, double_quant, compute_dtype))
                 del layer  # the 16-bit weight goes now, before the next layer is quantized
     keep_norms_fp32(model)
+    use_fused_rotary(model)
     if lora is not None:
         layer = DoraLinear if lora.use_dora else LoraLinear
         for name in select_modules(model, lora.target_modules, lora.exclude_modules):

@@ -98,6 +98,34 @@ def test_llama_style_norms_run_fused_with_the_formulas_bits(arch, monkeypatch):
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_form_rotary_runs_fused_with_transformers_values(arch):
+    """Llama, Qwen2, Mistral and Gemma attention call qlora's fused rotary (nn/rotary.py), through
+    each module's own hook; Phi-3's partial rotary and GPT-2 (none) keep theirs. The loss and
+    every LoRA gradient are bit for bit those of transformers' own rotary (the hooks taken out)."""
+    from qlora.nn import rotary
+    model = tiny_model(arch, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # GPT-2's own dropouts off
+    qlora.prepare_model(model, lora=LoraConfig(r=4, alpha=8, dropout=0.0), verbose=False)
+    hooks = [m._kernel_funcs[rotary.HOOK] for m in model.modules() if rotary.HOOK in m.__dict__.get("_kernel_funcs", {})]
+    fused = [h for h in hooks if "forward" in h.__dict__]
+    assert len(fused) == (0 if arch in ("phi3", "gpt2") else 2)
+    ids = torch.randint(3, 256, (2, 12))
+    model.train()
+
+    def loss_and_grads():
+        loss = model(ids, labels=ids).loss
+        loss.backward()  # (reentrant checkpointing: no autograd.grad)
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return [loss.detach(), *grads]
+
+    ours = loss_and_grads()
+    for h in fused:
+        del h.forward
+    theirs = loss_and_grads()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
 def test_report_counts_each_part():
     model = tiny_model("llama")
     n_embed = model.get_input_embeddings().weight.numel()
