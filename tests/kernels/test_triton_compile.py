@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from qlora.kernels import triton_decode as td, triton_dropout as tdo, triton_matmul as tm
+    from qlora.kernels import triton_decode as td, triton_dropout as tdo, triton_matmul as tm, triton_rotary as tr
     assert not td.INTERPRET
     target = GPUTarget("cuda", 90, 32)
 
@@ -66,6 +66,15 @@ CHILD = textwrap.dedent("""
                threshold="i32", scale="fp32", scale2="fp32")
     out["dropout_bf16"] = ops(ptx(tdo._dropout_kernel, sig, dict(PAIR=False, BF16=True, BLOCK=tdo.BLOCK),
                                   aligned=range(5), num_warps=4))
+    # rotary, both directions (a Llama head dim of 128; 32 query heads)
+    for dtype in ("bf16", "fp32"):
+        ints = ("hq", "qsb", "qsh", "qst", "hk", "ksb", "ksh", "kst", "csb", "cst", "tokens")
+        sig = {**{n: "*" + dtype for n in ("q_ptr", "qo_ptr", "k_ptr", "ko_ptr", "cos_ptr", "sin_ptr")},
+               **dict.fromkeys(ints, "i32")}
+        for backward in (False, True):
+            out[f"rotary_{dtype}_{'bwd' if backward else 'fwd'}"] = ops(ptx(
+                tr._rotary_kernel, sig, dict(HALF=64, BLOCK_H=32, BLOCK_D=64, BACKWARD=backward), aligned=range(6),
+                num_warps=4, **td.LAUNCH))
     print(json.dumps(out))
 """)
 
@@ -100,5 +109,9 @@ def test_triton_kernels_compile_for_sm90():
             assert ops[name].get("wgmma.wait_group.sync.aligned 1", 0) > 0, ops
     # dropout: one pass, 16-byte vector loads and stores
     assert ops["dropout_bf16"].get("ld.global.v4.b32", 0) > 0 and ops["dropout_bf16"].get("st.global.v4.b32", 0) > 0
+    # rotary: each product rounded before its sum, as torch's ops round them: no contraction into an FMA
+    rot = [f"rotary_{d}_{w}" for d in ("bf16", "fp32") for w in ("fwd", "bwd")]
+    for name in rot:
+        assert ops[name].get("fma.rn.f32", 0) == 0 and any(op.startswith("st.global") for op in ops[name]), ops[name]
     assert set(ops) == {"decode_bf16", "decode_fp32", "decode_bf16_masked", "decode_fp32_masked", "scales", "fwd_bf16",
-                        "bwd_bf16", "dropout_bf16"}
+                        "bwd_bf16", "dropout_bf16", *rot}
