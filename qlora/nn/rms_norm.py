@@ -7,7 +7,8 @@ The norm prepare_model keeps in fp32 (model/prepare.py: keep_norms_fp32) for the
 Llama, Mistral, Qwen2/3 and Phi-3: y = (w * (x_f32 * rsqrt(mean(x_f32^2) + eps))).to(x.dtype),
 w in float32. The reference (`rms_norm_ref`: the oracle, and what QLORA_KERNELS=reference and
 torch.compile run) is that formula op by op, as transformers' forward runs it behind the fp32
-hooks. The default is torch's `_fused_rms_norm`: one launch, the same bits on the CPU (tested;
+hooks. The default is torch's `_fused_rms_norm`: one launch on CUDA (on the CPU torch composes it
+of eight aten ops inside the one call), the same bits on the CPU (tested;
 CUDA's kernel sums the squares in another order, within float32 rounding: benchmarks/gpu.py
 checks it); where a device's torch cannot run it, the formula (one warning). Its backward is
 seven elementwise launches instead of autograd's fourteen:
