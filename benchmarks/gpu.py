@@ -164,6 +164,26 @@ def correctness(args) -> None:
     print(f"RMSNorm fused vs formula (y, grad_x): max |diff| / max |ref| = {diffs[0]:.1e}, {diffs[1]:.1e}; "
           f"fallback: {_UNFUSED.get(DEVICE.type, 'none')}")
     summary("RMSNorm fused vs formula, rel. diff", f"{max(diffs):.1e}", "< 1e-2 (bf16), no fallback", ok)
+    # the fused rotary (Triton on CUDA) vs transformers' own, forward and backward: the same values
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from qlora.nn.rotary import apply_rotary
+    b, t, heads, kv, hd = (2, 5, 4, 2, 16) if SMOKE else (4, 512, 32, 8, 128)
+    q0 = torch.randn(b, t, heads, hd, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    k0 = torch.randn(b, t, kv, hd, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    freqs = torch.arange(t, device=DEVICE)[:, None] / 10000 ** (torch.arange(0, hd, 2, device=DEVICE) / hd)
+    emb = torch.cat([freqs, freqs], -1)[None].expand(b, t, hd)
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
+    results = []
+    for f in (apply_rotary, apply_rotary_pos_emb):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        qo, ko = f(q, k, cos, sin)
+        (qo.float().square().sum() + ko.float().sum()).backward()
+        results.append((qo, ko, q.grad, k.grad, type(qo.grad_fn).__name__))
+    exact = all(torch.equal(a, b) for a, b in zip(results[0][:4], results[1][:4]))
+    ok = exact and results[0][4] == "_RotaryBackward"
+    print(f"rotary fused ({results[0][4]}) vs transformers' apply_rotary_pos_emb (q, k, grad_q, grad_k): "
+          f"equal {exact}")
+    summary("rotary fused vs transformers, equal", str(exact), "True, and fused", ok)
 
 
 # ---- 1. decode bandwidth -----------------------------------------------------------------------
