@@ -23,7 +23,6 @@ Tests: tests/nn/test_rotary.py.
 """
 from __future__ import annotations
 
-import sys
 import types
 
 import torch
@@ -108,8 +107,7 @@ def _llama_form(module: nn.Module) -> bool:
     mine, ref = _original(hook) if hook is not None else None, _original(llama.apply_rotary_pos_emb)
     if mine is None or ref is None or _code(mine) != _code(ref):
         return False
-    home = sys.modules.get(type(module).__module__)
-    return _code(getattr(home, "rotate_half", None)) == _code(llama.rotate_half)
+    return _code(mine.__globals__.get("rotate_half")) == _code(llama.rotate_half)  # the one it calls
 
 
 def _fused_forward(self: nn.Module, q, k, cos, sin, unsqueeze_dim: int = 1, **kwargs):
