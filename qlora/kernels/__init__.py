@@ -219,8 +219,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     k_out (each with its input's strides) with cos and sin [batch or 1, tokens, dim], in one
     launch: Triton (CUDA) or the C kernel (CPU). `backward`: q and k are the outputs' gradients,
     and the inputs' gradients are written. False when the reference must do it (see rotary_takes)."""
-    if not rotary_takes(q, k, cos, sin) or q_out.shape != q.shape or k_out.shape != k.shape \
-            or q_out.stride() != q.stride() or k_out.stride() != k.stride():
+    if not rotary_takes(q, k, cos, sin) or any(
+            out.shape != x.shape or out.stride() != x.stride() or out.dtype != x.dtype or out.device != x.device
+            or type(out) is not torch.Tensor for out, x in ((q_out, q), (k_out, k))):
         return False
     cb = 0 if cos.shape[0] == 1 else cos.stride(0)
     if q.device.type in TRITON_DEVICE_TYPES:
@@ -238,9 +239,11 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def rotary_takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """True when `rotary` runs a kernel on these: one there for the device (and QLORA_KERNELS
-    not reference), one float dtype, q and k [batch, heads, tokens, dim] with dim even, cos and sin
+    """True when `rotary` runs a kernel on these: plain tensors (no subclass: a fake tensor has no
+    memory to write), one there for the device (and QLORA_KERNELS not reference), one float dtype, q and k [batch, heads, tokens, dim] with dim even, cos and sin
     [batch or 1, tokens, dim] alike, every last dim contiguous."""
+    if any(type(t) is not torch.Tensor for t in (q, k, cos, sin)):  # fake, functional, DTensor...: no storage to write
+        return False
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or q.dtype not in _DTYPE_CODES:
         return False
     batch, _, tokens, dim = q.shape

@@ -70,10 +70,12 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 @triton.jit
 def to_bf16(v):
-    """float32 -> bfloat16, round to nearest even (exact on the interpreter as on the GPU)."""
+    """float32 -> bfloat16, round to nearest even (exact on the interpreter as on the GPU); a NaN
+    stays a (quiet) NaN: rounding its bits would carry the GPU's 0x7FFFFFFF NaN into -0.0."""
     bits = v.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    out = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, rounded)
+    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..nn.linear4bit import Linear4bit, features, flat_bytes, is_conv1d
 from ..nn.lora import LoraConfig, LoraLinear, share_seeds
+from ..nn.rotary import use_fused_rotary
 from ..quant.codebooks import codebook, signed_dynamic_map
 from ..quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor, quantize
 from .checkpoint_files import CheckpointError, resolve, stream_tensors
@@ -141,6 +142,7 @@ def load_sharded(
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     keep_norms_fp32(model)
+    use_fused_rotary(model)
     # LoRA for real, in prepare_model's order and from the same RNG state: the same initial values
     for name in select_modules(model, lora.target_modules, lora.exclude_modules):
         model.set_submodule(name, LoraLinear(model.get_submodule(name), lora.r, lora.alpha, lora.dropout, lora.use_rslora,

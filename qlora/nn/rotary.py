@@ -12,13 +12,16 @@ With x = (x1, x2), cos = (c1, c2), sin = (s1, s2) split at half the head dim:
 one launch each for q and k together (kernels.rotary: Triton on CUDA, C on the CPU), each product
 and sum rounded to the dtype as the op-by-op form rounds it: the same values, forward and
 backward (a zero's sign aside). `rotary_ref` (the oracle; what QLORA_KERNELS=reference and
-torch.compile run) is that form. Saved for backward: cos and sin (the layer's own, no copy).
+torch.compile run) is that form; fake and other subclass tensors take it too. A backward that is
+itself differentiated (create_graph), or with one output unused (its input's gradient stays None),
+runs the backward formula op by op. Saved for backward: cos and sin (the layer's own, no copy).
 
 `use_fused_rotary` installs it per attention module through the hook transformers gives each
 one (`_kernel_funcs`, from the `kernels` package's use_kernelized_func): no transformers
 function is replaced, other models in the process keep theirs. Only where the module's function
 is, op for op, Llama's (its code and its rotate_half's), so a model with another rotary
-(Phi-3's partial one, ...) keeps its own.
+(Phi-3's partial one, ...) keeps its own, as does every model where transformers gives no hook
+(transformers 4, or without the `kernels` package).
 Tests: tests/nn/test_rotary.py.
 """
 from __future__ import annotations
@@ -55,9 +58,16 @@ def _dense_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x, out
 
 
+def _rotary_backward_ref(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The backward formula op by op (differentiable): g cos + (g2 s2, -g1 s1); the kernel's values."""
+    gs, half = g * sin.unsqueeze(1), g.shape[-1] // 2
+    return g * cos.unsqueeze(1) + torch.cat((gs[..., half:], -gs[..., :half]), dim=-1)
+
+
 class _Rotary(torch.autograd.Function):
     """rotary_ref(q, k, cos, sin) with one kernel launch forward and one backward (apply_rotary
-    checked that a kernel takes these tensors)."""
+    checked that a kernel takes these tensors); a backward that must itself be differentiated
+    (create_graph) runs the formula op by op."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -65,11 +75,16 @@ class _Rotary(torch.autograd.Function):
         if not kernels.rotary(q, k, cos, sin, q_out, k_out):
             raise RuntimeError(f"rotary kernel refused q {tuple(q.shape)} {q.stride()}, k {tuple(k.shape)} {k.stride()}")
         ctx.save_for_backward(cos, sin)
+        ctx.set_materialize_grads(False)  # an unused output: its input's gradient stays None, as autograd's would
+        ctx.shapes = q.shape, k.shape
         return q_out, k_out
 
     @staticmethod
-    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
+    def backward(ctx, dq: torch.Tensor | None, dk: torch.Tensor | None):
         cos, sin = ctx.saved_tensors
+        if torch.is_grad_enabled() or dq is None or dk is None:  # double backward, or one output unused
+            return (None if dq is None else _rotary_backward_ref(dq, cos, sin),
+                    None if dk is None else _rotary_backward_ref(dk, cos, sin), None, None)
         (dq, gq), (dk, gk) = _dense_like(dq), _dense_like(dk)
         if not kernels.rotary(dq, dk, cos, sin, gq, gk, backward=True):
             raise RuntimeError(f"rotary kernel refused gradients {tuple(dq.shape)} {dq.stride()}, "
@@ -104,7 +119,9 @@ def _llama_form(module: nn.Module) -> bool:
     from transformers.models.llama import modeling_llama as llama
 
     hook = module.__dict__.get("_kernel_funcs", {}).get(HOOK)
-    mine, ref = _original(hook) if hook is not None else None, _original(llama.apply_rotary_pos_emb)
+    if not isinstance(hook, nn.Module) or not isinstance(llama.apply_rotary_pos_emb, nn.Module):
+        return False  # no kernel hook here (transformers 4, or without the kernels package)
+    mine, ref = _original(hook), _original(llama.apply_rotary_pos_emb)
     if mine is None or ref is None or _code(mine) != _code(ref):
         return False
     return _code(mine.__globals__.get("rotate_half")) == _code(llama.rotate_half)  # the one it calls

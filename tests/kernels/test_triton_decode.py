@@ -211,3 +211,22 @@ def test_triton_launches_enter_their_tensors_device(monkeypatch):
     dy = torch.randn(16, 32, dtype=torch.bfloat16)
     triton_matmul.linear_4bit_t(dy, qt, scales)
     assert [id(t) for t in entered] == [id(out), id(scales), id(x), id(x), id(dy)]
+
+
+def test_to_bf16_rounds_to_nearest_even_and_keeps_nan():
+    """A GPU's float32 NaN is 0x7FFFFFFF: rounding its bits as a number would carry into -0.0."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _cast(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, triton_decode.to_bf16(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+    bits = torch.tensor([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0x7F800000, 0x3F808000, 0x3F818000,
+                         0x3F807FFF, 0x00000001, 0x80000000], dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    out = torch.empty(len(x), dtype=torch.bfloat16)
+    _cast[(1,)](x, out, len(x), BLOCK=16)
+    assert out[:4].isnan().all()  # every NaN stays NaN, the GPU's canonical one included
+    assert torch.equal(out[4:], x[4:].to(torch.bfloat16))  # torch's round to nearest even

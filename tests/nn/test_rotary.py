@@ -145,3 +145,48 @@ def test_hook_is_installed_per_module_and_nothing_global_changes(monkeypatch):
         assert len(seen) == expected
     hook = c.model.layers[0].self_attn._kernel_funcs[rotary.HOOK]
     assert hook.forward.__self__ is hook  # the copy's hook, bound to the copy
+
+
+def test_an_unused_output_leaves_its_gradient_none_and_double_backward_is_exact():
+    q, k, cos, sin = _inputs(torch.bfloat16)
+    qo, _ = apply_rotary(q, k, cos, sin)
+    qr, _ = apply_rotary_pos_emb(q, k, cos, sin)
+    g = torch.randn_like(qo)
+    (dq,) = torch.autograd.grad(qo, q, g)
+    (dq_ref,) = torch.autograd.grad(qr, q, g)
+    assert torch.equal(dq, dq_ref)
+    qo, ko = apply_rotary(q, k, cos, sin)
+    qo.float().sum().backward()
+    assert q.grad is not None and k.grad is None  # as transformers' leaves it (weight decay skips k)
+    w = torch.tensor(1.5, requires_grad=True)  # a gradient of a gradient: the backward op by op, differentiable
+    twice = []
+    for f in (apply_rotary, apply_rotary_pos_emb):
+        qo, ko = f(q.detach() * w, k.detach(), cos, sin)
+        (gw,) = torch.autograd.grad(qo.float().square().sum() + ko.float().sum(), w, create_graph=True)
+        twice.append(torch.autograd.grad(gw + w ** 2, w)[0])
+    assert torch.equal(twice[0], twice[1]) and twice[0] > 10
+
+
+def test_fake_tensors_and_stub_hooks_take_the_reference():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # no memory to write: the kernel must not run (it would write through a bad pointer)
+        q, k, cos, sin = _inputs(torch.bfloat16)
+        qo, ko = apply_rotary(q, k, cos, sin)
+        assert qo.shape == q.shape and type(qo.grad_fn).__name__ == "AddBackward0"
+    q, k, cos, sin = _inputs(torch.bfloat16)
+    wrong = torch.empty_like(q, dtype=torch.float32)
+    assert not kernels.rotary(q, k, cos, sin, wrong, torch.empty_like(k))  # an output of another dtype: refused
+
+
+def test_a_transformers_without_kernel_hooks_keeps_its_rotary(monkeypatch):
+    """transformers 4 (or no `kernels` package): apply_rotary_pos_emb is a plain function, no hook."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", rotary._original(modeling_llama.apply_rotary_pos_emb))
+    for m in model.modules():
+        m.__dict__.pop("_kernel_funcs", None)
+    assert rotary.use_fused_rotary(model) == 0
