@@ -1,6 +1,7 @@
 """Host cost of one training step, qlora vs transformers + peft + bitsandbytes, counted on the CPU.
 
     .venv/bin/python benchmarks/host_step.py [--layers 22] [--steps 5] [--rounds 3] [--setups qlora,peer[,qlora-compile]]
+                                             [--against REV]
                                              [--where] [--dtype bfloat16|float32] [--kernels]
                                              [--rows full|padded|packed]
 
@@ -17,6 +18,9 @@ training step as each trainer runs it:
 - qlora-compile  the same with each decoder layer compiled (`--compile`: inductor, which on
          the CPU generates C++; only host ms and Python calls are measured, the kernels inside
          the graphs are not aten dispatches);
+- qlora@REV  (with --against REV) the qlora step of another git revision (a temporary worktree;
+         one recent enough to run this step: AdamW.step(found_inf=), from 2026-12-06), interleaved
+         with the others: what a change is worth, side by side;
 - peer   bnb nf4 + DQ, prepare_model_for_kbit_training (non-reentrant checkpointing), peft
          LoRA, bf16 autocast (none with --dtype float32), model(**batch).loss, clip_grad_norm_, PagedAdamW32bit, zero_grad,
          float(loss) (what a plain loop or the HF Trainer's logging reads).
@@ -122,13 +126,13 @@ CHILD = textwrap.dedent("""
         from qlora.train.loop import forward_backward
         from qlora.train import distributed as dist_
         from qlora.optim import clip_grad_norm, scheduler
-        for fn in ("decode_4bit", "seeded_dropout", "rotary"):
+        for fn in [f for f in ("decode_4bit", "seeded_dropout", "rotary") if hasattr(K, f)]:  # (an older tree: fewer)
             def counted(*a, _f=getattr(K, fn), _n=fn, **k):
                 native[_n] += 1
                 return _f(*a, **k)
             setattr(K, fn, counted)
         lib = K.cpu.load()
-        for fn in ("qlora_decode_4bit", "qlora_dropout2", "qlora_rotary"):  # the C kernels' own time: device work on a GPU
+        for fn in [f for f in ("qlora_decode_4bit", "qlora_dropout2", "qlora_rotary") if hasattr(lib, f)]:  # the C kernels' own time: device work on a GPU
             def timed(*a, _f=getattr(lib, fn)):
                 t = time.perf_counter()
                 _f(*a)
@@ -145,8 +149,8 @@ CHILD = textwrap.dedent("""
         sched = scheduler(opt, "cosine", 0, 1000)
         ranks = dist_.Ranks()
         host_share = dist_.share
-        def share(batch, ranks, boundaries=False):  # the trainer's copy to the device: what follows works on the device
-            out = host_share(batch, ranks, boundaries)
+        def share(batch, ranks, *more):  # the trainer's copy to the device: what follows works on the device
+            out = host_share(batch, ranks, *more)
             ON_DEVICE[0] = True
             return out
         dist_.share = share
@@ -259,20 +263,35 @@ def main() -> None:
     ap.add_argument("--rows", default="full", choices=["full", "padded", "packed"],
                     help="the batch: two full rows of 64 (default), the second padded after 48 tokens, or packed "
                          "documents (position ids restarting, no 2-D mask: DataCollatorWithFlattening's form)")
+    ap.add_argument("--against", help="another git revision: its qlora step too, as setup qlora@REV")
     args = ap.parse_args()
+    root = Path(__file__).resolve().parent.parent
+    setups = args.setups.split(",") + ([f"qlora@{args.against}"] if args.against else [])
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint(Path(tmp), args.layers)
+        trees = {setup: root for setup in setups}
+        if args.against:
+            other = Path(tmp) / "tree"
+            subprocess.run(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(other), args.against],
+                           check=True)
+            trees[setups[-1]] = other
         results, host_ms, kernel_ms = {}, {}, {}
-        for _ in range(args.rounds):  # setups interleaved, so that a busy spell hits each alike
-            for setup in args.setups.split(","):
-                out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup, str(args.steps),
-                                      str(int(args.where)), args.dtype, str(int(args.kernels)), args.rows],
-                                     capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
-                if out.returncode:
-                    sys.exit(f"{setup} failed:\n{out.stderr[-3000:]}")
-                results[setup] = json.loads(out.stdout.strip().splitlines()[-1])
-                host_ms.setdefault(setup, []).append(results[setup]["host_ms"])
-                kernel_ms.setdefault(setup, []).append(results[setup]["kernel_ms"])
+        try:
+            for _ in range(args.rounds):  # setups interleaved, so that a busy spell hits each alike
+                for setup in setups:
+                    tree = trees[setup]
+                    out = subprocess.run([sys.executable, "-c", CHILD, str(path), setup.split("@")[0], str(args.steps),
+                                          str(int(args.where)), args.dtype, str(int(args.kernels)), args.rows],
+                                         capture_output=True, text=True, cwd=tree,
+                                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)})
+                    if out.returncode:
+                        sys.exit(f"{setup} failed:\n{out.stderr[-3000:]}")
+                    results[setup] = json.loads(out.stdout.strip().splitlines()[-1])
+                    host_ms.setdefault(setup, []).append(results[setup]["host_ms"])
+                    kernel_ms.setdefault(setup, []).append(results[setup]["kernel_ms"])
+        finally:
+            if args.against:
+                subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(other)], check=True)
     for setup, times in host_ms.items():
         results[setup]["host_ms"] = statistics.median(times)
         if args.kernels:
