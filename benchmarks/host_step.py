@@ -132,7 +132,8 @@ CHILD = textwrap.dedent("""
                 return _f(*a, **k)
             setattr(K, fn, counted)
         lib = K.cpu.load()
-        for fn in [f for f in ("qlora_decode_4bit", "qlora_dropout2", "qlora_rotary") if hasattr(lib, f)]:  # the C kernels' own time: device work on a GPU
+        # the C kernels' own time: device work on a GPU
+        for fn in [f for f in ("qlora_decode_4bit", "qlora_dropout2", "qlora_rotary") if hasattr(lib, f)]:
             def timed(*a, _f=getattr(lib, fn)):
                 t = time.perf_counter()
                 _f(*a)

@@ -240,8 +240,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 def rotary_takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """True when `rotary` runs a kernel on these: plain tensors (no subclass: a fake tensor has no
-    memory to write), one there for the device (and QLORA_KERNELS not reference), one float dtype, q and k [batch, heads, tokens, dim] with dim even, cos and sin
-    [batch or 1, tokens, dim] alike, every last dim contiguous."""
+    memory to write), a kernel there for the device (and QLORA_KERNELS not reference), one float
+    dtype, q and k [batch, heads, tokens, dim] with dim even, cos and sin [batch or 1, tokens, dim]
+    alike, every last dim contiguous."""
     if any(type(t) is not torch.Tensor for t in (q, k, cos, sin)):  # fake, functional, DTensor...: no storage to write
         return False
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or q.dtype not in _DTYPE_CODES:

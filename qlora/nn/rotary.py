@@ -73,7 +73,8 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         (q, q_out), (k, k_out) = _dense_like(q), _dense_like(k)
         if not kernels.rotary(q, k, cos, sin, q_out, k_out):
-            raise RuntimeError(f"rotary kernel refused q {tuple(q.shape)} {q.stride()}, k {tuple(k.shape)} {k.stride()}")
+            raise RuntimeError(f"rotary kernel refused q {tuple(q.shape)} {q.stride()}, "
+                               f"k {tuple(k.shape)} {k.stride()}")
         ctx.save_for_backward(cos, sin)
         ctx.set_materialize_grads(False)  # an unused output: its input's gradient stays None, as autograd's would
         ctx.shapes = q.shape, k.shape

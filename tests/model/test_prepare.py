@@ -106,7 +106,8 @@ def test_llama_form_rotary_runs_fused_with_transformers_values(arch):
     from qlora.nn import rotary
     model = tiny_model(arch, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # GPT-2's own dropouts off
     qlora.prepare_model(model, lora=LoraConfig(r=4, alpha=8, dropout=0.0), verbose=False)
-    hooks = [m._kernel_funcs[rotary.HOOK] for m in model.modules() if rotary.HOOK in m.__dict__.get("_kernel_funcs", {})]
+    hooks = [m._kernel_funcs[rotary.HOOK] for m in model.modules()
+             if rotary.HOOK in m.__dict__.get("_kernel_funcs", {})]
     fused = [h for h in hooks if "forward" in h.__dict__]
     assert len(fused) == (0 if arch in ("phi3", "gpt2") else 2)
     ids = torch.randint(3, 256, (2, 12))

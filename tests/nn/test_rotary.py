@@ -36,7 +36,8 @@ def _inputs(dtype, batch=2, cos_batch=1, heads=8, kv_heads=2, tokens=7, dim=16, 
 def _run(fn, q, k, cos, sin, seed=1):
     qo, ko = fn(q, k, cos, sin)
     g = torch.Generator().manual_seed(seed)
-    gq, gk = (torch.randn(qo.shape, generator=g) * 2).to(qo.dtype), (torch.randn(ko.shape, generator=g) * 2).to(ko.dtype)
+    gq = (torch.randn(qo.shape, generator=g) * 2).to(qo.dtype)
+    gk = (torch.randn(ko.shape, generator=g) * 2).to(ko.dtype)
     dq, dk = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
     return qo, ko, dq, dk
 
