@@ -234,7 +234,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     batch, hq, tokens, dim = q.shape
     cpu.load().qlora_rotary(q.data_ptr(), q_out.data_ptr(), hq, *q.stride()[:3], k.data_ptr(), k_out.data_ptr(),
                             k.shape[1], *k.stride()[:3], cos.data_ptr(), sin.data_ptr(), cb, cos.stride(1), batch,
-                            tokens, dim, _DTYPE_CODES[q.dtype], int(backward), torch.get_num_threads())
+                            tokens, dim, _DTYPE_CODES[q.dtype], int(backward), torch.get_num_threads(), int(has_simd()))
     return True
 
 

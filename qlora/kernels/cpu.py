@@ -66,7 +66,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qlora_dropout2.argtypes = [ptr, ptr, ptr, ptr, i64, i32, ptr, ctypes.c_uint32, ctypes.c_float, ctypes.c_float,
                                    i32, i32]
     lib.qlora_rotary.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64,
-                                 i64, i64, i32, i32, i32]
+                                 i64, i64, i32, i32, i32, i32]
     return lib
 
 

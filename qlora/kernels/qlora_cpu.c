@@ -466,35 +466,122 @@ typedef struct {
     const void *q, *k, *cos, *sin;
     void *qo, *ko;
     int64_t hq, qsb, qsh, qst, hk, ksb, ksh, kst, csb, cst, tokens, dim, r0, r1;
-    int dtype, backward;
+    int dtype, backward, simd;
 } rotary_args;
 
-static inline float round_to(float v, int dtype) {
-    if (dtype == OUT_BF16) return bf16_to_f32(f32_to_bf16(v));
-    if (dtype == OUT_F16) return f16_to_f32(f32_to_f16(v));
-    return v;
+static inline float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+// One head's row: y1 = r(x1 c1) - r(x2 sa), y2 = r(x2 c2) + r(x1 sb), r() rounding to the dtype.
+// Forward: sa = s1, sb = s2. Backward: sa = -s2, sb = -s1 (negation is exact, so this is
+// dx1 = r(g1 c1) + r(g2 s2), dx2 = r(g2 c2) - r(g1 s1)). The portable loops, one per dtype.
+#define ROTARY_ROW(NAME, T, LOAD, ROUND, STORE)                                                        \
+    static inline void NAME(const T* x, T* out, const T* c, const T* s, int64_t half, int backward) {    \
+        const T *sa = backward ? s + half : s, *sb = backward ? s : s + half;                          \
+        const float sign = backward ? -1.0f : 1.0f;                                                    \
+        for (int64_t i = 0; i < half; i++) {                                                           \
+            float x1 = LOAD(x[i]), x2 = LOAD(x[half + i]), c1 = LOAD(c[i]), c2 = LOAD(c[half + i]);    \
+            float a = sign * LOAD(sa[i]), b = sign * LOAD(sb[i]);                                      \
+            out[i] = STORE(ROUND(x1 * c1) - ROUND(x2 * a));                                            \
+            out[half + i] = STORE(ROUND(x2 * c2) + ROUND(x1 * b));                                     \
+        }                                                                                              \
+    }
+#define IDENT(v) (v)
+ROTARY_ROW(rotary_row_f32, float, IDENT, IDENT, IDENT)
+ROTARY_ROW(rotary_row_bf16, uint16_t, bf16_to_f32, bf16_round, f32_to_bf16)
+static inline float f16_round(float v) { return f16_to_f32(f32_to_f16(v)); }
+ROTARY_ROW(rotary_row_f16, uint16_t, f16_to_f32, f16_round, f32_to_f16)
+
+// AVX2: 8 lanes a step, the same roundings (bf16 in integer ops as f32_to_bf16, f16 by F16C's
+// round to nearest even, no FMA); the tail of each half row goes to the portable loops above.
+__attribute__((target("avx2"))) static inline __m256 bf16x8_load(const uint16_t* p) {
+    __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
 }
+
+__attribute__((target("avx2"))) static inline __m256i bf16x8_bits(__m256 v) {  // rounded, in the high halves
+    __m256i u = _mm256_castps_si256(v);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+    return _mm256_and_si256(_mm256_blendv_epi8(rounded, quiet, nan), _mm256_set1_epi32((int)0xffff0000u));
+}
+
+__attribute__((target("avx2"))) static inline __m256 bf16x8_round(__m256 v) {
+    return _mm256_castsi256_ps(bf16x8_bits(v));
+}
+
+__attribute__((target("avx2"))) static inline void bf16x8_store(uint16_t* p, __m256 v) {
+    __m256i r = _mm256_srli_epi32(bf16x8_bits(v), 16);
+    r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(r));
+}
+
+__attribute__((target("avx2,f16c"))) static inline __m256 f16x8_load(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+}
+
+__attribute__((target("avx2,f16c"))) static inline __m256 f16x8_round(__m256 v) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+__attribute__((target("avx2,f16c"))) static inline void f16x8_store(uint16_t* p, __m256 v) {
+    _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+__attribute__((target("avx2"))) static inline __m256 f32x8_load(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2"))) static inline __m256 f32x8_round(__m256 v) { return v; }
+__attribute__((target("avx2"))) static inline void f32x8_store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+#define ROTARY_ROW_AVX2(NAME, T, LOAD, ROUND, STORE, PORTABLE)                                            \
+    __attribute__((target("avx2,f16c"))) static void NAME(const T* x, T* out, const T* c, const T* s,     \
+                                                          int64_t half, int backward) {                   \
+        const T *sa = backward ? s + half : s, *sb = backward ? s : s + half;                             \
+        const __m256 sign = _mm256_set1_ps(backward ? -1.0f : 1.0f);                                      \
+        int64_t i = 0;                                                                                    \
+        for (; i + 8 <= half; i += 8) {                                                                   \
+            __m256 x1 = LOAD(x + i), x2 = LOAD(x + half + i), c1 = LOAD(c + i), c2 = LOAD(c + half + i);  \
+            __m256 a = _mm256_mul_ps(sign, LOAD(sa + i)), b = _mm256_mul_ps(sign, LOAD(sb + i));          \
+            STORE(out + i, _mm256_sub_ps(ROUND(_mm256_mul_ps(x1, c1)), ROUND(_mm256_mul_ps(x2, a))));      \
+            STORE(out + half + i, _mm256_add_ps(ROUND(_mm256_mul_ps(x2, c2)), ROUND(_mm256_mul_ps(x1, b)))); \
+        }                                                                                                 \
+        if (i < half) { /* the last (half % 8) pairs: the portable loop, on copies of both halves */      \
+            T tx[16], to[16], tc[16], ts[16];                                                             \
+            int64_t n = half - i;                                                                         \
+            for (int64_t j = 0; j < n; j++) {                                                             \
+                tx[j] = x[i + j], tx[n + j] = x[half + i + j];                                            \
+                tc[j] = c[i + j], tc[n + j] = c[half + i + j];                                            \
+                ts[j] = s[i + j], ts[n + j] = s[half + i + j];                                            \
+            }                                                                                             \
+            PORTABLE(tx, to, tc, ts, n, backward);                                                        \
+            for (int64_t j = 0; j < n; j++) out[i + j] = to[j], out[half + i + j] = to[n + j];             \
+        }                                                                                                 \
+    }
+ROTARY_ROW_AVX2(rotary_row_f32_avx2, float, f32x8_load, f32x8_round, f32x8_store, rotary_row_f32)
+ROTARY_ROW_AVX2(rotary_row_bf16_avx2, uint16_t, bf16x8_load, bf16x8_round, bf16x8_store, rotary_row_bf16)
+ROTARY_ROW_AVX2(rotary_row_f16_avx2, uint16_t, f16x8_load, f16x8_round, f16x8_store, rotary_row_f16)
 
 static void rotary_heads(const rotary_args* a, const void* x, void* out, int64_t heads, int64_t sb, int64_t sh,
                          int64_t st, int64_t b, int64_t t, int64_t c0) {
     const int64_t half = a->dim / 2;
-    const int d = a->dtype;
     for (int64_t h = 0; h < heads; h++) {
         int64_t x0 = b * sb + h * sh + t * st;
-        for (int64_t i = 0; i < half; i++) {
-            float x1 = load1(x, x0 + i, d), x2 = load1(x, x0 + half + i, d);
-            float c1 = load1(a->cos, c0 + i, d), c2 = load1(a->cos, c0 + half + i, d);
-            float s1 = load1(a->sin, c0 + i, d), s2 = load1(a->sin, c0 + half + i, d);
-            float y1, y2;
-            if (a->backward) {
-                y1 = round_to(x1 * c1, d) + round_to(x2 * s2, d);
-                y2 = round_to(x2 * c2, d) - round_to(x1 * s1, d);
-            } else {
-                y1 = round_to(x1 * c1, d) - round_to(x2 * s1, d);
-                y2 = round_to(x2 * c2, d) + round_to(x1 * s2, d);
-            }
-            store1(out, x0 + i, y1, d);
-            store1(out, x0 + half + i, y2, d);
+        if (a->dtype == OUT_F32) {
+            const float *xi = (const float*)x + x0, *c = (const float*)a->cos + c0, *s = (const float*)a->sin + c0;
+            float* o = (float*)out + x0;
+            if (a->simd) rotary_row_f32_avx2(xi, o, c, s, half, a->backward);
+            else rotary_row_f32(xi, o, c, s, half, a->backward);
+            continue;
+        }
+        const uint16_t *xi = (const uint16_t*)x + x0, *c = (const uint16_t*)a->cos + c0,
+                       *s = (const uint16_t*)a->sin + c0;
+        uint16_t* o = (uint16_t*)out + x0;
+        if (a->dtype == OUT_BF16) {
+            if (a->simd) rotary_row_bf16_avx2(xi, o, c, s, half, a->backward);
+            else rotary_row_bf16(xi, o, c, s, half, a->backward);
+        } else {
+            if (a->simd) rotary_row_f16_avx2(xi, o, c, s, half, a->backward);
+            else rotary_row_f16(xi, o, c, s, half, a->backward);
         }
     }
 }
@@ -511,16 +598,17 @@ static void* rotary_range(void* arg) {
 
 // q [batch, hq, tokens, dim] into qo and k [batch, hk, tokens, dim] into ko (outputs with their
 // inputs' strides, in elements), cos and sin [batch, tokens, dim] (strides csb, cst; 0 where
-// broadcast), all of one dtype, dim even.
+// broadcast), all of one dtype, dim even. simd: the AVX2 (and F16C) build of the loops.
 void qlora_rotary(const void* q, void* qo, int64_t hq, int64_t qsb, int64_t qsh, int64_t qst, const void* k, void* ko,
                   int64_t hk, int64_t ksb, int64_t ksh, int64_t kst, const void* cos, const void* sin, int64_t csb,
-                  int64_t cst, int64_t batch, int64_t tokens, int64_t dim, int dtype, int backward, int threads) {
+                  int64_t cst, int64_t batch, int64_t tokens, int64_t dim, int dtype, int backward, int threads,
+                  int simd) {
     int64_t rows = batch * tokens;
     threads = clamp_threads(threads, rows * (hq + hk) * dim / 65536);
     rotary_args args[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         rotary_args a = {q, k, cos, sin, qo, ko, hq, qsb, qsh, qst, hk, ksb, ksh, kst, csb, cst, tokens, dim,
-                         rows * t / threads, rows * (t + 1) / threads, dtype, backward};
+                         rows * t / threads, rows * (t + 1) / threads, dtype, backward, simd};
         args[t] = a;
     }
     run_threads(rotary_range, args, sizeof(rotary_args), threads);

@@ -43,7 +43,8 @@ def _run(fn, q, k, cos, sin, seed=1):
 
 
 CASES = [dict(), dict(cos_batch=2), dict(batch=1), dict(layout="contiguous"), dict(layout="fused"),
-         dict(heads=4, kv_heads=4, tokens=1), dict(dim=80, tokens=33), dict(dim=6, heads=3, kv_heads=1)]
+         dict(heads=4, kv_heads=4, tokens=1), dict(dim=80, tokens=33), dict(dim=6, heads=3, kv_heads=1),
+         dict(dim=36, tokens=300, heads=16, kv_heads=4, cos_batch=2)]  # a vector tail; rows over several threads
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -59,6 +60,22 @@ def test_fused_equals_transformers_forward_and_backward(dtype, case, monkeypatch
     for a, b in zip(ours, theirs):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(ours, _run(rotary_ref, q, k, cos, sin)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_portable_loops_equal_the_vector_ones(dtype, monkeypatch):
+    """QLORA_KERNELS=scalar: the C kernel without its AVX2 loops, the same values."""
+    monkeypatch.setenv("QLORA_KERNELS", "scalar")
+    kernels.reread_mode()
+    try:
+        assert not kernels.has_simd()
+        for case in (dict(dim=36, tokens=9), dict(dim=64, cos_batch=2)):
+            q, k, cos, sin = _inputs(dtype, **case)
+            for a, b in zip(_run(apply_rotary, q, k, cos, sin), _run(apply_rotary_pos_emb, q, k, cos, sin)):
+                assert torch.equal(a, b), case
+    finally:
+        monkeypatch.delenv("QLORA_KERNELS")
+        kernels.reread_mode()
 
 
 def test_the_forward_launches_nothing_but_its_kernel():
