@@ -208,3 +208,26 @@ def test_a_transformers_without_kernel_hooks_keeps_its_rotary(monkeypatch):
     for m in model.modules():
         m.__dict__.pop("_kernel_funcs", None)
     assert rotary.use_fused_rotary(model) == 0
+
+
+@pytest.mark.parametrize("mode", ["native", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_special_values_round_as_torch_rounds_them(dtype, mode, monkeypatch):
+    """NaN, infinities, subnormals, zeros and values that overflow: the vector and portable loops alike."""
+    monkeypatch.setenv("QLORA_KERNELS", mode)
+    kernels.reread_mode()
+    try:
+        q, k, cos, sin = _inputs(dtype, dim=48, tokens=5, layout="contiguous")
+        info = torch.finfo(dtype)
+        special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, info.tiny / 4, info.max,
+                                -info.max, info.tiny, 1e-30], dtype=torch.float32).to(dtype)
+        with torch.no_grad():
+            q.view(-1)[:special.numel() * 7:7] = special  # spread over both halves and several heads
+            k.view(-1)[3:special.numel() * 5 + 3:5] = special
+        ours = _run(apply_rotary, q, k, cos, sin)
+        theirs = _run(apply_rotary_pos_emb, q, k, cos, sin)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    finally:
+        monkeypatch.delenv("QLORA_KERNELS")
+        kernels.reread_mode()
