@@ -273,8 +273,11 @@ def main() -> None:
         trees = {setup: root for setup in setups}
         if args.against:
             other = Path(tmp) / "tree"
-            subprocess.run(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(other), args.against],
-                           check=True)
+            made = subprocess.run(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(other),
+                                   args.against], capture_output=True, text=True)
+            if made.returncode:
+                sys.exit(f"--against {args.against}: git cannot check it out ({made.stderr.strip()}); "
+                         "give a commit, branch or tag of this repository")
             trees[setups[-1]] = other
         results, host_ms, kernel_ms = {}, {}, {}
         try:

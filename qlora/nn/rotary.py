@@ -59,9 +59,8 @@ def _dense_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rotary_backward_ref(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The backward formula op by op (differentiable): g cos + (g2 s2, -g1 s1); the kernel's values."""
-    gs, half = g * sin.unsqueeze(1), g.shape[-1] // 2
-    return g * cos.unsqueeze(1) + torch.cat((gs[..., half:], -gs[..., :half]), dim=-1)
+    """The backward formula op by op (differentiable): g cos - rotate_half(g sin); the kernel's values."""
+    return g * cos.unsqueeze(1) - rotate_half(g * sin.unsqueeze(1))
 
 
 class _Rotary(torch.autograd.Function):
@@ -77,7 +76,6 @@ class _Rotary(torch.autograd.Function):
                                f"k {tuple(k.shape)} {k.stride()}")
         ctx.save_for_backward(cos, sin)
         ctx.set_materialize_grads(False)  # an unused output: its input's gradient stays None, as autograd's would
-        ctx.shapes = q.shape, k.shape
         return q_out, k_out
 
     @staticmethod
