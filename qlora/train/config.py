@@ -61,7 +61,7 @@ class TrainConfig:
     loftq_iters: int = 1  # LoftQ alternations of quantizing W - B A and refitting B A
     keep_16bit: str | None = None  # linears kept unquantized: comma-separated names, or auto (see --memory-budget)
     memory_budget: str | None = None  # with --keep-16bit auto: the peak the run may plan for (e.g. 24GiB)
-    compute_dtype: str = "bfloat16"  # matmul dtype: bfloat16, float16, float32 or auto (bf16 where it is native)
+    compute_dtype: str = "auto"  # matmul dtype: bfloat16, float16, float32 or auto (default: bf16 on GPUs and on CPUs with native bf16, else float32)
     device: str = "auto"  # where one process trains: auto (cuda when available), cuda, cuda:N or cpu (torchrun: per rank)
     # LoRA
     lora_r: int = 64  # adapter rank

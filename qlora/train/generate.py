@@ -3,7 +3,8 @@
     qlora generate --model PATH [--adapter DIR] --prompt "Write a function that ..."
 
 The prompt is wrapped in the tokenizer's chat template when it has one, else in the
-Alpaca template qlora trains instruction rows with (--raw sends it as is).
+Alpaca template qlora trains instruction rows with (--raw sends it as is). Compute is bf16 on
+GPUs and CPUs with native bf16, fp32 on CPUs that emulate it (as `--compute-dtype auto`).
 """
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ def generate(model_path: str, prompt: str, adapter: str | None = None, max_new_t
     from ..model.adapter import load_adapter
     from ..model.checkpoint_files import resolve
     from ..model.load import load_model
+    from .config import native_bf16
 
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise InputError("--temperature must be >= 0, --top-p in (0, 1] and --max-new-tokens >= 1")
     path = resolve(model_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path, device=device, trust_remote_code=trust_remote_code, progress=False)
+    dtype = torch.bfloat16 if native_bf16(device) else torch.float32  # as --compute-dtype auto
+    model = load_model(path, device=device, compute_dtype=dtype, trust_remote_code=trust_remote_code, progress=False)
     if adapter:
         load_adapter(model, adapter, trainable=False)
     if raw:

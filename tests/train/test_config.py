@@ -43,7 +43,7 @@ def test_demo_prompts_include_unseen_paraphrases():
 
 def test_defaults_are_the_qlora_recipe():
     c = TrainConfig()
-    assert (c.quant_type, c.double_quant, c.blocksize, c.compute_dtype) == ("nf4", True, 64, "bfloat16")
+    assert (c.quant_type, c.double_quant, c.blocksize, c.compute_dtype) == ("nf4", True, 64, "auto")  # bf16 where native
     assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.target_modules) == (64, 16.0, 0.05, "all-linear")
     assert (c.lr, c.schedule, c.warmup_ratio, c.optim, c.max_grad_norm) == (2e-4, "constant_with_warmup", 0.03,
                                                                              "paged_adamw_32bit", 0.3)
@@ -103,5 +103,8 @@ def test_auto_compute_dtype_follows_the_run_device(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # an AVX2-only CPU
     assert compute_dtype(TrainConfig(device="cuda", compute_dtype="auto")) == torch.bfloat16
     assert compute_dtype(TrainConfig(device="cpu", compute_dtype="auto")) == torch.float32
+    assert compute_dtype(TrainConfig(device="cpu")) == torch.float32  # the default is auto
     with pytest.warns(UserWarning, match="no native bf16"):
         compute_dtype(TrainConfig(device="cpu", compute_dtype="bfloat16"))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # AVX512-BF16 / AMX
+    assert compute_dtype(TrainConfig(device="cpu")) == torch.bfloat16
