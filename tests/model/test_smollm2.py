@@ -134,7 +134,7 @@ def test_a_short_fine_tune_teaches_an_answer(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "Marzipan" not in generate(str(GGUF), question, max_new_tokens=12, stream=False)
     qlora.finetune(qlora.TrainConfig(model=str(GGUF), data=str(data), output=str(tmp_path / "run"), max_steps=8,
-                                     batch_size=2, lr=1e-3, lora_r=8, lora_alpha=16, max_length=64, eval_split=0.0,
+                                     batch_size=2, grad_accum=1, lr=1e-3, lora_r=8, lora_alpha=16, max_length=64, eval_split=0.0,
                                      gradient_checkpointing=False, warmup_ratio=0.0, save_every=0, demo=False))
     said = generate(str(GGUF), question, adapter=str(tmp_path / "run" / "adapter"), max_new_tokens=12, stream=False)
     assert "Marzipan" in said, said
