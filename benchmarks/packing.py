@@ -15,7 +15,8 @@ bf16 weights), NF4 + DQ, gradient checkpointing, an optimizer step per micro-bat
 - packed-flex  the same with `--attn-implementation flex_attention` (torch's flex attention, whose block
                mask skips the blocks between documents; it trains on CUDA only)
 - packed-varlen  the same with `--attn-implementation varlen` (torch's varlen flash kernels over the
-               documents' boundaries: no mask, no work across documents; CUDA only)
+               documents' boundaries: no mask, no work across documents; on the CPU, SDPA's CPU flash
+               kernels once per document)
 - padded       qlora: `qlora train --no-packing`: --batch documents a micro-batch, grouped by length,
                padded to a multiple of 16
 - padded-b16   the same with 4 x --batch documents a micro-batch (about as many real tokens as packed)
@@ -101,7 +102,7 @@ CHILD = textwrap.dedent("""
         model = qlora.load_model(path, compute_dtype=dtype, device=device, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
                                     verbose=False)
-        if setup in ("packed-flex", "packed-varlen"):  # --attn-implementation flex_attention / varlen (CUDA only)
+        if setup in ("packed-flex", "packed-varlen"):  # --attn-implementation flex_attention (CUDA only) / varlen
             from qlora.model.attention import set_attention
             set_attention(model, "flex_attention" if setup == "packed-flex" else "varlen", device)
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)

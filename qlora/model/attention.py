@@ -2,6 +2,7 @@
 
     check_attention("flex_attention", device)        # before loading: raises where it cannot train
     set_attention(model, "flex_attention", device)   # after loading; "auto" keeps the model's own
+    auto_attention(config, device, dtype, packing)   # what the trainer runs for auto: varlen for packed fp32 on a CPU
 
 ATTENTION are the implementations qlora accepts, all of them transformers' own code paths (no
 kernels from the Hub: they would be remote code):
@@ -14,8 +15,9 @@ kernels from the Hub: they would be remote code):
 - flex_attention: torch's flex_attention with a block mask that skips the blocks between packed
   documents (compiled; torch trains it on CUDA only, it has no CPU backward);
 - varlen: torch's own varlen flash kernels (torch.nn.attention.varlen, CUDA, no flash-attn
-  package), registered with transformers by qlora (model/varlen.py): packed documents with
-  no mask and no work across them, the boundaries handed over from the host.
+  package; on the CPU, SDPA's CPU flash kernels once per document), registered with
+  transformers by qlora (model/varlen.py): packed documents with no mask and no work across
+  them, the boundaries handed over from the host.
 Each keeps packed documents apart (model/packing.py). What a device or an install lacks is an
 error here, naming the flag, not a failure at the first step.
 Tests: tests/model/test_attention.py.
@@ -42,10 +44,7 @@ def check_attention(name: str, device: torch.device | str = "cpu") -> None:
     if name == "flex_attention" and torch.device(device).type != "cuda":
         raise InputError("--attn-implementation flex_attention: torch trains flex attention on CUDA only (no CPU "
                          "backward); use sdpa (the default) here")
-    if name == "varlen":
-        if torch.device(device).type != "cuda":
-            raise InputError("--attn-implementation varlen: torch's varlen attention runs on CUDA only; use sdpa "
-                             "(the default) here")
+    if name == "varlen" and torch.device(device).type == "cuda":
         try:
             from torch.nn.attention import varlen  # noqa: F401
         except ImportError:
@@ -84,6 +83,21 @@ def set_attention(model: nn.Module, name: str, device: torch.device | str = "cpu
     if getattr(model.config, "_attn_implementation", None) != name:
         raise InputError(f"--attn-implementation {name}: {type(model).__name__} cannot switch its attention; "
                          "leave the flag at auto")
+
+
+def auto_attention(config: dict, device: torch.device | str, compute_dtype: torch.dtype, packing: bool) -> str:
+    """What `--attn-implementation auto` runs for a model of `config` (config.json's dict): varlen
+    for packed rows on a CPU computing in float32, where the model takes it without a sliding
+    window (SDPA's CPU flash kernels once per document: there a row's fp32 attention costs its
+    query-key pairs, and the benchmark ran 1.3x the tokens/s of SDPA with the block mask,
+    docs/benchmarks.md); "auto" (the model's own, sdpa) elsewhere."""
+    if not packing or torch.device(device).type != "cpu" or compute_dtype != torch.float32:
+        return "auto"
+    if config.get("model_type") not in PACKED_MODEL_TYPES or config.get("attention_dropout") or config.get("attn_pdrop"):
+        return "auto"
+    if config.get("sliding_window") is not None and config.get("use_sliding_window", True):
+        return "auto"
+    return "varlen"
 
 
 def planned_attention(name: str) -> str:

@@ -20,9 +20,10 @@ the model stays right for every caller. Only the causal architectures of PACKED_
 take the flag (attention.py), and arguments the kernel has no form for (softcap, sinks,
 attention dropout) are refused, never dropped.
 
-On a CPU there is no varlen kernel: `varlen_reference` (SDPA once per document) stands in,
-the oracle the tests hold the whole path to (tests/model/test_varlen.py); the trainer
-refuses the flag there (attention.py), where the masked SDPA is faster.
+torch has no varlen kernel for the CPU. There `varlen_cpu` runs SDPA's CPU flash kernels once
+per document (`_VarlenCPU`, causal; sliding windows through the reference).
+`varlen_reference` (SDPA with each document's mask) stays the oracle: the tests hold the CPU
+kernel and the whole path to it and to the documents run one by one (tests/model/test_varlen.py).
 """
 from __future__ import annotations
 
@@ -126,9 +127,62 @@ def torch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
     return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs)
 
 
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _sequence(t: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Tokens s:e of a [tokens, heads, dim] run as the [1, heads, e - s, dim] view SDPA's kernels take."""
+    return t[s:e].unsqueeze(0).transpose(1, 2)
+
+
+class _VarlenCPU(torch.autograd.Function):
+    """Causal attention within each sequence of `bounds`: torch's CPU flash kernels (SDPA's, GQA
+    native) once per sequence, forward and backward; the [tokens, heads, dim] layout of varlen_attn.
+    Saves: query, key and value as given (GQA's unrepeated), the output and the logsumexp
+    [tokens, heads] (float32): what torch's varlen op saves on CUDA, less its RNG state."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+                scale: float | None) -> torch.Tensor:
+        out = query.new_empty(query.shape[:2] + value.shape[-1:])
+        lse = query.new_empty(query.shape[:2], dtype=torch.float32)
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            o, l = _FLASH(_sequence(query, s, e), _sequence(key, s, e), _sequence(value, s, e), 0.0, True,
+                          scale=scale)
+            out[s:e], lse[s:e] = o[0].transpose(0, 1), l[0].t()
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.bounds, ctx.scale = bounds, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        query, key, value, out, lse = ctx.saved_tensors
+        grads = [torch.empty_like(t) for t in (query, key, value)]
+        for s, e in zip(ctx.bounds[:-1], ctx.bounds[1:]):
+            got = _FLASH_BACKWARD(*(_sequence(t, s, e) for t in (grad_out, query, key, value, out)),
+                                  lse[s:e].t().unsqueeze(0), 0.0, True, scale=ctx.scale)
+            for g, d in zip(grads, got):
+                g[s:e] = d[0].transpose(0, 1)
+        return *grads, None, None
+
+
+def varlen_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+               cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, scale: float | None = None,
+               window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False) -> torch.Tensor:
+    """varlen_attn on the CPU: causal attention (window (-1, 0)) through torch's CPU flash kernels
+    once per sequence (`_VarlenCPU`); other windows, and tensors that are not plain (fake, under
+    torch.compile), through the reference."""
+    plain = type(query) is torch.Tensor and not torch.compiler.is_compiling()
+    if window_size != (-1, 0) or not plain or cu_seq_k is not cu_seq_q:
+        return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                window_size=window_size, enable_gqa=enable_gqa)
+    return _VarlenCPU.apply(query, key, value, cu_seq_q.tolist(), scale)
+
+
 def _kernel(query: torch.Tensor):
-    """torch's varlen_attn for CUDA tensors, the reference elsewhere."""
-    return torch_varlen if query.is_cuda else varlen_reference
+    """torch's varlen_attn for CUDA tensors, `varlen_cpu` for CPU ones, the reference elsewhere."""
+    return torch_varlen if query.is_cuda else varlen_cpu if query.device.type == "cpu" else varlen_reference
 
 
 def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

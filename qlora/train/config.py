@@ -89,7 +89,7 @@ class TrainConfig:
     pad_to_multiple: int = 16  # pad each batch's length up to a multiple of N (fewer shapes: less memory, faster)
     checkpoint_every: int = 1  # with checkpointing: recompute every N-th decoder layer only (faster, more memory)
     keep_attention: bool = False  # with checkpointing: keep attention outputs, skip their recompute (faster, more memory)
-    attn_implementation: str = "auto"  # auto (the model's: sdpa), sdpa, eager, flash_attention_2/3 (flash-attn), flex_attention, varlen (CUDA); the memory plan models sdpa, eager and varlen
+    attn_implementation: str = "auto"  # auto (the model's: sdpa), sdpa, eager, flash_attention_2/3 (flash-attn), flex_attention (CUDA), varlen; the memory plan models sdpa, eager and varlen
     compile: bool = False  # torch.compile each decoder layer (one graph each; the first steps compile)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     # data

@@ -29,6 +29,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from ..errors import TrainingError
 from ..model.checkpoint_files import resolve
-from ..model.attention import check_attention, set_attention
+from ..model.attention import auto_attention, check_attention, set_attention
 from ..model.gguf_model import gguf_source
 from ..model.load import load_model
 from ..memory import load_config
@@ -148,20 +149,24 @@ def _training_model(cfg: TrainConfig, model_path: str, ranks: dist_.Ranks):
     return wrap_ddp(model.to(ranks.device), ranks.device) if ranks.mode == "ddp" else model
 
 
-def _packing(cfg: TrainConfig, model_path: str, say: bool) -> TrainConfig:
-    """cfg, with packing off (saying so) where the model cannot keep packed documents apart."""
-    if not cfg.packing:
-        return cfg
+def _packing(cfg: TrainConfig, model_path: str, say: bool, device: torch.device) -> TrainConfig:
+    """cfg, with packing off (saying so) where the model cannot keep packed documents apart, and
+    --attn-implementation auto resolved (model/attention.py: auto_attention)."""
     try:
         config = load_config(resolve(model_path))
     except Exception:  # the loader will raise the real error
         config = {}
-    if packs_exactly(config):
-        return cfg
-    if say:
-        print(f"packing: off for model type {config.get('model_type')!r} (exact only for "
-              f"{', '.join(PACKED_MODEL_TYPES)}); batches are padded")
-    return dataclasses.replace(cfg, packing=False)
+    if cfg.packing and not packs_exactly(config):
+        if say:
+            print(f"packing: off for model type {config.get('model_type')!r} (exact only for "
+                  f"{', '.join(PACKED_MODEL_TYPES)}); batches are padded")
+        cfg = dataclasses.replace(cfg, packing=False)
+    if cfg.attn_implementation == "auto":
+        with warnings.catch_warnings():  # (_build_model warns about an emulated bf16, once)
+            warnings.simplefilter("ignore")
+            dtype = resolve_compute_dtype(cfg)
+        cfg = dataclasses.replace(cfg, attn_implementation=auto_attention(config, device, dtype, cfg.packing))
+    return cfg
 
 
 class TokenLoss:
@@ -249,7 +254,7 @@ def train(cfg: TrainConfig) -> dict:
         examples, skipped = D.tokenize_rows(D.read_rows(data_path), tokenizer, cfg.max_length, cfg.train_on_prompt,
                                             cfg.skip_bad_rows, cfg.long_rows)
         train_rows, eval_rows = D.split(examples, cfg.eval_split, cfg.seed)  # held out first: never packed
-        cfg = _packing(cfg, model_path, ranks.main)
+        cfg = _packing(cfg, model_path, ranks.main, ranks.device)
         if cfg.packing:
             train_rows = D.pack(train_rows, cfg.max_length)
         batches = D.Batches(train_rows, cfg.batch_size, cfg.seed, cfg.group_by_length and not cfg.packing, pad,

@@ -26,7 +26,6 @@ def test_auto_keeps_the_models_attention_and_a_name_switches_it():
     ("kernels-community/flash-attn", "expected auto or one of"),  # Hub kernels are remote code: never fetched
     ("flex_attention", "torch trains flex attention on CUDA only"),  # torch has no CPU backward for it
     ("flash_attention_2", "the flash-attn package for it is not installed"),
-    ("varlen", "torch's varlen attention runs on CUDA only"),
 ])
 def test_what_cannot_run_is_an_error_naming_the_flag(name, message):
     model = tiny_model("llama", torch.float32)

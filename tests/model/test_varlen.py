@@ -1,7 +1,7 @@
 """--attn-implementation varlen (model/varlen.py): packed rows through torch's varlen attention.
-On the CPU the reference (SDPA once per document) stands in for the CUDA kernel; every other
-part of the path (boundaries made on the host, handed over by share and model_inputs, the
-layout in and out, the fallback for calls without boundaries) is the one a GPU runs."""
+On the CPU qlora's kernel (SDPA's CPU flash kernels once per document) stands in for the CUDA one;
+every other part of the path (boundaries made on the host, handed over by share and model_inputs,
+the layout in and out, the fallback for calls without boundaries) is the one a GPU runs."""
 import pytest
 import torch
 
@@ -21,9 +21,36 @@ from tiny_models import tiny_model
 
 
 def _varlen(model):
-    set_attention(model, NAME, "cuda")  # the device check wants CUDA; on this CPU the reference runs
+    set_attention(model, NAME, "cpu")
     assert model.config._attn_implementation == NAME
     return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_the_cpu_kernel_is_sdpa_once_per_document(dtype, kv_heads):
+    """varlen_cpu (causal): each document's output and q, k, v gradients are SDPA's (is_causal,
+    GQA) on that document alone, bit for bit; within rounding of the reference."""
+    g = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 7, 20, 21, 50], dtype=torch.int32)
+    q, k, v = (torch.randn(50, n, 16, generator=g).to(dtype).requires_grad_() for n in (4, kv_heads, kv_heads))
+    grad = torch.randn(50, 4, 16, generator=g).to(dtype)
+    out = varlen.varlen_cpu(q, k, v, cu, cu, 29, 29, scale=0.2, window_size=(-1, 0), enable_gqa=kv_heads != 4)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t.detach()[s:e].transpose(0, 1)[None].requires_grad_() for t in (q, k, v))
+        want = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=0.2,
+                                                                enable_gqa=kv_heads != 4)[0]
+        assert torch.equal(out[s:e], want.transpose(0, 1))
+        want_grads = torch.autograd.grad(want, (qs, ks, vs), grad[s:e].transpose(0, 1))
+        for a, b in zip(got, want_grads):
+            assert torch.equal(a[s:e], b[0].transpose(0, 1))
+    ref = varlen_reference(q, k, v, cu, cu, 29, 29, scale=0.2, window_size=(-1, 0), enable_gqa=kv_heads != 4)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    for a, b in zip(got, torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_boundaries_made_on_the_host():
@@ -57,7 +84,7 @@ def test_a_packed_batch_through_varlen_equals_documents_one_by_one(arch, overrid
     documents run alone, and nothing read back from the device inside the step."""
     model = _varlen(_model(arch, torch.float32, **overrides))
     calls = []
-    monkeypatch.setattr(varlen, "varlen_reference", lambda *a, **k: calls.append(1) or varlen_reference(*a, **k))
+    monkeypatch.setattr(varlen, "varlen_cpu", lambda *a, _f=varlen.varlen_cpu, **k: calls.append(1) or _f(*a, **k))
     docs = _documents(seed=7)
     ref_loss, ref_grads = _one_by_one(model, docs)  # no boundaries handed over: transformers' SDPA
     batch = share(D.collate(D.pack(docs, 40), pad=0, multiple=16), Ranks(), boundaries=True)
@@ -108,7 +135,7 @@ def test_padded_rows_and_calls_without_boundaries_stay_right(monkeypatch):
     """Right-padded rows are one sequence each (a token never sees its row's padding); a call
     without boundaries (a left-padded batch, generation) runs SDPA with transformers' mask."""
     calls = []
-    monkeypatch.setattr(varlen, "varlen_reference", lambda *a, **k: calls.append(1) or varlen_reference(*a, **k))
+    monkeypatch.setattr(varlen, "varlen_cpu", lambda *a, _f=varlen.varlen_cpu, **k: calls.append(1) or _f(*a, **k))
     model = _model("llama", torch.float32)
     docs = _documents(seed=8)
     padded = D.collate(docs, pad=0)

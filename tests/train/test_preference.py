@@ -188,12 +188,12 @@ def test_the_trainers_batch_gives_the_same_loss_and_reads_nothing_back(model_dir
     """As the trainer hands a micro-batch over (share: the completion tokens' index built on the
     host), the DPO / ORPO step reads no value back (a device sync each on a GPU) and gives the
     loss, stats and gradients of the boolean-mask path; ORPO training on prompts still reads.
-    With varlen attention (its CPU reference here) the shared batch runs it, the other SDPA."""
+    With varlen attention (its CPU kernel here) the shared batch runs it, the other SDPA."""
     from qlora.model.attention import set_attention
     from qlora.train.distributed import Ranks, share
 
     model = _qlora_model(model_dir)
-    set_attention(model, attention, "cuda")  # varlen's device check wants CUDA; the CPU reference runs
+    set_attention(model, attention, "cpu")
     objective = P.Preference(method, train_on_prompt=train_on_prompt)
     batch = P.collate_pairs(_pairs(model_dir), _tokenizer(model_dir).pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -206,8 +206,8 @@ def test_the_trainers_batch_gives_the_same_loss_and_reads_nothing_back(model_dir
     ref_terms, ref_stats, ref_grads = run(batch)
     shared = share(batch, Ranks(), boundaries=attention == "varlen")  # the index from the host's labels
     from qlora.model import varlen
-    calls, reference = [], varlen.varlen_reference
-    monkeypatch.setattr(varlen, "varlen_reference", lambda *a, **k: calls.append(1) or reference(*a, **k))
+    calls, kernel = [], varlen.varlen_cpu
+    monkeypatch.setattr(varlen, "varlen_cpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     with host_reads() as reads:
         terms, stats, grads = run(shared)
     assert bool(calls) == (attention == "varlen")
