@@ -1,7 +1,7 @@
 """Packed vs padded training on instruction data: real tokens/s (padding not counted) and peak.
 
     flock /tmp/qlora-bench.lock .venv/bin/python benchmarks/packing.py [--docs 160] [--max-length 512] [--batch 4]
-        [--repeat 1] [--dtype bfloat16|float32] [--setups packed,padded,padded-b16,peer-flatten[,padded-ungrouped,packed-flex,packed-varlen]]
+        [--repeat 1] [--dtype bfloat16|float32] [--setups packed,padded,padded-b16,peer-flatten[,padded-ungrouped,packed-sdpa,packed-flex,packed-varlen]]
         [--device cpu|cuda]
 
 The documents: a synthetic instruction set with Alpaca's length histogram (`alpaca_like`):
@@ -12,6 +12,8 @@ alpha 16 / dropout 0.05 on all linear layers of the 58M Llama of benchmarks/trai
 bf16 weights), NF4 + DQ, gradient checkpointing, an optimizer step per micro-batch:
 - packed       qlora: `qlora train` (default): data.pack into rows of at most --max-length, --batch rows
                a micro-batch, documents kept apart by their position ids (model/packing.py)
+- packed-sdpa  the same with `--attn-implementation sdpa`: SDPA with the block-diagonal mask over the
+               whole row (what `packed` runs too, except for fp32 on a CPU, where auto picks varlen)
 - packed-flex  the same with `--attn-implementation flex_attention` (torch's flex attention, whose block
                mask skips the blocks between documents; it trains on CUDA only)
 - packed-varlen  the same with `--attn-implementation varlen` (torch's varlen flash kernels over the
@@ -76,11 +78,16 @@ CHILD = textwrap.dedent("""
                            for ids in documents(b) if tuple(ids) in by_ids for d in [by_ids[tuple(ids)]]])
                  for b in micro]
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+    attention = {"packed-sdpa": "sdpa", "packed-flex": "flex_attention", "packed-varlen": "varlen"}.get(setup, "auto")
+    if setup == "packed":  # what `qlora train` runs for --attn-implementation auto
+        from qlora.memory import load_config
+        from qlora.model.attention import auto_attention
+        attention = auto_attention(load_config(path), device, dtype, True)
     if setup.startswith("peer"):
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
     else:  # as the trainer hands them over: masks of all ones dropped, the target index made on the host
         from qlora.train.distributed import Ranks, share
-        micro = [share(b, Ranks(device=device), boundaries=setup == "packed-varlen") for b in micro]
+        micro = [share(b, Ranks(device=device), boundaries=attention == "varlen") for b in micro]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
@@ -102,9 +109,8 @@ CHILD = textwrap.dedent("""
         model = qlora.load_model(path, compute_dtype=dtype, device=device, progress=False)
         model = qlora.prepare_model(model, lora=qlora.LoraConfig(r=64, alpha=16, dropout=0.05), compute_dtype=dtype,
                                     verbose=False)
-        if setup in ("packed-flex", "packed-varlen"):  # --attn-implementation flex_attention (CUDA only) / varlen
-            from qlora.model.attention import set_attention
-            set_attention(model, "flex_attention" if setup == "packed-flex" else "varlen", device)
+        from qlora.model.attention import set_attention
+        set_attention(model, attention, device)  # --attn-implementation
         opt = qlora.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
         autocast = torch.autocast("cpu", enabled=False)
         step_loss = lambda b: causal_lm_loss(model, b)
@@ -131,8 +137,9 @@ CHILD = textwrap.dedent("""
                       "first_loss": first}))
 """)
 
-LABELS = {"packed": "qlora packed (default)", "packed-flex": "qlora packed, flex attention",
-          "packed-varlen": "qlora packed, varlen attention", "padded": "qlora padded (--no-packing)",
+LABELS = {"packed": "qlora packed (default)", "packed-sdpa": "qlora packed, sdpa (block mask)",
+          "packed-flex": "qlora packed, flex attention", "packed-varlen": "qlora packed, varlen attention",
+          "padded": "qlora padded (--no-packing)",
           "padded-b16": "qlora padded, 4x the rows", "padded-ungrouped": "qlora padded, not grouped by length",
           "peer-flatten": "peft+bnb, DataCollatorWithFlattening"}
 

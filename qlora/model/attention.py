@@ -93,7 +93,8 @@ def auto_attention(config: dict, device: torch.device | str, compute_dtype: torc
     docs/benchmarks.md); "auto" (the model's own, sdpa) elsewhere."""
     if not packing or torch.device(device).type != "cpu" or compute_dtype != torch.float32:
         return "auto"
-    if config.get("model_type") not in PACKED_MODEL_TYPES or config.get("attention_dropout") or config.get("attn_pdrop"):
+    dropout = config.get("attention_dropout") or config.get("attn_pdrop")
+    if config.get("model_type") not in PACKED_MODEL_TYPES or dropout:
         return "auto"
     if config.get("sliding_window") is not None and config.get("use_sliding_window", True):
         return "auto"
