@@ -89,7 +89,7 @@ def auto_attention(config: dict, device: torch.device | str, compute_dtype: torc
     """What `--attn-implementation auto` runs for a model of `config` (config.json's dict): varlen
     for packed rows on a CPU computing in float32, where the model takes it without a sliding
     window (SDPA's CPU flash kernels once per document: there a row's fp32 attention costs its
-    query-key pairs, and the benchmark ran 1.3x the tokens/s of SDPA with the block mask,
+    query-key pairs, and the benchmark ran 1.26x (median) the tokens/s of SDPA with the block mask,
     docs/benchmarks.md); "auto" (the model's own, sdpa) elsewhere."""
     if not packing or torch.device(device).type != "cpu" or compute_dtype != torch.float32:
         return "auto"
