@@ -9,8 +9,8 @@ The reader never trusts a declared size: every count, length and offset is check
 the bytes left in the file (and a sane cap) before anything is allocated from it, so a
 hostile or truncated file raises `GGUFError` naming the file, the field or tensor, and the
 byte offset, never another exception or a huge allocation. Tensor bytes are memory-mapped
-one tensor at a time and decoded with `gguf.quants` (F32/F16/BF16 and the integer types with
-plain numpy). The writer emits the whole header first, then asks `data(name)` for one tensor
+one tensor at a time and decoded in torch (Q4_0/Q4_1/Q8_0: ggml_blocks.py), with plain numpy
+(F32/F16/BF16 and the integer types) or with `gguf.quants` (the other types). The writer emits the whole header first, then asks `data(name)` for one tensor
 at a time, so the peak is one tensor; it writes a temp file beside the target, fsyncs and
 renames, so a failure leaves any existing file untouched (and the temp file of a writer killed
 outright is removed by the next write: temp_files.py).
@@ -37,6 +37,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
 from ..errors import CheckpointError
+from . import ggml_blocks
 from .temp_files import temp_beside
 
 MAGIC = b"GGUF"
@@ -138,11 +139,15 @@ class GGUFFile:
         else:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
             rows = raw.reshape(-1, info.shape[-1] // block * type_size)
-            values = torch.empty((rows.shape[0], info.shape[-1]), dtype=torch.float32).numpy()
-            step = max(1, DEQUANTIZE_CHUNK // info.shape[-1])  # gguf.quants' temporaries are several x its output
+            out = torch.empty((rows.shape[0], info.shape[-1]), dtype=torch.float32)
+            values = out.numpy()
+            step = max(1, DEQUANTIZE_CHUNK // info.shape[-1])  # the decoders' temporaries are several x their output
             try:
                 for i in range(0, rows.shape[0], step):
-                    values[i : i + step] = quants.dequantize(rows[i : i + step], GGMLQuantizationType(t))
+                    if t in ggml_blocks.TYPES:
+                        ggml_blocks.decode_blocks(torch.from_numpy(np.array(rows[i : i + step])), t, out[i : i + step])
+                    else:
+                        values[i : i + step] = quants.dequantize(rows[i : i + step], GGMLQuantizationType(t))
             except NotImplementedError:
                 raise GGUFError(
                     f"{self.path}: tensor {name!r} has type {GGMLQuantizationType(t).name}, which the installed "

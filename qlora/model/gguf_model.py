@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .gguf_file import GGUFError, read_gguf
+from .gguf_file import GGUFError, GGUFFile, read_gguf
 from .temp_files import temp_beside
 
 SOURCE = "gguf_source.json"
@@ -123,15 +123,16 @@ def gguf_names(model: nn.Module, arch: str, processor) -> dict[str, str]:
     return names
 
 
-def stream_gguf(file: Path, model: nn.Module, progress: bool = True,
+def stream_gguf(file: Path | GGUFFile, model: nn.Module, progress: bool = True,
                 select: Callable[[str], bool] | None = None) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, float32 tensor) for each tensor of GGUF `file`: named as in `model` (built
-    from its config, parameters on meta) where it has the tensor, else by its GGUF name. With
-    `select`, only the tensors whose model name it accepts are read."""
+    """(file, name, float32 tensor) for each tensor of GGUF `file` (a path or its parsed header):
+    named as in `model` (built from its config, parameters on meta) where it has the tensor, else
+    by its GGUF name. With `select`, only the tensors whose model name it accepts are read."""
     from tqdm import tqdm
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    gguf = read_gguf(file)
+    gguf = file if isinstance(file, GGUFFile) else read_gguf(file)
+    file = gguf.path
     arch = gguf.get("general.architecture")
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
     names = gguf_names(model, arch, processor)

@@ -189,8 +189,9 @@ def load_model(
     device = torch.device(device or "cpu")
     gguf = gguf_source(path)
     names = tensor_table(path, allow_pickle) if gguf is None else {}
-    shapes = {n: s for n, (_, s, _) in names.items()} if gguf is None else {
-        n: list(t.shape) for n, t in read_gguf(gguf).tensors.items()}
+    header = None if gguf is None else read_gguf(gguf)  # parsed once: its string tables take a while
+    shapes = {n: s for n, (_, s, _) in names.items()} if header is None else {
+        n: list(t.shape) for n, t in header.tensors.items()}
     check_config(config, list(shapes.values()), list(shapes), path / "config.json")
     model = build_model(config, path / "config.json", trust_remote_code)
     model.eval()
@@ -222,7 +223,7 @@ def load_model(
         return prequantized is None and name is not None and name.endswith(".weight") and name[: -len(".weight")] in targets
 
     stream = (stream_tensors(path, allow_pickle, progress, scratch=quantized_on_arrival) if gguf is None
-              else stream_gguf(gguf, model, progress))
+              else stream_gguf(header, model, progress))
     def place(file: Path, key: str, tensor: torch.Tensor) -> None:
         piece = _weight_of_piece(key)
         name = model_key(piece or key)
