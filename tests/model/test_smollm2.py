@@ -28,6 +28,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None or not GGUF.exis
 TEXT = "The capital of France is Paris. The capital of Germany is"
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """Every core: a real model's matmuls (tests/model's one-thread rule is for tiny ones)."""
+    yield
+
+
 @pytest.fixture(scope="module")
 def ids() -> torch.Tensor:
     from transformers import AutoTokenizer
@@ -88,6 +94,8 @@ def test_adapter_loads_in_peft_with_the_same_logits(ids, adapter, tmp_path):
     # fp32 compute on both sides: the comparison is about the adapter, not bf16 rounding order
     model = qlora.load_model(GGUF, compute_dtype=torch.float32, progress=False)
     qlora.save_quantized(model, tmp_path / "nf4")
+    with torch.no_grad():
+        base = model(ids).logits
     qlora.load_adapter(model, adapter, trainable=False)
     fp32 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.float32)
@@ -96,7 +104,6 @@ def test_adapter_loads_in_peft_with_the_same_logits(ids, adapter, tmp_path):
     peer = PeftModel.from_pretrained(bnb_dequantize_path(peer), adapter).eval()
     with torch.no_grad():
         ours, theirs = model.eval()(ids).logits, peer(ids).logits
-        base = qlora.load_model(GGUF, compute_dtype=torch.float32, progress=False)(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
     assert (base - ours).abs().max() > 0.1  # the adapter does change them
 
