@@ -54,9 +54,9 @@ def _cli(model_dir, data, out, *extra):
 
 def test_resume_after_sigkill_reproduces_the_loss_curve(model_dir, alpaca_file, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(_cli(model_dir, alpaca_file, tmp_path / "full"), check=True, env=env, capture_output=True)
-    full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
-
+    # the uninterrupted run and the one to kill train side by side (one thread each)
+    with open(tmp_path / "full.log", "w") as log:  # the child keeps its own copy of the descriptor
+        whole = subprocess.Popen(_cli(model_dir, alpaca_file, tmp_path / "full"), env=env, stdout=log, stderr=log)
     kill_at = random.Random().randint(3, 8)  # a random step, checkpoints every 2
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(model_dir, alpaca_file, out), env=env, stdout=subprocess.DEVNULL,
@@ -71,6 +71,8 @@ def test_resume_after_sigkill_reproduces_the_loss_curve(model_dir, alpaca_file, 
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     subprocess.run(_cli(model_dir, alpaca_file, out, "--resume"), check=True, env=env, capture_output=True)
+    assert whole.wait() == 0, (tmp_path / "full.log").read_text()[-3000:]
+    full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
     resumed = [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert resumed == full  # step for step, bit for bit
 
