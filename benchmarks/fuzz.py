@@ -5,7 +5,7 @@
 Readers: GGUF files, safetensors checkpoints, data rows (JSONL / JSON / CSV), YAML recipes,
 adapter directories (loaded onto their base) and pre-quantized bitsandbytes checkpoints (the
 output of `qlora quantize`, loaded with load_model). Each strategy and property lives in
-tests/fuzz/*_mutations.py, which the hypothesis tests in tests/fuzz run a few hundred times.
+tests/fuzz/*_mutations.py, which the hypothesis tests in tests/fuzz run 100 to 250 times each.
 Case i of a reader runs its mutation with random.Random(seed + i), so a failure is reproduced
 by `--seed S --cases 1 --readers R` with the S it prints. A runner(rng) returns an outcome label
 ("kind: rejected / equal / changed / read") or raises when the reader breaks its property.

@@ -36,7 +36,7 @@ def test_odd_config_values_hold_the_property(case, key):
         case.check(json.dumps(json.loads(case.config) | {key: value}).encode(), case.weights)
 
 
-@settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=125, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(rng=st.randoms(use_true_random=False))
 def test_mutated_adapters_load_consistently_or_raise_a_qlora_error(case, rng: random.Random):
     case(rng)

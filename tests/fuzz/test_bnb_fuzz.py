@@ -50,7 +50,7 @@ def test_quantization_config_values_hold_the_property(case, key):
         case.check(json.dumps(config).encode(), case.weights)
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(rng=st.randoms(use_true_random=False))
 def test_mutated_checkpoints_load_consistently_or_raise_a_qlora_error(case, rng: random.Random):
     case(rng)
