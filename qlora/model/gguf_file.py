@@ -55,6 +55,7 @@ MAX_ELEMENTS = 1 << 40
 DEQUANTIZE_CHUNK = 1 << 20
 """Quantized tensors are decoded this many elements (whole rows) at a time into one float32 output."""
 MIN_KV_BYTES = 13
+_U64 = struct.Struct("<Q")
 MIN_TENSOR_INFO_BYTES = 32
 
 # struct format of each scalar value type; numpy reads the same codes for arrays
@@ -210,6 +211,24 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise self.fail(f"{what} is not valid UTF-8 ({e.reason})", at + 8 + e.start) from None
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings in a row: `string`'s checks without building its messages per item
+        (a vocabulary is ~10^5 strings); any item that fails them goes through `string` to raise."""
+        buf, size, pos, out = self.buf, self.size, self.pos, []
+        for i in range(count):
+            if size - pos >= 8:
+                end = pos + 8 + _U64.unpack_from(buf, pos)[0]
+                if end - pos - 8 <= MAX_STRING and end <= size:
+                    with contextlib.suppress(UnicodeDecodeError):
+                        out.append(str(buf[pos + 8:end], "utf-8"))
+                        pos = end
+                        continue
+            self.pos = pos
+            out.append(self.string(f"{what} item {i}"))
+            pos = self.pos
+        self.pos = pos
+        return out
+
 
 def _read_value(cur: _Cursor, key: str) -> GGUFValue:
     """The typed value after key `key`, every count checked before it is used."""
@@ -232,7 +251,7 @@ def _read_value(cur: _Cursor, key: str) -> GGUFValue:
     if count > cur.left() // least:
         raise cur.fail(f"field {key!r} array count {count} needs at least {count * least} bytes, only {cur.left()} remain", at + 4)
     if item == GGUFValueType.STRING:
-        return GGUFValue(vtype, [cur.string(f"field {key!r} item {i}") for i in range(count)], item)
+        return GGUFValue(vtype, cur.strings(count, f"field {key!r}"), item)
     return GGUFValue(vtype, _numbers(cur, item, count, f"field {key!r}"), item)
 
 

@@ -200,6 +200,8 @@ HOSTILE = {
     "string array count": (gguf_bytes([kv("k", V.ARRAY, struct.pack("<IQ", V.STRING, 3) + s("ab"))]), "'k' array count 3"),
     "string array item": (gguf_bytes([kv("k", V.ARRAY, struct.pack("<IQ", V.STRING, 2) + s("ab") + struct.pack("<Q", 9))]),
                           "'k' item 1 needs 9 bytes"),
+    "string array item not utf-8": (gguf_bytes([kv("k", V.ARRAY, struct.pack("<IQ", V.STRING, 3) + s("ab") + s(b"\xc3(") + s("c"))]),
+                                    "field 'k' item 1 is not valid UTF-8"),
     "bool byte": (gguf_bytes([kv("k", V.BOOL, b"\x02")]), "'k' has a bool byte 2"),
     "duplicate key": (gguf_bytes([kv("k", V.UINT32, U32), kv("k", V.UINT32, U32)]), "duplicate key 'k'"),
     "alignment type": (gguf_bytes([kv("general.alignment", V.INT32, struct.pack("<i", 32))]), "general.alignment"),
