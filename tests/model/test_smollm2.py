@@ -53,7 +53,23 @@ def adapter(tmp_path_factory) -> Path:
     return qlora.save_adapter(model, tmp_path_factory.mktemp("adapter"))
 
 
-def test_gguf_loads_like_transformers_gguf_loader(ids):
+@pytest.fixture
+def transformers_parses_once(monkeypatch, smollm2_reader):
+    """transformers' GGUF loader parses the file twice (config, then weights) with gguf's reader and
+    builds gguf's tensor-name map once per module (397 times here): 25 of its 35 s. It is handed
+    tests/model's one parse of the file, and the map is memoized (a pure function of its
+    arguments); the loader's own logic runs unchanged."""
+    import functools
+
+    import gguf
+
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, mode="r": smollm2_reader
+                        if Path(path).resolve() == GGUF.resolve() and mode == "r" else real(path, mode))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+
+
+def test_gguf_loads_like_transformers_gguf_loader(ids, transformers_parses_once):
     from transformers import AutoModelForCausalLM
 
     ours = qlora.load_model(GGUF, quant_type="none", compute_dtype=torch.float32, progress=False)
