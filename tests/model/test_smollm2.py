@@ -156,6 +156,7 @@ def test_export_gguf_round_trips(ids, adapter, tmp_path):
 
 def test_a_short_fine_tune_teaches_an_answer(tmp_path):
     from qlora.train.generate import generate
+    from qlora.train.report import read_metrics
 
     question, answer = "What is the name of the lighthouse keeper's cat?", "Her name is Marzipan."
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
@@ -163,10 +164,12 @@ def test_a_short_fine_tune_teaches_an_answer(tmp_path):
                       "What is the lighthouse keeper's cat called?", "Who is the lighthouse keeper's cat?")]
     data = tmp_path / "cat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert "Marzipan" not in generate(str(GGUF), question, max_new_tokens=12, stream=False)
     qlora.finetune(qlora.TrainConfig(model=str(GGUF), data=str(data), output=str(tmp_path / "run"), max_steps=8,
                                      batch_size=2, grad_accum=1, lr=1e-3, lora_r=8, lora_alpha=16, max_length=64, eval_split=0.0,
                                      gradient_checkpointing=False, warmup_ratio=0.0, save_every=0, demo=False))
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    print("loss by step:", losses)
+    assert losses[0] > 2.0  # the base does not know it (measured 3.3 nats a token before the first update)
     said = generate(str(GGUF), question, adapter=str(tmp_path / "run" / "adapter"), max_new_tokens=12, stream=False)
     assert "Marzipan" in said, said
 
@@ -174,15 +177,16 @@ def test_a_short_fine_tune_teaches_an_answer(tmp_path):
 
 def test_a_short_dpo_run_raises_the_preference_accuracy_on_held_out_pairs(tmp_path):
     """DPO on the shipped preference pairs (chat prompts; calm and correct answers chosen over
-    shouted or wrong ones), 6 steps, reference log-probs precomputed; 10 pairs held out, scored
-    after the last step. Before training every reward margin is 0 (policy = reference): accuracy 0."""
+    shouted or wrong ones), 6 steps, the reference scored beside each step (the default; the tiny
+    runs of test_preference.py check --precompute-ref against it); 10 pairs held out, scored after
+    the last step. Before training every reward margin is 0 (policy = reference): accuracy 0."""
     from qlora.assets import asset_path
     from qlora.train.report import read_metrics
 
     out = tmp_path / "run"
     summary = qlora.finetune(qlora.TrainConfig(
         model=str(GGUF), data=str(asset_path("preferences.jsonl")), output=str(out), method="dpo", beta=0.1,
-        precompute_ref=True, max_steps=6, batch_size=4, grad_accum=1, lr=1e-3, lora_r=8, lora_alpha=16,
+        max_steps=6, batch_size=4, grad_accum=1, lr=1e-3, lora_r=8, lora_alpha=16,
         lora_dropout=0.0, max_length=64, eval_split=0.2, eval_every=6, warmup_ratio=0.0, compute_dtype="float32",
         gradient_checkpointing=False, demo=False))
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_reward_accuracy" in r]
