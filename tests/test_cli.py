@@ -141,13 +141,24 @@ def kill_midway(module: str, name: str, nth: int, argv: list[str]) -> None:
 
 
 def test_sigkill_during_calibration_leaves_nothing_and_a_rerun_works(tmp_path):
-    out = tmp_path / "q"
-    argv = ["quantize", "--model", str(asset_path("tiny-llama")), "--calibrate", str(asset_path("instructions.jsonl")),
+    from transformers import LlamaConfig
+
+    from qlora.model.random_checkpoint import write_random_checkpoint
+
+    # tiny-llama's tokenizer on 4 layers of width 64 (GPTQ's time grows with the widths: 256 took 8 s)
+    base, work = tmp_path / "base", tmp_path / "work"
+    write_random_checkpoint(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                        vocab_size=4096), base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(asset_path("tiny-llama") / name, base)
+    work.mkdir()
+    out = work / "q"
+    argv = ["quantize", "--model", str(base), "--calibrate", str(asset_path("instructions.jsonl")),
             "--calibrate-rows", "4", "--calibrate-seq", "64", "--output", str(out)]
     kill_midway("qlora.model.calibrate", "gptq_quantize", 9, argv)  # layer 2 of 4
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == []
     assert main(argv) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    assert sorted(p.name for p in work.iterdir()) == ["q"]
     model = load_model(out, progress=False)
     assert isinstance(model.model.layers[3].mlp.down_proj, Linear4bit)
 
