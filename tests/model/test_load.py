@@ -52,6 +52,8 @@ def test_streamed_load_equals_quantizing_in_memory(tmp_path, cls, config):
     model = load_model(path, progress=False)
     assert sum(isinstance(m, Linear4bit) for m in model.modules()) == (14 if cls is LlamaForCausalLM else 8)
     assert not any(p.requires_grad for p in model.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (cls is GPT2LMHeadModel)  # as in the config (GPT-2 ties by default, this Llama does not)
     with torch.no_grad():
         assert torch.equal(model(TOKENS).logits, quantize_in_memory(dense)(TOKENS).logits)
 
