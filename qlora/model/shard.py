@@ -36,7 +36,6 @@ Design:
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ from ..nn.rotary import use_fused_rotary
 from ..quant.codebooks import codebook, signed_dynamic_map
 from ..quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor, quantize
 from .checkpoint_files import CheckpointError, resolve, stream_tensors
-from .load import _checkpoint_dtype, bnb_quantization, meta_parameters, read_config
+from .load import _checkpoint_dtype, bnb_quantization, build_model, read_config
 from .prepare import enable_checkpointing, keep_norms_fp32, select_modules
 
 
@@ -119,16 +118,13 @@ def load_sharded(
     """A QLoRA model sharded with FSDP2 per transformer block, loaded shard by shard (see the
     module docstring). Collective: every rank of the default process group calls it."""
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForCausalLM
 
     path = resolve(path_or_hub_id)
     config = read_config(path, trust_remote_code)
     if getattr(config, "quantization_config", None) is not None and bnb_quantization(config, path) is not None:
         raise CheckpointError(f"{path}: a pre-quantized bitsandbytes checkpoint cannot be loaded shard by shard under "
                               "FSDP2; use --distributed ddp, or train from the 16-bit checkpoint")
-    with meta_parameters(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = build_model(config, path / "config.json", trust_remote_code)
     store_dtype = torch.float32 if compute_dtype == torch.float32 else _checkpoint_dtype(config)
     model.requires_grad_(False)
     targets = select_modules(model, target_modules)
