@@ -121,12 +121,10 @@ def load_peaks(request, tmp_path_factory) -> dict:
                                           for item in request.session.items):
         resolve(smollm2_gguf())  # config + tokenizer, once: not part of the measure
         procs["gguf"] = start_load(smollm2_gguf())
-    peaks = {}
+    outputs = {name: proc.communicate(timeout=600) for name, proc in procs.items()}  # both ended before a check
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        peaks[name] = json.loads(out.strip().splitlines()[-1])
-    return peaks
+        assert proc.returncode == 0, outputs[name][1][-3000:]
+    return {name: json.loads(out.strip().splitlines()[-1]) for name, (out, _) in outputs.items()}
 
 
 def test_memory_bound_in_a_subprocess(load_peaks):
